@@ -1,0 +1,424 @@
+"""Settings: one TOML file, then the legacy sipcapture env names, then ``HEPSUB_*`` env.
+
+Every key is declared once in ``KEYS`` with its default and a converter, so the file
+parser, the env reader, the example config and the error messages cannot drift apart.
+A bad value raises ``ConfigError`` naming the setting and where the value came from;
+the CLI turns that into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A setting has a value the agent cannot use."""
+
+    def __init__(self, key: str, problem: str, origin: str = "") -> None:
+        where = f" (from {origin})" if origin else ""
+        super().__init__(f"{key}: {problem}{where}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    requests: int
+    window: float
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{self.window:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    bind: str = "0.0.0.0"
+    port: int = 18088
+    host: str = ""
+    path: str = "/get"
+    type: str = "cdr"
+    node: str = "apiban"
+    gid: int = 10
+    uuid: str = ""
+    deadline: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HomerSettings:
+    url: str = ""
+    token: str = field(default="", repr=False)
+    ttl: int = 300
+    token_access: bool = False
+    user: str = ""
+    password: str = field(default="", repr=False)
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ApibanSettings:
+    url: str = "https://apiban.org"
+    key: str = field(default="", repr=False)
+    mode: str = "mirror"
+    poll_interval: int = 300
+    rate_limit: RateLimit = RateLimit(11, 120.0)
+    timeout: float = 5.0
+    cache_size: int = 10000
+    listed_ttl: int = 3600
+    unlisted_ttl: int = 900
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    dir: Path = Path("./state")
+
+
+@dataclass(frozen=True, slots=True)
+class HepSettings:
+    udp: Address | None = Address("0.0.0.0", 9060)
+    tcp: Address | None = Address("0.0.0.0", 9060)
+
+
+@dataclass(frozen=True, slots=True)
+class AllowSettings:
+    cidrs: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SiteSettings:
+    keys: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    agent: AgentSettings = AgentSettings()
+    homer: HomerSettings = HomerSettings()
+    apiban: ApibanSettings = ApibanSettings()
+    state: StateSettings = StateSettings()
+    hep: HepSettings = HepSettings()
+    allow: AllowSettings = AllowSettings()
+    site: SiteSettings = SiteSettings()
+    log: LogSettings = LogSettings()
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never reach a log line, an error or a status page."""
+        values = (self.apiban.key, self.homer.token, self.homer.password, *self.site.keys)
+        return tuple(v for v in values if v)
+
+
+# --- converters: raw value (TOML type or env string) -> typed value, ValueError on bad input
+
+
+def _str(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"must be a string, got {type(raw).__name__}")
+    return raw.strip()
+
+
+def _int_between(low: int, high: int) -> Callable[[object], int]:
+    def convert(raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ValueError("must be a whole number, got a boolean")
+        try:
+            value = int(raw) if isinstance(raw, int) else int(_str(raw), 10)
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return convert
+
+
+def _float_between(low: float, high: float) -> Callable[[object], float]:
+    def convert(raw: object) -> float:
+        if isinstance(raw, bool):
+            raise ValueError("must be a number of seconds, got a boolean")
+        try:
+            value = float(raw) if isinstance(raw, int | float) else float(_str(raw))
+        except ValueError:
+            raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}, got {value:g}")
+        return value
+
+    return convert
+
+
+def _bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = _str(raw).lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def convert(raw: object) -> str:
+        value = _str(raw).lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return convert
+
+
+def _http_url(raw: object) -> str:
+    value = _str(raw).rstrip("/")
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ValueError(f"has a bad port: {value!r}") from None
+    return value
+
+
+def _apiban_url(raw: object) -> str:
+    value = _http_url(raw)
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _path_prefix(raw: object) -> str:
+    value = "/" + _str(raw).strip("/")
+    if any(c in value for c in " ?#{}"):
+        raise ValueError(f"must be a plain URL path such as /get, got {raw!r}")
+    return value
+
+
+def _name(raw: object) -> str:
+    value = _str(raw)
+    if not value or any(c in value for c in " /?#"):
+        raise ValueError(f"must be a non-empty word without spaces or slashes, got {raw!r}")
+    return value
+
+
+def _uuid(raw: object) -> str:
+    value = _str(raw)
+    if not value:
+        return ""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError(f"must be a UUID such as {uuid.uuid4()}, got {value!r}") from None
+
+
+def _rate_limit(raw: object) -> RateLimit:
+    text = _str(raw)
+    count, sep, window = text.partition("/")
+    try:
+        limit = RateLimit(int(count), float(window))
+    except ValueError:
+        limit = RateLimit(0, 0.0)
+    if not sep or limit.requests < 1 or limit.window <= 0:
+        raise ValueError(f"must be REQUESTS/SECONDS such as 11/120, got {raw!r}")
+    return limit
+
+
+def _listen(raw: object) -> Address | None:
+    text = _str(raw)
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise ValueError(f"must be HOST:PORT such as 0.0.0.0:9060, or empty to disable, got {raw!r}")
+    return Address(host, _int_between(1, 65535)(port))
+
+
+def _list(raw: object) -> list[str]:
+    if isinstance(raw, list | tuple):
+        return [_str(item) for item in raw if _str(item)]
+    return [item.strip() for item in _str(raw).split(",") if item.strip()]
+
+
+def _cidrs(raw: object) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in _list(raw):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+    return tuple(networks)
+
+
+def _keys(raw: object) -> tuple[str, ...]:
+    return tuple(_list(raw))
+
+
+def _dir(raw: object) -> Path:
+    value = _str(raw)
+    if not value:
+        raise ValueError("must not be empty")
+    return Path(value)
+
+
+def _log_level(raw: object) -> str:
+    return _choice("debug", "info", "warning", "error")(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    name: str  # "section.name"
+    convert: Callable[[object], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return "HEPSUB_" + self.name.replace(".", "_").upper()
+
+
+KEYS: tuple[Key, ...] = (
+    Key("agent.bind", _str, "HTTP listen address"),
+    Key("agent.port", _int_between(1, 65535), "HTTP listen port, also registered with HOMER"),
+    Key("agent.host", _str, "host/IP that homer-app uses to reach the agent (required to register)"),
+    Key("agent.path", _path_prefix, "path prefix registered with HOMER; homer-app calls {path}/{type}"),
+    Key("agent.type", _name, "registered type"),
+    Key("agent.node", _name, "registered node; the HOMER UI tab reads HEPSUB:<node>"),
+    Key("agent.gid", _int_between(1, 2**31 - 1), "registered gid (HOMER requires non-zero)"),
+    Key("agent.uuid", _uuid, "registered uuid; empty: generated once and kept in state.dir"),
+    Key("agent.deadline", _float_between(0.05, 1.8), "seconds an enrichment answer may wait for APIBAN"),
+    Key("homer.url", _http_url, "homer-app base URL, e.g. http://homer:9080; empty: no registration"),
+    Key("homer.token", _str, "HOMER Auth-Token (Preferences -> AUTH TOKEN)", secret=True),
+    Key("homer.ttl", _int_between(10, 86400), "registration TTL in seconds, refreshed at 0.9 x ttl"),
+    Key("homer.token_access", _bool, "homer-app has api_settings.enable_token_access: unregister with it"),
+    Key("homer.user", _str, "HOMER user for a JWT to unregister at shutdown (optional)"),
+    Key("homer.password", _str, "password of homer.user", secret=True),
+    Key("homer.timeout", _float_between(0.1, 60), "seconds per request to homer-app"),
+    Key("apiban.url", _apiban_url, "APIBAN base URL"),
+    Key("apiban.key", _str, "APIBAN key; never printed or logged", secret=True),
+    Key("apiban.mode", _choice("mirror", "check"), "mirror (hold the whole list) or check (per-IP)"),
+    Key("apiban.poll_interval", _int_between(10, 86400), "seconds between incremental pulls"),
+    Key("apiban.rate_limit", _rate_limit, "request budget per key: REQUESTS/SECONDS"),
+    Key("apiban.timeout", _float_between(0.1, 120), "seconds per APIBAN request"),
+    Key("apiban.cache_size", _int_between(1, 10_000_000), "check mode: verdicts kept in memory"),
+    Key("apiban.listed_ttl", _int_between(1, 604800), "check mode: seconds a 'listed' verdict is reused"),
+    Key("apiban.unlisted_ttl", _int_between(1, 604800), "check mode: seconds a clean verdict is reused"),
+    Key("state.dir", _dir, "directory for the uuid, list snapshot and sync position"),
+    Key("hep.udp", _listen, "HEP over UDP listen address; empty disables"),
+    Key("hep.tcp", _listen, "HEP over TCP listen address; empty disables"),
+    Key("allow.cidrs", _cidrs, "IPs/CIDRs never reported as listed"),
+    Key("site.keys", _keys, "local keys for the APIBAN-compatible API served to the site", secret=True),
+    Key("log.level", _log_level, "debug, info, warning or error"),
+)
+KEYS_BY_NAME = {key.name: key for key in KEYS}
+
+# sipcapture/hepsub-apiban container names, so this agent is a drop-in replacement.
+LEGACY_ENV = {"PUBLIC_IP": "agent.host", "HOMER_TOKEN": "homer.token", "APIBAN_KEY": "apiban.key"}
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from defaults < file < legacy env < HEPSUB_* env."""
+    raw: dict[str, tuple[object, str]] = {}
+    if path is not None:
+        raw.update(_read_file(path))
+    raw.update(_legacy_env(env or {}))
+    for key in KEYS:
+        if env and key.env in env:
+            raw[key.name] = (env[key.env], key.env)
+    return _build(raw)
+
+
+def _read_file(path: Path) -> dict[str, tuple[object, str]]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--config", f"cannot read {str(path)!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{str(path)!r} is not valid TOML: {exc}") from None
+    values: dict[str, tuple[object, str]] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a [section] table", str(path))
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            if key not in KEYS_BY_NAME:
+                raise ConfigError(key, "is not a known setting", str(path))
+            values[key] = (value, str(path))
+    return values
+
+
+def _legacy_env(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
+    values: dict[str, tuple[object, str]] = {
+        key: (env[name], name) for name, key in LEGACY_ENV.items() if env.get(name)
+    }
+    if env.get("HOMER_IP"):
+        port = env.get("HOMER_PORT") or "9080"
+        values["homer.url"] = (f"http://{env['HOMER_IP']}:{port}", "HOMER_IP/HOMER_PORT")
+    return values
+
+
+def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
+    sections: dict[str, dict[str, Any]] = {}
+    for name, (value, origin) in raw.items():
+        key = KEYS_BY_NAME[name]
+        try:
+            converted = key.convert(value)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc) if not key.secret else "has a bad value", origin) from None
+        section, attr = name.split(".")
+        sections.setdefault(section, {})[attr] = converted
+    defaults = Settings()
+    settings = Settings(
+        agent=AgentSettings(**sections.get("agent", {})),
+        homer=HomerSettings(**sections.get("homer", {})),
+        apiban=ApibanSettings(**sections.get("apiban", {})),
+        state=StateSettings(**sections.get("state", {})),
+        hep=HepSettings(**sections.get("hep", {})) if "hep" in sections else defaults.hep,
+        allow=AllowSettings(**sections.get("allow", {})),
+        site=SiteSettings(**sections.get("site", {})),
+        log=LogSettings(**sections.get("log", {})),
+    )
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.homer.url and not settings.agent.host:
+        raise ConfigError(
+            "agent.host", "is required to register with HOMER (set HEPSUB_AGENT_HOST or PUBLIC_IP)"
+        )
+    if settings.homer.url and not settings.homer.token:
+        raise ConfigError("homer.token", "is required to register with HOMER (set HEPSUB_HOMER_TOKEN)")
+    if bool(settings.homer.user) != bool(settings.homer.password):
+        raise ConfigError("homer.password", "homer.user and homer.password go together")
+
+
+def require_apiban_key(settings: Settings) -> None:
+    """Outside the demo an APIBAN key is required; say so before anything starts."""
+    if not settings.apiban.key:
+        raise ConfigError(
+            "apiban.key", "is required (get one at https://apiban.org/getkey.html; set HEPSUB_APIBAN_KEY)"
+        )
