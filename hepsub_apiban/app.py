@@ -1,0 +1,121 @@
+"""The application factory: wires settings, clients, services and routes into one aiohttp app.
+
+Every background task and client session is owned by a ``cleanup_ctx`` context, so startup
+and shutdown happen in one well-defined order: HTTP session, then APIBAN client and lookups,
+then the HOMER registration (which therefore unregisters before the session closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .addresses import AllowList
+from .apiban import ApibanClient
+from .config import Settings
+from .keys import (
+    AGENT_UUID,
+    APIBAN,
+    HTTP_SESSION,
+    LOOKUPS,
+    METRICS,
+    REDACTOR,
+    REGISTRAR,
+    SETTINGS,
+    STARTED_AT,
+)
+from .logs import Redactor
+from .lookups import CachePolicy, LookupService
+from .metrics import Metrics
+from .ratelimit import Budget
+from .registration import Registrar, Sleep
+from .state import ensure_state_dir, load_or_create_uuid
+from .web import json_errors, setup_routes
+
+USER_AGENT = f"hepsub-apiban/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class Clocks:
+    """Time sources, injectable so tests can move time instead of waiting for it."""
+
+    monotonic: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    sleep: Sleep = field(default=asyncio.sleep)
+
+
+def create_app(
+    settings: Settings, *, redactor: Redactor | None = None, clocks: Clocks = Clocks()
+) -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[REDACTOR] = redactor or Redactor(settings.secrets())
+    app[METRICS] = Metrics()
+    app[STARTED_AT] = clocks.wall()
+    app[AGENT_UUID] = settings.agent.uuid or load_or_create_uuid(ensure_state_dir(settings.state.dir))
+    app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_lookups(clocks))
+    app.cleanup_ctx.append(_registration(clocks))
+    setup_routes(app, settings.agent.path.rstrip("/"))
+    return app
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    # One session per process for APIBAN and HOMER; per-request timeouts are set by each client.
+    session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT})
+    app[HTTP_SESSION] = session
+    yield
+    await session.close()
+
+
+def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        budget = Budget(settings.apiban.rate_limit, clocks.monotonic)
+        client = ApibanClient(app[HTTP_SESSION], settings.apiban, budget, app[REDACTOR], clocks.wall)
+        policy = CachePolicy(
+            settings.apiban.cache_size, settings.apiban.listed_ttl, settings.apiban.unlisted_ttl
+        )
+        allow = AllowList(settings.allow.cidrs)
+        lookups = LookupService(client, allow, policy, clock=clocks.monotonic, wall_clock=clocks.wall)
+        app[APIBAN] = client
+        app[LOOKUPS] = lookups
+        app[METRICS].sources.client = client
+        app[METRICS].sources.lookups = lookups
+        yield
+        await lookups.close()
+
+    return context
+
+
+def _registration(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        if not settings.homer.url:
+            yield
+            return
+        registrar = Registrar(
+            app[HTTP_SESSION],
+            settings,
+            app[AGENT_UUID],
+            app[REDACTOR],
+            wall_clock=clocks.wall,
+            sleep=clocks.sleep,
+        )
+        app[REGISTRAR] = registrar
+        app[METRICS].sources.registrar = registrar
+        task = asyncio.create_task(registrar.run(), name="homer-registration")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await registrar.unregister()
+
+    return context

@@ -1,0 +1,136 @@
+"""``hepsub-apiban demo``: the whole chain on loopback, with no key, no HOMER and no network.
+
+It starts the built-in APIBAN-compatible feed with sample data and the HOMER-like registry
+(the same fakes the tests use), then the real agent; waits for the agent to register; asks
+the registry to call the agent exactly as homer-app does when a user opens a call; prints
+what the HOMER tab would show; and shuts down (the agent unregisters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+from aiohttp import web
+
+from .app import create_app
+from .config import Settings, load_settings
+from .fakes.apiban import FakeApiban
+from .fakes.homer import FakeHomer
+from .keys import AGENT_UUID
+from .logs import Redactor, setup_logging
+
+DEMO_KEY = "demo-apiban-key"
+DEMO_TOKEN = "demo-homer-token"
+DEMO_USER, DEMO_PASSWORD = "admin", "sipcapture"
+# Sample feed: addresses from APIBAN's own documentation examples and neighbours. They stand
+# for attackers in this demo only.
+SAMPLE_LISTED = [f"1.2.3.{n}" for n in range(240, 252)] + [f"5.188.10.{n}" for n in range(1, 9)]
+CALL_ID = "a84b4c76e66710@pc33.example.com"
+CALL_IPS = ["192.168.1.10", "1.2.3.251", "9.9.9.9", "5.188.10.4", "2a01:4f8::5"]
+
+
+def run_demo(keep_running: bool = False, out: TextIO = sys.stdout) -> int:
+    return asyncio.run(_demo(keep_running, out))
+
+
+async def _demo(keep_running: bool, out: TextIO) -> int:
+    redactor = Redactor([DEMO_KEY, DEMO_TOKEN, DEMO_PASSWORD])
+    setup_logging("warning", redactor)
+    feed = FakeApiban(keys=[DEMO_KEY])
+    feed.add_many(SAMPLE_LISTED)
+    registry = FakeHomer(tokens=[DEMO_TOKEN], users={DEMO_USER: DEMO_PASSWORD}, seed_dummy=True)
+    with tempfile.TemporaryDirectory(prefix="hepsub-apiban-demo-") as state:
+        async with _serve(feed.app()) as feed_url, _serve(registry.app()) as homer_url:
+            sock = socket.create_server(("127.0.0.1", 0))
+            settings = _settings(feed_url, homer_url, sock.getsockname()[1], Path(state))
+            app = create_app(settings, redactor=redactor)
+            async with _serve(app, sock) as agent_url:
+                _say(out, f"APIBAN-compatible feed  {feed_url}  ({len(SAMPLE_LISTED)} sample entries)")
+                _say(out, f"HOMER-like registry     {homer_url}")
+                _say(out, f"agent                   {agent_url}  (uuid {app[AGENT_UUID]})")
+                if not await _registered(registry, app[AGENT_UUID]):
+                    _say(out, "the agent did not register with the registry within 5 s")
+                    return 1
+                _say(out, "registered with HOMER:  node 'apiban', type 'cdr', path '/get'\n")
+                await _enrich(registry, app[AGENT_UUID], out)
+                if keep_running:
+                    _say(out, f"\nkeeping the agent up at {agent_url}; Ctrl-C stops it")
+                    await _forever()
+            feed.release()
+    return 0
+
+
+def _settings(feed_url: str, homer_url: str, port: int, state: Path) -> Settings:
+    return load_settings(
+        None,
+        {
+            "HEPSUB_APIBAN_URL": feed_url,
+            "HEPSUB_APIBAN_KEY": DEMO_KEY,
+            "HEPSUB_APIBAN_MODE": "check",
+            "HEPSUB_HOMER_URL": homer_url,
+            "HEPSUB_HOMER_TOKEN": DEMO_TOKEN,
+            "HEPSUB_HOMER_USER": DEMO_USER,
+            "HEPSUB_HOMER_PASSWORD": DEMO_PASSWORD,
+            "HEPSUB_AGENT_BIND": "127.0.0.1",
+            "HEPSUB_AGENT_HOST": "127.0.0.1",
+            "HEPSUB_AGENT_PORT": str(port),
+            "HEPSUB_STATE_DIR": str(state),
+            "HEPSUB_HEP_UDP": "",
+            "HEPSUB_HEP_TCP": "",
+        },
+    )
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: web.Application, sock: socket.socket | None = None) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site: web.BaseSite
+    site = web.TCPSite(runner, "127.0.0.1", 0) if sock is None else web.SockSite(runner, sock)
+    await site.start()
+    server = runner.server
+    assert server is not None
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def _registered(registry: FakeHomer, agent_uuid: str) -> bool:
+    for _ in range(100):
+        if any(row.uuid == agent_uuid for row in registry.active_rows()):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def _enrich(registry: FakeHomer, agent_uuid: str, out: TextIO) -> None:
+    _say(out, f"a HOMER user opens call {CALL_ID}; homer-app posts its source IPs to the agent:")
+    _say(out, "  " + ", ".join(CALL_IPS))
+    status, wrapper = await registry.search_agent(agent_uuid, "cdr", sids=[CALL_ID], source_ips=CALL_IPS)
+    answer = wrapper.get("data") if isinstance(wrapper, dict) else None
+    if status != 200 or not isinstance(answer, dict):
+        _say(out, f"homer-app got no usable answer ({status}): {wrapper}")
+        return
+    _say(out, "\nwhat the HEPSUB:apiban tab shows:")
+    _say(out, orjson.dumps(answer, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+    call: dict[str, Any] = answer.get(CALL_ID, {})
+    _say(out, f"\nsummary: {call.get('summary')}")
+
+
+async def _forever() -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.Event().wait()
+
+
+def _say(out: TextIO, text: str) -> None:
+    print(text, file=out, flush=True)

@@ -1,0 +1,27 @@
+"""Typed keys for what the application holds (aiohttp ``AppKey``s), in one place.
+
+Handlers and the application factory both need them; keeping them here lets the web layer
+and the factory share names without importing each other.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from .apiban import ApibanClient
+from .config import Settings
+from .logs import Redactor
+from .lookups import LookupService
+from .metrics import Metrics
+from .registration import Registrar
+
+SETTINGS = web.AppKey("settings", Settings)
+REDACTOR = web.AppKey("redactor", Redactor)
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+APIBAN = web.AppKey("apiban", ApibanClient)
+LOOKUPS = web.AppKey("lookups", LookupService)
+REGISTRAR = web.AppKey("registrar", Registrar)
+AGENT_UUID = web.AppKey("agent_uuid", str)
+STARTED_AT = web.AppKey("started_at", float)
+METRICS = web.AppKey("metrics", Metrics)

@@ -1,0 +1,69 @@
+"""Logging set-up with secret redaction.
+
+The APIBAN key sits in the URL path of every v1 request, so any exception text or debug line
+that carries a URL would leak it. Redaction happens twice: the APIBAN client never formats a
+URL with the key into a message, and a logging filter on every handler replaces any configured
+secret that slipped through anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+
+MASK = "***"
+
+
+class Redactor:
+    """Replaces known secret values in text; shared by the log filter and error messages."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: tuple[str, ...] = ()
+        self.add(*secrets)
+
+    def add(self, *secrets: str) -> None:
+        # Longest first, so a secret that contains another is masked whole.
+        merged = {s for s in (*self._secrets, *secrets) if s}
+        self._secrets = tuple(sorted(merged, key=len, reverse=True))
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+
+class RedactingFilter(logging.Filter):
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redact = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = self._redact(message)
+        if record.exc_info and record.exc_info[1] is not None:
+            # Formatting the traceback could reveal a secret inside an exception argument.
+            text = logging.Formatter().formatException(record.exc_info)
+            cleaned += "\n" + self._redact(text)
+            record.exc_info = None
+            record.exc_text = None
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def setup_logging(level: str, redactor: Redactor) -> None:
+    """One stderr handler, redacting, on the root logger; idempotent."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_hepsub", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._hepsub = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter(redactor))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's access log line per request drowns the useful lines at info level.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

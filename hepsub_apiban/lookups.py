@@ -1,0 +1,179 @@
+"""The lookup service: one verdict per IP, answered locally whenever possible.
+
+Order of answers: non-routable and allow-listed addresses locally, then the APIBAN list held
+in memory (mirror mode, once loaded), then the verdict cache, then one ``/check`` request per
+address, shared by every concurrent caller. Upstream failures are never cached: they become
+``listed: null`` for this answer only, and the caller's deadline bounds the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cachetools import TLRUCache
+
+from .addresses import AllowList, IPAddress, is_non_routable
+from .apiban import ApibanClient, ApibanError
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ip: str
+    listed: bool | None
+    source: str  # private, allowlist, mirror, cache, check, unavailable
+    id: str | None = None
+    last_reported: int | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"ip": self.ip, "listed": self.listed, "source": self.source}
+        if self.id is not None:
+            body["ID"] = self.id
+        if self.last_reported is not None:
+            body["last_reported"] = self.last_reported
+        if self.reason is not None:
+            body["reason"] = self.reason
+        return body
+
+
+class ListSource(Protocol):
+    """A local copy of the APIBAN list (the mirror); consulted before any upstream request."""
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def verdict(self, ip: str) -> Verdict | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    size: int = 10000
+    listed_ttl: float = 3600.0
+    unlisted_ttl: float = 900.0
+
+
+class LookupService:
+    def __init__(
+        self,
+        client: ApibanClient | None,
+        allow: AllowList,
+        cache: CachePolicy = CachePolicy(),
+        *,
+        mirror: ListSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._allow = allow
+        self._policy = cache
+        self.mirror = mirror
+        self._wall_clock = wall_clock
+        # A listed verdict is worth keeping longer than a clean one: attackers stay listed for
+        # days, while a clean address may be listed any minute.
+        self._cache: TLRUCache[str, Verdict] = TLRUCache(
+            maxsize=cache.size, ttu=self._time_to_use, timer=clock
+        )
+        self._in_flight: dict[str, asyncio.Task[Verdict]] = {}
+        self.answers: Counter[str] = Counter()  # source -> count, for metrics
+
+    def _time_to_use(self, _key: str, verdict: Verdict, now: float) -> float:
+        return now + (self._policy.listed_ttl if verdict.listed else self._policy.unlisted_ttl)
+
+    @property
+    def ready(self) -> bool:
+        """A lookup can be answered: the list is in, or per-IP checks can stand in for it."""
+        return (self.mirror is not None and self.mirror.loaded) or self._client is not None
+
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def answer_now(self, address: IPAddress) -> Verdict | None:
+        """The verdict if it needs no upstream request, else None."""
+        ip = str(address)
+        if is_non_routable(address):
+            return Verdict(ip, False, "private")
+        if address in self._allow:
+            return Verdict(ip, False, "allowlist")
+        if self.mirror is not None and self.mirror.loaded:
+            return self.mirror.verdict(ip) or Verdict(ip, False, "mirror")
+        cached = self._cache.get(ip)
+        if cached is not None:
+            return Verdict(ip, cached.listed, "cache", cached.id, cached.last_reported)
+        return None
+
+    async def lookup(self, address: IPAddress, deadline: float) -> Verdict:
+        return (await self.lookup_many([address], deadline))[0]
+
+    async def lookup_many(self, addresses: Sequence[IPAddress], deadline: float) -> list[Verdict]:
+        """Verdicts in the order given, within ``deadline`` seconds whatever APIBAN does."""
+        verdicts: dict[str, Verdict] = {}
+        pending: dict[str, asyncio.Task[Verdict]] = {}
+        for address in addresses:
+            ip = str(address)
+            if ip in verdicts or ip in pending:
+                continue
+            verdict = self.answer_now(address)
+            if verdict is not None:
+                verdicts[ip] = verdict
+            else:
+                pending[ip] = self._upstream(ip)
+        if pending:
+            done, _ = await asyncio.wait(pending.values(), timeout=deadline)
+            for ip, task in pending.items():
+                # A late answer is not lost: the shared task goes on and fills the cache.
+                verdicts[ip] = _outcome(task, ip) if task in done else _late(ip, deadline)
+        result = [verdicts[str(address)] for address in addresses]
+        self.answers.update(v.source for v in result)
+        return result
+
+    def _upstream(self, ip: str) -> asyncio.Task[Verdict]:
+        task = self._in_flight.get(ip)
+        if task is None:
+            task = asyncio.create_task(self._check(ip), name=f"apiban-check-{ip}")
+            self._in_flight[ip] = task
+            task.add_done_callback(lambda _: self._in_flight.pop(ip, None))
+        return task
+
+    async def _check(self, ip: str) -> Verdict:
+        if self._client is None:
+            return Verdict(ip, None, "unavailable", reason="the APIBAN list is not loaded yet")
+        try:
+            answer = await self._client.check(ip)
+        except ApibanError as exc:
+            return Verdict(ip, None, "unavailable", reason=str(exc))
+        now = int(self._wall_clock())
+        verdict = Verdict(ip, answer.listed, "check", answer.id, now if answer.listed else None)
+        self._cache[ip] = verdict
+        return verdict
+
+    async def settle(self) -> None:
+        """Wait for the upstream checks under way (their answers land in the cache)."""
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel upstream checks still running (shutdown)."""
+        tasks: Iterable[asyncio.Task[Verdict]] = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _late(ip: str, deadline: float) -> Verdict:
+    return Verdict(ip, None, "unavailable", reason=f"APIBAN did not answer within {deadline:g} s")
+
+
+def _outcome(task: asyncio.Task[Verdict], ip: str) -> Verdict:
+    if task.cancelled():
+        return Verdict(ip, None, "unavailable", reason="lookup cancelled (shutting down)")
+    error = task.exception()
+    if error is not None:
+        return Verdict(ip, None, "unavailable", reason=f"lookup failed: {type(error).__name__}")
+    return task.result()

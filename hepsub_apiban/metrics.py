@@ -1,0 +1,116 @@
+"""Prometheus metrics, one registry per application.
+
+Counters that the domain objects already keep (APIBAN requests, lookup answers, registration
+attempts) are read at scrape time by a custom collector instead of being mirrored into
+prometheus-client objects on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .apiban import ApibanClient
+from .lookups import LookupService
+from .registration import Registrar
+
+PREFIX = "hepsub_apiban"
+REGISTRATION_STATES = ("disabled", "starting", "registered", "failing", "unregistered")
+
+
+@dataclass(slots=True)
+class Sources:
+    client: ApibanClient | None = None
+    lookups: LookupService | None = None
+    registrar: Registrar | None = None
+
+
+class _AgentCollector(Collector):
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._apiban()
+        yield from self._lookups()
+        yield from self._registration()
+
+    def _apiban(self) -> Iterator[Metric]:
+        client = self._sources.client
+        if client is None:
+            return
+        requests = CounterMetricFamily(
+            f"{PREFIX}_upstream_requests",
+            "APIBAN requests by endpoint and outcome (budget_spent: not sent, our budget was spent)",
+            labels=["endpoint", "outcome"],
+        )
+        for (endpoint, outcome), count in sorted(client.requests.items()):
+            requests.add_metric([endpoint, outcome], count)
+        yield requests
+        yield GaugeMetricFamily(
+            f"{PREFIX}_budget_used", "APIBAN requests spent in the current window", client.budget.used()
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_budget_limit", "APIBAN requests allowed per window", client.budget.limit.requests
+        )
+        if client.last_success is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_upstream_last_success_timestamp_seconds",
+                "Unix time of the last usable APIBAN answer",
+                client.last_success,
+            )
+
+    def _lookups(self) -> Iterator[Metric]:
+        lookups = self._sources.lookups
+        if lookups is None:
+            return
+        answers = CounterMetricFamily(
+            f"{PREFIX}_lookups", "IP verdicts given, by where the answer came from", labels=["source"]
+        )
+        for source, count in sorted(lookups.answers.items()):
+            answers.add_metric([source], count)
+        yield answers
+        yield GaugeMetricFamily(
+            f"{PREFIX}_cache_entries", "Verdicts in the check-mode cache", lookups.cache_size()
+        )
+
+    def _registration(self) -> Iterator[Metric]:
+        registrar = self._sources.registrar
+        state = GaugeMetricFamily(
+            f"{PREFIX}_registration_state",
+            "HOMER registration state (1 for the current one)",
+            labels=["state"],
+        )
+        current = registrar.status.state if registrar else "disabled"
+        for name in REGISTRATION_STATES:
+            state.add_metric([name], 1.0 if name == current else 0.0)
+        yield state
+        if registrar is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_registration_attempts", "HOMER subscribe attempts", registrar.status.attempts
+            )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.sources = Sources()
+        self.registry.register(_AgentCollector(self.sources))
+        self.enrichment_requests = Counter(
+            f"{PREFIX}_enrichment_requests",
+            "HOMER enrichment requests answered, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.enrichment_seconds = Histogram(
+            f"{PREFIX}_enrichment_seconds",
+            "Time to answer a HOMER enrichment request",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

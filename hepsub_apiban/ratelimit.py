@@ -1,0 +1,69 @@
+"""Sliding-window request budget: never more than N requests in any S seconds.
+
+APIBAN allows 11 requests per 2 minutes per key and answers 429 past that. The budget is
+shared by everything that talks to APIBAN (list pulls, per-IP checks, retries), so the
+agent throttles itself instead of being throttled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from .config import RateLimit
+
+Clock = Callable[[], float]
+
+
+class Budget:
+    def __init__(self, limit: RateLimit, clock: Clock) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._sent: deque[float] = deque()
+        self._blocked_until = 0.0
+
+    def _forget_old(self, now: float) -> None:
+        horizon = now - self.limit.window
+        while self._sent and self._sent[0] <= horizon:
+            self._sent.popleft()
+
+    def used(self) -> int:
+        """Requests spent in the current window."""
+        self._forget_old(self._clock())
+        return len(self._sent)
+
+    def wait_time(self) -> float:
+        """Seconds until a request may be sent (0 when one may be sent now)."""
+        now = self._clock()
+        self._forget_old(now)
+        wait = max(0.0, self._blocked_until - now)
+        if len(self._sent) >= self.limit.requests:
+            wait = max(wait, self._sent[0] + self.limit.window - now)
+        return wait
+
+    def try_acquire(self) -> bool:
+        """Spend one request if the window allows it, without waiting."""
+        if self.wait_time() > 0:
+            return False
+        self._sent.append(self._clock())
+        return True
+
+    async def acquire(self, max_wait: float) -> bool:
+        """Spend one request, waiting up to ``max_wait`` seconds for the window to allow it."""
+        deadline = self._clock() + max_wait
+        while True:
+            wait = self.wait_time()
+            if wait <= 0:
+                self._sent.append(self._clock())
+                return True
+            if self._clock() + wait > deadline:
+                return False
+            await asyncio.sleep(wait)
+
+    def block_for(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` (after a 429 the upstream window is full, whatever we counted)."""
+        self._blocked_until = max(self._blocked_until, self._clock() + seconds)
+
+    def blocked_until(self) -> float:
+        return self._blocked_until

@@ -1,0 +1,178 @@
+"""HTTP API: HOMER enrichment, verdict lookups, health, status and metrics.
+
+The enrichment route is called by homer-app, whose UI shows no HEPSUB data from *any* agent
+when one agent fails; so that route answers 200 with a JSON object whatever happens (bad body,
+APIBAN down, a bug), within the configured deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import __version__
+from .addresses import parse_ip
+from .enrichment import BadEnrichmentRequest, build_answer, parse_request
+from .keys import AGENT_UUID, APIBAN, LOOKUPS, METRICS, REGISTRAR, SETTINGS, STARTED_AT
+from .lookups import Verdict
+
+log = logging.getLogger(__name__)
+MAX_CHECK_IPS = 1000
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def error_response(message: str, status: int) -> web.Response:
+    return json_response({"error": message}, status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """JSON for every error, never aiohttp's HTML pages or a traceback."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.reason, exc.status)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response("internal error; see the agent's log", 500)
+    return response
+
+
+async def enrich(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        response, outcome = await _enrich(request)
+    except Exception:
+        log.exception("enrichment failed")
+        response, outcome = json_response({"error": "internal error; see the agent's log"}), "error"
+    metrics.enrichment_requests.labels(outcome).inc()
+    metrics.enrichment_seconds.observe(time.perf_counter() - started)
+    return response
+
+
+async def _enrich(request: web.Request) -> tuple[web.Response, str]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return json_response({"error": "request body too large"}), "bad_request"
+    try:
+        parsed = parse_request(raw)
+    except BadEnrichmentRequest as exc:
+        return json_response({"error": str(exc)}), "bad_request"
+    deadline = request.app[SETTINGS].agent.deadline
+    verdicts = await request.app[LOOKUPS].lookup_many(parsed.addresses, deadline)
+    return json_response(build_answer(parsed, verdicts)), "ok"
+
+
+async def check_one(request: web.Request) -> web.Response:
+    text = request.match_info["ip"]
+    address = parse_ip(text)
+    if address is None:
+        return error_response(f"{text[:100]!r} is not an IP address", 400)
+    verdict = await request.app[LOOKUPS].lookup(address, request.app[SETTINGS].agent.deadline)
+    return json_response(verdict.to_json())
+
+
+async def check_many(request: web.Request) -> web.Response:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return error_response("request body is not JSON", 400)
+    ips = body.get("ips") if isinstance(body, dict) else None
+    if not isinstance(ips, list):
+        return error_response('expected {"ips": ["1.2.3.4", ...]}', 400)
+    if len(ips) > MAX_CHECK_IPS:
+        return error_response(f"at most {MAX_CHECK_IPS} IPs per request", 400)
+    addresses = [parse_ip(ip) for ip in ips]
+    valid = [a for a in addresses if a is not None]
+    verdicts = iter(await request.app[LOOKUPS].lookup_many(valid, request.app[SETTINGS].agent.deadline))
+    results = [
+        next(verdicts).to_json() if address is not None else _invalid(ip)
+        for ip, address in zip(ips, addresses, strict=True)
+    ]
+    return json_response({"results": results})
+
+
+def _invalid(value: object) -> dict[str, Any]:
+    shown = value[:100] if isinstance(value, str) else value if isinstance(value, int | float) else None
+    return Verdict(str(shown), None, "invalid", reason="not an IP address").to_json()
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    lookups = request.app.get(LOOKUPS)
+    if lookups is None or not lookups.ready:
+        return json_response({"ready": False, "reason": "the APIBAN list is not loaded yet"}, 503)
+    return json_response({"ready": True})
+
+
+async def status(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    client = app[APIBAN]
+    lookups = app[LOOKUPS]
+    registrar = app.get(REGISTRAR)
+    error = client.last_error
+    body = {
+        "version": __version__,
+        "uptime": round(time.time() - app[STARTED_AT], 3),
+        "apiban": {
+            "url": settings.apiban.url,
+            "mode": settings.apiban.mode,
+            "key_configured": bool(settings.apiban.key),
+            "budget": {
+                "limit": str(settings.apiban.rate_limit),
+                "used": client.budget.used(),
+                "next_request_in": round(client.budget.wait_time(), 3),
+            },
+            "requests_sent": client.requests_sent(),
+            "last_success": client.last_success,
+            "last_error": None if error is None else {"at": error.at, "message": error.message},
+        },
+        "lookups": {
+            "ready": lookups.ready,
+            "cache_entries": lookups.cache_size(),
+            "in_flight": lookups.in_flight(),
+            "answers": dict(lookups.answers),
+        },
+        "registration": {
+            "homer_url": settings.homer.url or None,
+            "uuid": app[AGENT_UUID],
+            "node": settings.agent.node,
+            "type": settings.agent.type,
+            "endpoint": f"http://{settings.agent.host}:{settings.agent.port}{settings.agent.path}/{settings.agent.type}"
+            if settings.agent.host
+            else None,
+            **(registrar.status.to_json() if registrar else {"state": "disabled"}),
+        },
+    }
+    return json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8", headers={}
+    )
+
+
+def setup_routes(app: web.Application, enrichment_path: str) -> None:
+    app.router.add_post(f"{enrichment_path}/{{type}}", enrich)
+    app.router.add_get("/api/v1/check/{ip}", check_one)
+    app.router.add_post("/api/v1/check", check_many)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/status", status)
+    app.router.add_get("/metrics", metrics)

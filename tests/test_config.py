@@ -1,0 +1,162 @@
+"""Configuration: defaults, file, env precedence, legacy names, and errors that name the setting."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from hepsub_apiban.config import KEYS, Address, ConfigError, RateLimit, Settings, load_settings
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "hepsub-apiban.toml"
+
+
+def test_defaults_match_the_interface() -> None:
+    s = load_settings(None, {})
+    assert (s.agent.bind, s.agent.port, s.agent.path, s.agent.type, s.agent.node, s.agent.gid) == (
+        "0.0.0.0",
+        18088,
+        "/get",
+        "cdr",
+        "apiban",
+        10,
+    )
+    assert (s.homer.url, s.homer.ttl, s.apiban.url, s.apiban.mode) == (
+        "",
+        300,
+        "https://apiban.org",
+        "mirror",
+    )
+    assert s.apiban.poll_interval == 300
+    assert s.apiban.rate_limit == RateLimit(11, 120.0)
+    assert s.hep.udp == Address("0.0.0.0", 9060)
+    assert s.hep.tcp == Address("0.0.0.0", 9060)
+    assert str(s.state.dir) == "state"
+    assert s.allow.cidrs == ()
+    assert s.site.keys == ()
+
+
+def test_every_key_has_its_env_name() -> None:
+    for key in KEYS:
+        assert key.env == "HEPSUB_" + key.name.replace(".", "_").upper()
+    assert {key.env for key in KEYS} >= {
+        "HEPSUB_AGENT_BIND",
+        "HEPSUB_AGENT_PORT",
+        "HEPSUB_AGENT_HOST",
+        "HEPSUB_AGENT_PATH",
+        "HEPSUB_AGENT_TYPE",
+        "HEPSUB_AGENT_NODE",
+        "HEPSUB_AGENT_GID",
+        "HEPSUB_AGENT_UUID",
+        "HEPSUB_HOMER_URL",
+        "HEPSUB_HOMER_TOKEN",
+        "HEPSUB_HOMER_TTL",
+        "HEPSUB_APIBAN_URL",
+        "HEPSUB_APIBAN_KEY",
+        "HEPSUB_APIBAN_MODE",
+        "HEPSUB_APIBAN_POLL_INTERVAL",
+        "HEPSUB_APIBAN_RATE_LIMIT",
+        "HEPSUB_STATE_DIR",
+        "HEPSUB_HEP_UDP",
+        "HEPSUB_HEP_TCP",
+        "HEPSUB_ALLOW_CIDRS",
+        "HEPSUB_SITE_KEYS",
+    }
+
+
+def test_file_then_legacy_env_then_hepsub_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[agent]\nport = 18100\nhost = "file-host"\n[homer]\nurl = "http://file:9080"\ntoken = "t"\n'
+        '[allow]\ncidrs = ["10.0.0.0/8", "2a01:4f8::/32"]\n'
+    )
+    assert load_settings(path, {}).agent.port == 18100
+    legacy = {
+        "PUBLIC_IP": "10.1.1.1",
+        "HOMER_IP": "homer",
+        "HOMER_PORT": "9090",
+        "APIBAN_KEY": "k",
+        "HOMER_TOKEN": "x",
+    }
+    s = load_settings(path, legacy)
+    assert (s.agent.host, s.homer.url, s.apiban.key, s.homer.token) == (
+        "10.1.1.1",
+        "http://homer:9090",
+        "k",
+        "x",
+    )
+    s = load_settings(
+        path,
+        {**legacy, "HEPSUB_AGENT_HOST": "new", "HEPSUB_HOMER_URL": "https://h/", "HEPSUB_AGENT_PORT": "1"},
+    )
+    assert (s.agent.host, s.homer.url, s.agent.port) == ("new", "https://h", 1)
+    assert s.allow.cidrs == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2a01:4f8::/32"))
+
+
+def test_homer_port_defaults_to_9080_like_the_sipcapture_container() -> None:
+    s = load_settings(None, {"HOMER_IP": "10.0.0.9", "PUBLIC_IP": "a", "HOMER_TOKEN": "t"})
+    assert s.homer.url == "http://10.0.0.9:9080"
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"HEPSUB_AGENT_PORT": "http"}, "agent.port"),
+        ({"HEPSUB_AGENT_PORT": "70000"}, "agent.port"),
+        ({"HEPSUB_AGENT_GID": "0"}, "agent.gid"),
+        ({"HEPSUB_AGENT_UUID": "not-a-uuid"}, "agent.uuid"),
+        ({"HEPSUB_HOMER_URL": "homer:9080", "HEPSUB_AGENT_HOST": "a"}, "homer.url"),
+        ({"HEPSUB_HOMER_URL": "http://homer:9080"}, "agent.host"),
+        ({"HEPSUB_HOMER_URL": "http://homer:9080", "HEPSUB_AGENT_HOST": "a"}, "homer.token"),
+        ({"HEPSUB_HOMER_TTL": "5"}, "homer.ttl"),
+        ({"HEPSUB_APIBAN_MODE": "fast"}, "apiban.mode"),
+        ({"HEPSUB_APIBAN_RATE_LIMIT": "11"}, "apiban.rate_limit"),
+        ({"HEPSUB_APIBAN_RATE_LIMIT": "0/120"}, "apiban.rate_limit"),
+        ({"HEPSUB_HEP_UDP": "9060"}, "hep.udp"),
+        ({"HEPSUB_ALLOW_CIDRS": "10.0.0.0/8,nope"}, "allow.cidrs"),
+        ({"HEPSUB_HOMER_TOKEN_ACCESS": "maybe"}, "homer.token_access"),
+    ],
+)
+def test_bad_values_name_the_setting_and_origin(env: dict[str, str], setting: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env)
+    assert caught.value.key == setting
+    assert str(caught.value).startswith(setting + ":")
+
+
+def test_unknown_key_and_bad_toml_in_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[agent]\nprot = 1\n")
+    with pytest.raises(ConfigError, match=r"agent\.prot: is not a known setting"):
+        load_settings(path, {})
+    path.write_text("[agent\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", {})
+
+
+def test_secret_values_are_not_echoed_in_errors(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[apiban]\nkey = 8675309123\n")
+    with pytest.raises(ConfigError, match=r"^apiban\.key: has a bad value") as caught:
+        load_settings(path, {})
+    assert "8675309123" not in str(caught.value)
+
+
+def test_repr_hides_secrets() -> None:
+    s = load_settings(
+        None, {"HEPSUB_APIBAN_KEY": "sekrit-1", "HEPSUB_HOMER_PASSWORD": "sekrit-2", "HEPSUB_HOMER_USER": "u"}
+    )
+    assert "sekrit" not in repr(s)
+    assert set(s.secrets()) == {"sekrit-1", "sekrit-2"}
+
+
+def test_example_config_documents_every_key_and_loads_to_the_defaults() -> None:
+    text = EXAMPLE.read_text()
+    for key in KEYS:
+        _section, name = key.name.split(".")
+        assert f"{name} =" in text or f"# {name} =" in text, key.name
+        assert key.env in text, key.env
+    assert load_settings(EXAMPLE, {}) == Settings()

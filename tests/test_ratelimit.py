@@ -1,0 +1,60 @@
+"""The request budget: never more than N requests in any window of S seconds."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hepsub_apiban.config import RateLimit
+from hepsub_apiban.ratelimit import Budget
+
+from .conftest import ManualClock
+
+
+def test_sliding_window_refills_as_old_requests_age_out() -> None:
+    clock = ManualClock(0.0)
+    budget = Budget(RateLimit(3, 10.0), clock)
+    assert [budget.try_acquire() for _ in range(4)] == [True, True, True, False]
+    assert budget.used() == 3
+    assert budget.wait_time() == 10.0
+    clock.advance(9.999)
+    assert not budget.try_acquire()
+    clock.advance(0.001)
+    assert budget.try_acquire()
+    assert budget.used() == 1
+
+
+def test_block_for_stops_everything_until_it_ends() -> None:
+    clock = ManualClock(0.0)
+    budget = Budget(RateLimit(11, 120.0), clock)
+    budget.block_for(120.0)
+    assert not budget.try_acquire()
+    assert budget.wait_time() == 120.0
+    clock.advance(120.0)
+    assert budget.try_acquire()
+
+
+async def test_acquire_gives_up_when_the_wait_exceeds_max_wait() -> None:
+    clock = ManualClock(0.0)
+    budget = Budget(RateLimit(1, 60.0), clock)
+    assert await budget.acquire(0.0)
+    assert not await budget.acquire(59.0)
+    assert budget.used() == 1
+
+
+@given(
+    limit=st.integers(min_value=1, max_value=12),
+    window=st.floats(min_value=0.5, max_value=200.0),
+    gaps=st.lists(st.floats(min_value=0.0, max_value=30.0), max_size=300),
+)
+def test_no_window_ever_holds_more_than_the_limit(limit: int, window: float, gaps: list[float]) -> None:
+    clock = ManualClock(0.0)
+    budget = Budget(RateLimit(limit, window), clock)
+    sent: list[float] = []
+    for gap in gaps:
+        clock.advance(gap)
+        if budget.try_acquire():
+            sent.append(clock.now)
+    for i, start in enumerate(sent):
+        inside = [t for t in sent[i:] if t < start + window]
+        assert len(inside) <= limit
