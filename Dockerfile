@@ -1,0 +1,41 @@
+# hepsub-apiban: HOMER 7 HEPSUB agent that flags APIBAN-listed SIP attackers.
+#
+#   docker build -t hepsub-apiban .
+#   docker run -d --name hepsub-apiban -p 18088:18088 -v hepsub-state:/var/lib/hepsub-apiban \
+#     -e APIBAN_KEY=... -e PUBLIC_IP=... -e HOMER_IP=... -e HOMER_TOKEN=... hepsub-apiban
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY hepsub_apiban/ hepsub_apiban/
+COPY config/ config/
+RUN pip install --no-cache-dir . \
+    && mkdir -p /etc/hepsub-apiban \
+    && cp config/hepsub-apiban.toml /etc/hepsub-apiban/hepsub-apiban.toml \
+    && cd / && rm -rf /src
+
+RUN groupadd --system --gid 10001 hepsub \
+    && useradd --system --uid 10001 --gid hepsub --no-create-home --home-dir /var/lib/hepsub-apiban \
+        --shell /usr/sbin/nologin hepsub \
+    && mkdir -p /var/lib/hepsub-apiban \
+    && chown hepsub:hepsub /var/lib/hepsub-apiban
+
+# The uuid registered with HOMER (and the list snapshot) live here; keep it on a volume
+# so a restarted container replaces its own HOMER row instead of adding a new one.
+ENV HEPSUB_STATE_DIR=/var/lib/hepsub-apiban
+VOLUME /var/lib/hepsub-apiban
+WORKDIR /var/lib/hepsub-apiban
+USER hepsub
+
+# HTTP API (called by homer-app), HEP over UDP and TCP.
+EXPOSE 18088 9060/udp 9060/tcp
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:18088/healthz', timeout=3)" || exit 1
+
+ENTRYPOINT ["hepsub-apiban"]
+CMD ["serve", "--config", "/etc/hepsub-apiban/hepsub-apiban.toml"]
