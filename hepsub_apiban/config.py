@@ -210,6 +210,10 @@ def _apiban_url(raw: object) -> str:
 
 def _path_prefix(raw: object) -> str:
     value = "/" + _str(raw).strip("/")
+    if value == "/":
+        # homer-app calls {path}/{type}: "/" would make it call //cdr, and an empty path
+        # makes homer-app store its default /api/search.
+        raise ValueError(f"must be a path prefix such as /get, got {raw!r}")
     if any(c in value for c in " ?#{}"):
         raise ValueError(f"must be a plain URL path such as /get, got {raw!r}")
     return value

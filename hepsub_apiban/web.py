@@ -40,7 +40,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.reason, exc.status)
+        response = error_response(exc.reason, exc.status)
+        if "Allow" in exc.headers:  # 405 must say which methods are allowed
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response("internal error; see the agent's log", 500)
@@ -104,8 +107,9 @@ async def check_many(request: web.Request) -> web.Response:
 
 
 def _invalid(value: object) -> dict[str, Any]:
-    shown = value[:100] if isinstance(value, str) else value if isinstance(value, int | float) else None
-    return Verdict(str(shown), None, "invalid", reason="not an IP address").to_json()
+    # Echo what was sent (as JSON text for non-strings) so each result can be matched to its input.
+    shown = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return Verdict(shown[:100], None, "invalid", reason="not an IP address").to_json()
 
 
 async def healthz(_request: web.Request) -> web.Response:

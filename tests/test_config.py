@@ -106,6 +106,8 @@ def test_homer_port_defaults_to_9080_like_the_sipcapture_container() -> None:
         ({"HEPSUB_AGENT_PORT": "70000"}, "agent.port"),
         ({"HEPSUB_AGENT_GID": "0"}, "agent.gid"),
         ({"HEPSUB_AGENT_UUID": "not-a-uuid"}, "agent.uuid"),
+        ({"HEPSUB_AGENT_PATH": "/"}, "agent.path"),
+        ({"HEPSUB_AGENT_PATH": "/a b"}, "agent.path"),
         ({"HEPSUB_HOMER_URL": "homer:9080", "HEPSUB_AGENT_HOST": "a"}, "homer.url"),
         ({"HEPSUB_HOMER_URL": "http://homer:9080"}, "agent.host"),
         ({"HEPSUB_HOMER_URL": "http://homer:9080", "HEPSUB_AGENT_HOST": "a"}, "homer.token"),

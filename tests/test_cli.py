@@ -1,0 +1,388 @@
+"""The real console program, run as a subprocess against the fakes served in the test's event loop.
+
+The child is started with ``asyncio.create_subprocess_exec`` so the APIBAN and HOMER fakes keep
+answering while it runs; every wait is bounded and the child is killed if a test fails half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+import pytest
+
+from hepsub_apiban import __version__
+
+from .conftest import (
+    APIBAN_KEY,
+    HOMER_PASSWORD,
+    HOMER_TOKEN,
+    HOMER_USER,
+    ApibanPeer,
+    HomerPeer,
+    agent_env,
+    assert_no_secret,
+)
+
+T = TypeVar("T")
+CALL = "a84b4c76e66710@pc33.example.com"
+FIXTURE_IPS = ["192.168.1.10", "203.0.113.7"]  # homer.md §8, fixture 1
+CLEARED = ("HEPSUB_", "HOMER_")
+CLEARED_NAMES = frozenset({"PUBLIC_IP", "APIBAN_KEY"})
+
+
+def child_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without any agent setting, plus ``settings``."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(CLEARED) and name not in CLEARED_NAMES
+    }
+    env.update(settings)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def assert_clean(self) -> None:
+        """No secret anywhere in the output, no traceback."""
+        assert_no_secret(self.stdout)
+        assert_no_secret(self.stderr)
+        assert "Traceback" not in self.stderr, self.stderr
+
+
+class Child:
+    """A running ``python -m hepsub_apiban`` whose output is drained while it runs."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, started: float) -> None:
+        self.proc = proc
+        self.started = started  # time.monotonic() just before the spawn
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        self._stdout = asyncio.ensure_future(proc.stdout.read())
+        self._stderr = asyncio.ensure_future(proc.stderr.read())
+
+    async def finish(self, within: float) -> Result:
+        """Wait for the exit (at most ``within`` s) and return what the child printed."""
+        async with asyncio.timeout(within):
+            code = await self.proc.wait()
+            # Shielded: a timeout here must not cancel the readers, which kill() still awaits.
+            stdout = await asyncio.shield(self._stdout)
+            stderr = await asyncio.shield(self._stderr)
+        return Result(code, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+
+    async def stop(self, within: float = 10.0) -> Result:
+        """SIGTERM, as a container runtime stops the agent."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.finish(within)
+
+    async def until(self, probe: Callable[[], Awaitable[T | None]], within: float) -> T:
+        """Poll ``probe`` every 20 ms until it gives something; fail early if the child exits."""
+        async with asyncio.timeout(within):
+            while True:
+                value = await probe()
+                if value is not None:
+                    return value
+                if self.proc.returncode is not None:
+                    result = await self.finish(5.0)
+                    pytest.fail(f"the agent exited early with {result.code}: {result.stderr[-2000:]}")
+                await asyncio.sleep(0.02)
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        with contextlib.suppress(TimeoutError):
+            await self.finish(5.0)
+
+
+@contextlib.asynccontextmanager
+async def running(args: list[str], env: Mapping[str, str], cwd: Path) -> AsyncIterator[Child]:
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hepsub_apiban",
+        *args,
+        env=child_env(env),
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    child = Child(proc, started)
+    try:
+        yield child
+    finally:
+        await child.kill()
+
+
+async def run(args: list[str], env: Mapping[str, str], cwd: Path, within: float = 15.0) -> Result:
+    async with running(args, env, cwd) as child:
+        return await child.finish(within)
+
+
+async def get_json(url: str) -> tuple[int, Any] | None:
+    """One GET to the child; None while it does not answer yet."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session,
+            session.get(url) as response,
+        ):
+            return response.status, orjson.loads(await response.read())
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+def serve_env(tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer, port: int) -> dict[str, str]:
+    return agent_env(
+        tmp_path,
+        apiban,
+        HEPSUB_HOMER_URL=homer.url,
+        HEPSUB_HOMER_TOKEN=HOMER_TOKEN,
+        HEPSUB_HOMER_USER=HOMER_USER,
+        HEPSUB_HOMER_PASSWORD=HOMER_PASSWORD,
+        HEPSUB_AGENT_HOST="127.0.0.1",
+        HEPSUB_AGENT_BIND="127.0.0.1",
+        HEPSUB_AGENT_PORT=str(port),
+    )
+
+
+def assert_one_line_error(result: Result, setting: str) -> None:
+    assert result.code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"hepsub-apiban: {setting}:"), lines[0]
+    assert result.stdout == ""
+    result.assert_clean()
+
+
+# --------------------------------------------------------------------------- check
+
+
+async def test_check_prints_one_verdict_per_line_in_order(tmp_path: Path, apiban: ApibanPeer) -> None:
+    entry_id = apiban.fake.add("1.2.3.4")
+    config = tmp_path / "agent.toml"
+    # The APIBAN URL is only in the file: the lookups below prove --config is read.
+    config.write_text(f'[apiban]\nurl = "{apiban.url}"\nmode = "check"\n', encoding="utf-8")
+    ips = ["1.2.3.4", "8.8.8.8", "10.0.0.1", "nonsense"]
+    result = await run(["check", *ips, "--config", str(config)], agent_env(tmp_path), tmp_path)
+    assert result.code == 0, result.stderr
+    result.assert_clean()
+    verdicts = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert len(verdicts) == 4
+    assert [v["ip"] for v in verdicts] == ips
+    assert [(v["listed"], v["source"]) for v in verdicts] == [
+        (True, "check"),
+        (False, "check"),
+        (False, "private"),
+        (None, "invalid"),
+    ]
+    assert verdicts[0]["ID"] == entry_id
+    assert isinstance(verdicts[0]["last_reported"], int)
+    assert apiban.fake.request_count("check") == 2  # the private and the invalid one never go upstream
+
+
+async def test_check_with_apiban_down_answers_unknown(tmp_path: Path, apiban: ApibanPeer) -> None:
+    apiban.fake.add("1.2.3.4")
+    apiban.fake.fail_status = 503
+    result = await run(["check", "1.2.3.4", "10.0.0.1"], agent_env(tmp_path, apiban), tmp_path)
+    assert result.code == 0, result.stderr
+    result.assert_clean()
+    verdicts = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert verdicts[0]["listed"] is None
+    assert verdicts[0]["source"] == "unavailable"
+    assert verdicts[1] == {"ip": "10.0.0.1", "listed": False, "source": "private"}
+    assert apiban.fake.request_count("check") >= 1
+
+
+# --------------------------------------------------------------------------- user mistakes
+
+
+def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
+    env = agent_env(tmp_path)
+    if name == "bad-port":
+        return ["serve"], {**env, "HEPSUB_AGENT_PORT": "http"}
+    if name == "port-out-of-range":
+        return ["serve"], {**env, "HEPSUB_AGENT_PORT": "70000"}
+    if name == "unknown-key-in-file":
+        config = tmp_path / "agent.toml"
+        config.write_text("[agent]\nprot = 18088\n", encoding="utf-8")
+        return ["serve", "--config", str(config)], env
+    if name == "missing-config-file":
+        return ["check", "1.2.3.4", "--config", str(tmp_path / "missing.toml")], env
+    if name == "no-apiban-key":
+        env.pop("HEPSUB_APIBAN_KEY")
+        return ["serve"], env
+    assert name == "homer-without-agent-host"
+    return ["serve"], {**env, "HEPSUB_HOMER_URL": "http://127.0.0.1:9", "HEPSUB_HOMER_TOKEN": HOMER_TOKEN}
+
+
+@pytest.mark.parametrize(
+    ("case", "setting"),
+    [
+        ("bad-port", "agent.port"),
+        ("port-out-of-range", "agent.port"),
+        ("unknown-key-in-file", "agent.prot"),
+        ("missing-config-file", "--config"),
+        ("no-apiban-key", "apiban.key"),
+        ("homer-without-agent-host", "agent.host"),
+    ],
+)
+async def test_config_mistakes_exit_2_with_one_line(tmp_path: Path, case: str, setting: str) -> None:
+    args, env = _case(tmp_path, case)
+    result = await run(args, env, tmp_path, within=10.0)
+    assert_one_line_error(result, setting)
+
+
+async def test_port_in_use_exits_2_and_registers_nothing(
+    tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = await run(["serve"], serve_env(tmp_path, apiban, homer, port), tmp_path, within=10.0)
+    assert_one_line_error(result, "agent.port")
+    assert str(port) in result.stderr
+    assert homer.fake.subscriptions == []
+
+
+# --------------------------------------------------------------------------- serve
+
+
+async def _registered(child: Child, homer: HomerPeer, count: int) -> str:
+    """Wait for the ``count``-th successful subscription; return the uuid it registered."""
+
+    async def probe() -> str | None:
+        ok = [s for s in homer.fake.subscriptions if s.status == 201]
+        return ok[count - 1].body["uuid"] if len(ok) >= count and homer.fake.active_rows() else None
+
+    return await child.until(probe, within=5.0)
+
+
+async def test_serve_registers_enriches_and_unregisters(
+    tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
+) -> None:
+    port = free_port()
+    env = serve_env(tmp_path, apiban, homer, port)
+    async with running(["serve"], env, tmp_path) as child:
+        agent_uuid = await _registered(child, homer, 1)
+        first = next(s for s in homer.fake.subscriptions if s.status == 201)
+        assert first.at - child.started < 1.0, f"registered {first.at - child.started:.2f} s after start"
+        body = first.body
+        assert str(uuid.UUID(body["uuid"])) == body["uuid"]
+        assert type(body["port"]) is int
+        assert body["port"] == port
+        assert type(body["ttl"]) is int
+        assert body["ttl"] == 300
+        assert (body["gid"], body["host"], body["protocol"], body["path"], body["type"], body["node"]) == (
+            10,
+            "127.0.0.1",
+            "http",
+            "/get",
+            "cdr",
+            "apiban",
+        )
+        assert [row.uuid for row in homer.fake.active_rows()] == [agent_uuid]
+        assert (tmp_path / "state" / "uuid").read_text().strip() == agent_uuid
+
+        status, wrapper = await homer.fake.search_agent(
+            agent_uuid, "cdr", sids=[CALL], source_ips=FIXTURE_IPS
+        )
+        assert status == 200, wrapper
+        assert (wrapper["uuid"], wrapper["node"]) == (agent_uuid, "apiban")
+        answer = wrapper["data"]
+        assert "data" not in answer
+        assert answer[CALL]["checked"] == FIXTURE_IPS
+        assert answer["192.168.1.10"]["source"] == "private"
+
+        result = await child.stop(within=10.0)
+    assert result.code == 0, result.stderr
+    result.assert_clean()
+    assert (agent_uuid, 200) in homer.fake.deletions
+    assert agent_uuid not in homer.fake.rows
+
+    # A restart with the same state dir registers the same uuid again.
+    async with running(["serve"], env, tmp_path) as child:
+        assert await _registered(child, homer, 2) == agent_uuid
+        result = await child.stop(within=10.0)
+    assert result.code == 0, result.stderr
+    result.assert_clean()
+    assert homer.fake.deletions.count((agent_uuid, 200)) == 2
+
+
+async def test_serve_keeps_serving_when_homer_is_unreachable(tmp_path: Path, apiban: ApibanPeer) -> None:
+    port = free_port()
+    env = agent_env(
+        tmp_path,
+        apiban,
+        HEPSUB_HOMER_URL=f"http://127.0.0.1:{free_port()}",
+        HEPSUB_HOMER_TOKEN=HOMER_TOKEN,
+        HEPSUB_AGENT_HOST="127.0.0.1",
+        HEPSUB_AGENT_BIND="127.0.0.1",
+        HEPSUB_AGENT_PORT=str(port),
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with running(["serve"], env, tmp_path) as child:
+        assert await child.until(lambda: get_json(f"{base}/healthz"), within=5.0) == (200, {"status": "ok"})
+
+        async def failing() -> dict[str, Any] | None:
+            answer = await get_json(f"{base}/api/v1/status")
+            registration = answer[1]["registration"] if answer else None
+            return registration if registration and registration["state"] == "failing" else None
+
+        registration = await child.until(failing, within=5.0)
+        assert registration["attempts"] >= 1
+        assert registration["last_status"] is None
+        assert "cannot reach" in registration["last_message"]
+        result = await child.stop(within=10.0)
+    assert result.code == 0, result.stderr
+    result.assert_clean()
+
+
+# --------------------------------------------------------------------------- demo and argparse
+
+
+async def test_demo_runs_the_whole_chain(tmp_path: Path) -> None:
+    result = await run(["demo"], {}, tmp_path, within=30.0)
+    assert result.code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "APIBAN lists" in result.stdout
+    assert CALL in result.stdout
+
+
+async def test_version(tmp_path: Path) -> None:
+    result = await run(["--version"], {}, tmp_path)
+    assert result.code == 0
+    assert result.stdout.strip() == f"hepsub-apiban {__version__}"
+
+
+async def test_no_subcommand_is_a_usage_error(tmp_path: Path) -> None:
+    result = await run([], {"HEPSUB_APIBAN_KEY": APIBAN_KEY}, tmp_path)
+    assert result.code == 2
+    assert result.stderr.startswith("usage: hepsub-apiban")
+    assert "required" in result.stderr
+    assert "Traceback" not in result.stderr
