@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .addresses import AllowList
+from .addresses import NetworkSet
 from .apiban import ApibanClient
 from .config import Settings
 from .keys import (
@@ -83,7 +83,7 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
         policy = CachePolicy(
             settings.apiban.cache_size, settings.apiban.listed_ttl, settings.apiban.unlisted_ttl
         )
-        allow = AllowList(settings.allow.cidrs)
+        allow = NetworkSet(settings.allow.cidrs)
         lookups = LookupService(client, allow, policy, clock=clocks.monotonic, wall_clock=clocks.wall)
         app[APIBAN] = client
         app[LOOKUPS] = lookups

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .addresses import AllowList, parse_ip
+from .addresses import NetworkSet, parse_ip
 from .apiban import ApibanClient
 from .app import USER_AGENT, create_app
 from .config import ConfigError, Settings, load_settings, require_apiban_key
@@ -127,7 +127,7 @@ async def _check_all(settings: Settings, redactor: Redactor, ips: Sequence[str])
     async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as session:
         budget = Budget(settings.apiban.rate_limit, asyncio.get_running_loop().time)
         client = ApibanClient(session, settings.apiban, budget, redactor)
-        lookups = LookupService(client, AllowList(settings.allow.cidrs))
+        lookups = LookupService(client, NetworkSet(settings.allow.cidrs))
         results = []
         for text in ips:
             address = parse_ip(text)

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .addresses import IPAddress, parse_ip
+from .addresses import Addr, parse_ip
 from .lookups import Verdict
 
 # Mapping keys that carry Call-IDs: homer-app's default mapping uses "sid"; without
@@ -35,7 +35,7 @@ class BadEnrichmentRequest(ValueError):
 @dataclass(slots=True)
 class EnrichmentRequest:
     call_ids: list[str] = field(default_factory=list)
-    addresses: list[IPAddress] = field(default_factory=list)  # unique, in order of appearance
+    addresses: list[Addr] = field(default_factory=list)  # unique, in order of appearance
     fields: dict[str, list[str]] = field(default_factory=dict)  # canonical ip -> mapping keys
     ignored: dict[str, list[str]] = field(default_factory=dict)  # mapping key -> values not IPs
     from_ms: int | None = None
@@ -83,7 +83,7 @@ def _add_addresses(request: EnrichmentRequest, key: str, values: list[Any]) -> N
         if address is None:
             request.ignored.setdefault(key, []).append(str(value)[:100])
             continue
-        ip = str(address)
+        ip = address.text
         if ip not in request.fields:
             request.addresses.append(address)
             request.fields[ip] = []

@@ -13,16 +13,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cachetools import TLRUCache
 
-from .addresses import AllowList, IPAddress, is_non_routable
+from .addresses import NON_ROUTABLE, Addr, NetworkSet
 from .apiban import ApibanClient, ApibanError
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """One IP's answer; a NamedTuple because enrichment builds thousands per second."""
+
     ip: str
     listed: bool | None
     source: str  # private, allowlist, mirror, cache, check, unavailable
@@ -42,7 +43,11 @@ class Verdict:
 
 
 class ListSource(Protocol):
-    """A local copy of the APIBAN list (the mirror); consulted before any upstream request."""
+    """A local copy of the APIBAN list (the mirror); consulted before any upstream request.
+
+    ``verdict`` answers for listed addresses only; ``loaded`` says whether a miss means
+    "not listed" (a complete list is in) or "not known yet" (ask APIBAN).
+    """
 
     @property
     def loaded(self) -> bool: ...
@@ -61,7 +66,7 @@ class LookupService:
     def __init__(
         self,
         client: ApibanClient | None,
-        allow: AllowList,
+        allow: NetworkSet,
         cache: CachePolicy = CachePolicy(),
         *,
         mirror: ListSource | None = None,
@@ -86,8 +91,8 @@ class LookupService:
 
     @property
     def ready(self) -> bool:
-        """A lookup can be answered: the list is in, or per-IP checks can stand in for it."""
-        return (self.mirror is not None and self.mirror.loaded) or self._client is not None
+        """In mirror mode once the list is in; in check mode at once."""
+        return self.mirror.loaded if self.mirror is not None else self._client is not None
 
     def cache_size(self) -> int:
         return len(self._cache)
@@ -95,44 +100,52 @@ class LookupService:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def answer_now(self, address: IPAddress) -> Verdict | None:
+    def answer_now(self, address: Addr) -> Verdict | None:
         """The verdict if it needs no upstream request, else None."""
-        ip = str(address)
-        if is_non_routable(address):
+        ip = address.text
+        if address in NON_ROUTABLE:
             return Verdict(ip, False, "private")
         if address in self._allow:
             return Verdict(ip, False, "allowlist")
-        if self.mirror is not None and self.mirror.loaded:
-            return self.mirror.verdict(ip) or Verdict(ip, False, "mirror")
+        mirror = self.mirror
+        if mirror is not None:
+            # Even a list still being pulled answers "listed" with certainty.
+            listed = mirror.verdict(ip)
+            if listed is not None:
+                return listed
+            if mirror.loaded:
+                return Verdict(ip, False, "mirror")
         cached = self._cache.get(ip)
         if cached is not None:
             return Verdict(ip, cached.listed, "cache", cached.id, cached.last_reported)
         return None
 
-    async def lookup(self, address: IPAddress, deadline: float) -> Verdict:
+    async def lookup(self, address: Addr, deadline: float) -> Verdict:
         return (await self.lookup_many([address], deadline))[0]
 
-    async def lookup_many(self, addresses: Sequence[IPAddress], deadline: float) -> list[Verdict]:
+    async def lookup_many(self, addresses: Sequence[Addr], deadline: float) -> list[Verdict]:
         """Verdicts in the order given, within ``deadline`` seconds whatever APIBAN does."""
-        verdicts: dict[str, Verdict] = {}
-        pending: dict[str, asyncio.Task[Verdict]] = {}
-        for address in addresses:
-            ip = str(address)
-            if ip in verdicts or ip in pending:
-                continue
-            verdict = self.answer_now(address)
-            if verdict is not None:
-                verdicts[ip] = verdict
-            else:
-                pending[ip] = self._upstream(ip)
-        if pending:
-            done, _ = await asyncio.wait(pending.values(), timeout=deadline)
-            for ip, task in pending.items():
-                # A late answer is not lost: the shared task goes on and fills the cache.
-                verdicts[ip] = _outcome(task, ip) if task in done else _late(ip, deadline)
-        result = [verdicts[str(address)] for address in addresses]
-        self.answers.update(v.source for v in result)
+        answers = [self.answer_now(address) for address in addresses]
+        if None in answers:
+            await self._fill_from_upstream(addresses, answers, deadline)
+        result: list[Verdict] = answers  # type: ignore[assignment]  # no None left
+        self.answers.update([v.source for v in result])
         return result
+
+    async def _fill_from_upstream(
+        self, addresses: Sequence[Addr], answers: list[Verdict | None], deadline: float
+    ) -> None:
+        pending = {
+            a.text: self._upstream(a.text) for a, v in zip(addresses, answers, strict=True) if v is None
+        }
+        done, _ = await asyncio.wait(pending.values(), timeout=deadline)
+        for index, address in enumerate(addresses):
+            if answers[index] is None:
+                task = pending[address.text]
+                # A late answer is not lost: the shared task goes on and fills the cache.
+                answers[index] = (
+                    _outcome(task, address.text) if task in done else _late(address.text, deadline)
+                )
 
     def _upstream(self, ip: str) -> asyncio.Task[Verdict]:
         task = self._in_flight.get(ip)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from hepsub_apiban.addresses import AllowList, parse_ip
+from hepsub_apiban.addresses import Addr, NetworkSet, parse_ip
 from hepsub_apiban.apiban import ApibanClient
 from hepsub_apiban.config import load_settings
 from hepsub_apiban.logs import Redactor
@@ -19,7 +19,7 @@ from hepsub_apiban.ratelimit import Budget
 from .conftest import APIBAN_KEY, ApibanPeer, ManualClock
 
 
-def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def ip(text: str) -> Addr:
     address = parse_ip(text)
     assert address is not None
     return address
@@ -31,7 +31,7 @@ async def service(apiban: ApibanPeer) -> AsyncIterator[tuple[LookupService, Manu
     clock = ManualClock(0.0)
     async with aiohttp.ClientSession() as session:
         client = ApibanClient(session, settings, Budget(settings.rate_limit, clock), Redactor([APIBAN_KEY]))
-        allow = AllowList([ipaddress.ip_network("9.9.0.0/16")])
+        allow = NetworkSet([ipaddress.ip_network("9.9.0.0/16")])
         lookups = LookupService(
             client, allow, CachePolicy(100, listed_ttl=3600, unlisted_ttl=600), clock=clock, wall_clock=clock
         )
