@@ -211,5 +211,8 @@ class ApibanClient:
         self.requests[(endpoint, exc.outcome)] += 1
         self.last_error = UpstreamError(self._wall_clock(), self._redact(str(exc)))
 
+    def last_error_text(self) -> str:
+        return self.last_error.message if self.last_error else "no error recorded"
+
     def requests_sent(self) -> int:
         return sum(n for (_, outcome), n in self.requests.items() if outcome != BudgetSpent.outcome)

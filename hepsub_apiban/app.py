@@ -26,6 +26,7 @@ from .keys import (
     HTTP_SESSION,
     LOOKUPS,
     METRICS,
+    MIRROR_SYNC,
     REDACTOR,
     REGISTRAR,
     SETTINGS,
@@ -34,9 +35,11 @@ from .keys import (
 from .logs import Redactor
 from .lookups import CachePolicy, LookupService
 from .metrics import Metrics
+from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
-from .registration import Registrar, Sleep
+from .registration import Registrar
 from .state import ensure_state_dir, load_or_create_uuid
+from .timing import Sleep
 from .web import json_errors, setup_routes
 
 USER_AGENT = f"hepsub-apiban/{__version__}"
@@ -84,15 +87,45 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
             settings.apiban.cache_size, settings.apiban.listed_ttl, settings.apiban.unlisted_ttl
         )
         allow = NetworkSet(settings.allow.cidrs)
-        lookups = LookupService(client, allow, policy, clock=clocks.monotonic, wall_clock=clocks.wall)
+        sync = _mirror_sync(app, client, clocks) if settings.apiban.mode == "mirror" else None
+        lookups = LookupService(
+            client,
+            allow,
+            policy,
+            mirror=sync.mirror if sync else None,
+            clock=clocks.monotonic,
+            wall_clock=clocks.wall,
+        )
         app[APIBAN] = client
         app[LOOKUPS] = lookups
         app[METRICS].sources.client = client
         app[METRICS].sources.lookups = lookups
+        app[METRICS].sources.sync = sync
+        task = asyncio.create_task(sync.run(), name="apiban-mirror-sync") if sync else None
         yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await lookups.close()
 
     return context
+
+
+def _mirror_sync(app: web.Application, client: ApibanClient, clocks: Clocks) -> MirrorSync:
+    settings = app[SETTINGS]
+    sync = MirrorSync(
+        client,
+        Mirror(),
+        poll_interval=settings.apiban.poll_interval,
+        snapshot_path=ensure_state_dir(settings.state.dir) / "mirror.json",
+        source=snapshot_source(settings.apiban.url, settings.apiban.key),
+        wall_clock=clocks.wall,
+        sleep=clocks.sleep,
+    )
+    sync.load_snapshot()
+    app[MIRROR_SYNC] = sync
+    return sync
 
 
 def _registration(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:

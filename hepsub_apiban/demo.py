@@ -13,7 +13,7 @@ import contextlib
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,7 +24,7 @@ from .app import create_app
 from .config import Settings, load_settings
 from .fakes.apiban import FakeApiban
 from .fakes.homer import FakeHomer
-from .keys import AGENT_UUID
+from .keys import AGENT_UUID, LOOKUPS, MIRROR_SYNC
 from .logs import Redactor, setup_logging
 
 DEMO_KEY = "demo-apiban-key"
@@ -59,7 +59,15 @@ async def _demo(keep_running: bool, out: TextIO) -> int:
                 if not await _registered(registry, app[AGENT_UUID]):
                     _say(out, "the agent did not register with the registry within 5 s")
                     return 1
-                _say(out, "registered with HOMER:  node 'apiban', type 'cdr', path '/get'\n")
+                _say(out, "registered with HOMER:  node 'apiban', type 'cdr', path '/get'")
+                if not await _until(lambda: app[LOOKUPS].ready):
+                    _say(out, "the agent did not load the APIBAN list within 5 s")
+                    return 1
+                held = len(app[MIRROR_SYNC].mirror.entries)
+                _say(
+                    out,
+                    f"APIBAN list held:       {held} entries, {feed.request_count()} requests to the feed\n",
+                )
                 await _enrich(registry, app[AGENT_UUID], out)
                 if keep_running:
                     _say(out, f"\nkeeping the agent up at {agent_url}; Ctrl-C stops it")
@@ -74,7 +82,6 @@ def _settings(feed_url: str, homer_url: str, port: int, state: Path) -> Settings
         {
             "HEPSUB_APIBAN_URL": feed_url,
             "HEPSUB_APIBAN_KEY": DEMO_KEY,
-            "HEPSUB_APIBAN_MODE": "check",
             "HEPSUB_HOMER_URL": homer_url,
             "HEPSUB_HOMER_TOKEN": DEMO_TOKEN,
             "HEPSUB_HOMER_USER": DEMO_USER,
@@ -106,10 +113,15 @@ async def _serve(app: web.Application, sock: socket.socket | None = None) -> Asy
 
 
 async def _registered(registry: FakeHomer, agent_uuid: str) -> bool:
-    for _ in range(100):
-        if any(row.uuid == agent_uuid for row in registry.active_rows()):
+    return await _until(lambda: any(row.uuid == agent_uuid for row in registry.active_rows()))
+
+
+async def _until(condition: Callable[[], bool]) -> bool:
+    """Poll for up to 5 s: the demo watches another component's progress, once."""
+    for _ in range(250):
+        if condition():
             return True
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
     return False
 
 

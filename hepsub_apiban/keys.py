@@ -14,6 +14,7 @@ from .config import Settings
 from .logs import Redactor
 from .lookups import LookupService
 from .metrics import Metrics
+from .mirror import MirrorSync
 from .registration import Registrar
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -25,3 +26,4 @@ REGISTRAR = web.AppKey("registrar", Registrar)
 AGENT_UUID = web.AppKey("agent_uuid", str)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
+MIRROR_SYNC = web.AppKey("mirror_sync", MirrorSync)

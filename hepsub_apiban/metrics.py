@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from .apiban import ApibanClient
 from .lookups import LookupService
+from .mirror import MirrorSync
 from .registration import Registrar
 
 PREFIX = "hepsub_apiban"
@@ -27,6 +28,7 @@ class Sources:
     client: ApibanClient | None = None
     lookups: LookupService | None = None
     registrar: Registrar | None = None
+    sync: MirrorSync | None = None
 
 
 class _AgentCollector(Collector):
@@ -37,6 +39,7 @@ class _AgentCollector(Collector):
         yield from self._apiban()
         yield from self._lookups()
         yield from self._registration()
+        yield from self._mirror()
 
     def _apiban(self) -> Iterator[Metric]:
         client = self._sources.client
@@ -92,6 +95,31 @@ class _AgentCollector(Collector):
             yield CounterMetricFamily(
                 f"{PREFIX}_registration_attempts", "HOMER subscribe attempts", registrar.status.attempts
             )
+
+    def _mirror(self) -> Iterator[Metric]:
+        sync = self._sources.sync
+        if sync is None:
+            return
+        mirror = sync.mirror
+        yield GaugeMetricFamily(
+            f"{PREFIX}_mirror_entries", "APIBAN entries held locally", len(mirror.entries)
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_mirror_loaded", "1 once a complete APIBAN list is held", 1.0 if mirror.loaded else 0.0
+        )
+        if mirror.last_sync is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_mirror_last_sync_timestamp_seconds",
+                "Unix time APIBAN last confirmed the local list is current",
+                mirror.last_sync,
+            )
+        if sync.status.next_sync is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_mirror_next_sync_timestamp_seconds",
+                "Unix time of the next planned pull",
+                sync.status.next_sync,
+            )
+        yield CounterMetricFamily(f"{PREFIX}_mirror_pages", "APIBAN list pages received", sync.status.pages)
 
 
 class Metrics:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
 
 from .config import RateLimit
-
-Clock = Callable[[], float]
+from .timing import Clock
 
 
 class Budget:
@@ -33,13 +31,15 @@ class Budget:
         self._forget_old(self._clock())
         return len(self._sent)
 
-    def wait_time(self) -> float:
-        """Seconds until a request may be sent (0 when one may be sent now)."""
+    def wait_time(self, reserve: int = 0) -> float:
+        """Seconds until a request may be sent while leaving ``reserve`` requests of the window unspent."""
         now = self._clock()
         self._forget_old(now)
         wait = max(0.0, self._blocked_until - now)
-        if len(self._sent) >= self.limit.requests:
-            wait = max(wait, self._sent[0] + self.limit.window - now)
+        allowed = max(1, self.limit.requests - reserve)
+        if len(self._sent) >= allowed:
+            # The oldest request that must age out for the count to drop below ``allowed``.
+            wait = max(wait, self._sent[len(self._sent) - allowed] + self.limit.window - now)
         return wait
 
     def try_acquire(self) -> bool:

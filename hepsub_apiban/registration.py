@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,10 @@ import orjson
 from .config import Settings
 from .jsonutil import loads_object
 from .logs import Redactor
+from .timing import Sleep
 
 log = logging.getLogger(__name__)
 
-Sleep = Callable[[float], Awaitable[None]]
 MAX_BACKOFF = 60.0
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from . import __version__
 from .addresses import parse_ip
 from .enrichment import BadEnrichmentRequest, build_answer, parse_request
-from .keys import AGENT_UUID, APIBAN, LOOKUPS, METRICS, REGISTRAR, SETTINGS, STARTED_AT
+from .keys import AGENT_UUID, APIBAN, LOOKUPS, METRICS, MIRROR_SYNC, REGISTRAR, SETTINGS, STARTED_AT
 from .lookups import Verdict
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ async def status(request: web.Request) -> web.Response:
             "last_success": client.last_success,
             "last_error": None if error is None else {"at": error.at, "message": error.message},
         },
+        "mirror": _mirror_status(request.app),
         "lookups": {
             "ready": lookups.ready,
             "cache_entries": lookups.cache_size(),
@@ -164,6 +165,32 @@ async def status(request: web.Request) -> web.Response:
         },
     }
     return json_response(body)
+
+
+def _mirror_status(app: web.Application) -> dict[str, Any] | None:
+    sync = app.get(MIRROR_SYNC)
+    if sync is None:
+        return None
+    mirror, status = sync.mirror, sync.status
+    now = time.time()
+    return {
+        "loaded": mirror.loaded,
+        "entries": len(mirror.entries),
+        "state": status.state,
+        "position": mirror.cursor,
+        "full_pull_in_progress": mirror.full_pull_started is not None,
+        "pages_received": status.pages,
+        "last_sync": mirror.last_sync,
+        "last_sync_age": None if mirror.last_sync is None else round(now - mirror.last_sync, 3),
+        "last_full_sync": mirror.last_full_sync,
+        "next_sync": status.next_sync,
+        "consecutive_failures": status.consecutive_failures,
+        "snapshot": {
+            "loaded_at_start": status.snapshot_loaded,
+            "rejected_because": status.snapshot_error,
+            "last_saved": status.snapshot_saved,
+        },
+    }
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -58,3 +58,15 @@ def test_no_window_ever_holds_more_than_the_limit(limit: int, window: float, gap
     for i, start in enumerate(sent):
         inside = [t for t in sent[i:] if t < start + window]
         assert len(inside) <= limit
+
+
+def test_reserve_keeps_requests_of_the_window_for_others() -> None:
+    clock = ManualClock(0.0)
+    budget = Budget(RateLimit(3, 10.0), clock)
+    assert budget.try_acquire()
+    clock.advance(1)
+    assert budget.try_acquire()
+    assert budget.wait_time(reserve=1) == 9.0  # 2 of 3 spent: only the reserved one is left
+    assert budget.wait_time() == 0.0
+    assert budget.try_acquire()
+    assert budget.wait_time(reserve=1) == 10.0  # the second must age out, at t=11

@@ -137,6 +137,10 @@ class FakeApiban:
         for ip in ips:
             ts = int(self.add(ip, ts)) + 1
 
+    def remove(self, ip: str) -> None:
+        """Stop listing ``ip``, as APIBAN does once an address has been inactive for 7 days."""
+        self._unlist(ipaddress.ip_address(ip))
+
     def listed(self, ip: str) -> str | None:
         """The ID under which ``ip`` is listed (compared canonically), or None."""
         addr = _parse_ip(ip)
