@@ -21,6 +21,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _AF_INET = socket.AF_INET
 _inet_pton = socket.inet_pton
+# NamedTuple's generated __new__ is a Python-level function; tuple.__new__ builds the same object
+# several times faster, and parsing runs for every IP of every enrichment request.
+_tuple_new = tuple.__new__
 
 
 class Addr(NamedTuple):
@@ -34,7 +37,7 @@ def parse_ip(text: object) -> Addr | None:
     if not isinstance(text, str):
         return None
     try:
-        return Addr(text, 4, int.from_bytes(_inet_pton(_AF_INET, text), "big"))
+        return _tuple_new(Addr, (text, 4, int.from_bytes(_inet_pton(_AF_INET, text), "big")))
     except OSError:
         return _parse_slow(text)
 
@@ -118,5 +121,17 @@ NON_ROUTABLE = NetworkSet(
 )
 
 
+# First octets of every IPv4 block in NON_ROUTABLE: an address outside them is routable
+# without a search. That is most addresses an attacker sends from.
+_V4_LOCAL_FIRST_OCTETS = frozenset(
+    octet
+    for n in NON_ROUTABLE.networks
+    if n.version == 4
+    for octet in range(int(n.network_address) >> 24, (int(n.broadcast_address) >> 24) + 1)
+)
+
+
 def is_non_routable(address: Addr) -> bool:
+    if address.version == 4 and (address.value >> 24) not in _V4_LOCAL_FIRST_OCTETS:
+        return False
     return address in NON_ROUTABLE

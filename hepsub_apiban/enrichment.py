@@ -55,9 +55,8 @@ def parse_request(raw: bytes) -> EnrichmentRequest:
             '"fromts": ms, "tots": ms} as homer-app sends it'
         )
     request = EnrichmentRequest(from_ms=_millis(body.get("fromts")))
-    for key in sorted(data):
-        values = data[key]
-        values = values if isinstance(values, list) else [values]
+    for key, value in data.items():  # homer-app sends the keys sorted (Go marshals maps sorted)
+        values = value if isinstance(value, list) else [value]
         if key in CALL_ID_KEYS:
             _add_call_ids(request, values)
         else:
@@ -78,17 +77,18 @@ def _add_call_ids(request: EnrichmentRequest, values: list[Any]) -> None:
 
 
 def _add_addresses(request: EnrichmentRequest, key: str, values: list[Any]) -> None:
+    fields, addresses = request.fields, request.addresses
     for value in values:
         address = parse_ip(value)
         if address is None:
             request.ignored.setdefault(key, []).append(str(value)[:100])
             continue
-        ip = address.text
-        if ip not in request.fields:
-            request.addresses.append(address)
-            request.fields[ip] = []
-        if key not in request.fields[ip]:
-            request.fields[ip].append(key)
+        seen_in = fields.get(address.text)
+        if seen_in is None:
+            addresses.append(address)
+            fields[address.text] = [key]
+        elif key not in seen_in:
+            seen_in.append(key)
 
 
 def build_answer(

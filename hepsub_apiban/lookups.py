@@ -17,8 +17,11 @@ from typing import Any, NamedTuple, Protocol
 
 from cachetools import TLRUCache
 
-from .addresses import NON_ROUTABLE, Addr, NetworkSet
+from .addresses import Addr, NetworkSet, is_non_routable
 from .apiban import ApibanClient, ApibanError
+
+# Verdicts are built for every IP of every enrichment; see addresses._tuple_new.
+_tuple_new = tuple.__new__
 
 
 class Verdict(NamedTuple):
@@ -75,6 +78,7 @@ class LookupService:
     ) -> None:
         self._client = client
         self._allow = allow
+        self._has_allow = len(allow) > 0
         self._policy = cache
         self.mirror = mirror
         self._wall_clock = wall_clock
@@ -103,10 +107,10 @@ class LookupService:
     def answer_now(self, address: Addr) -> Verdict | None:
         """The verdict if it needs no upstream request, else None."""
         ip = address.text
-        if address in NON_ROUTABLE:
-            return Verdict(ip, False, "private")
-        if address in self._allow:
-            return Verdict(ip, False, "allowlist")
+        if is_non_routable(address):
+            return _tuple_new(Verdict, (ip, False, "private", None, None, None))
+        if self._has_allow and address in self._allow:
+            return _tuple_new(Verdict, (ip, False, "allowlist", None, None, None))
         mirror = self.mirror
         if mirror is not None:
             # Even a list still being pulled answers "listed" with certainty.
@@ -114,7 +118,7 @@ class LookupService:
             if listed is not None:
                 return listed
             if mirror.loaded:
-                return Verdict(ip, False, "mirror")
+                return _tuple_new(Verdict, (ip, False, "mirror", None, None, None))
         cached = self._cache.get(ip)
         if cached is not None:
             return Verdict(ip, cached.listed, "cache", cached.id, cached.last_reported)

@@ -7,11 +7,13 @@ prometheus-client objects on the hot path.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .apiban import ApibanClient
@@ -23,12 +25,44 @@ PREFIX = "hepsub_apiban"
 REGISTRATION_STATES = ("disabled", "starting", "registered", "failing", "unregistered")
 
 
+class LatencyHistogram:
+    """Plain counters behind a Prometheus histogram: observing is one bisect and two additions,
+    where prometheus-client's Histogram takes a lock and walks its buckets on every request."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
+@dataclass(slots=True)
+class EnrichmentStats:
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latency: LatencyHistogram = field(
+        default_factory=lambda: LatencyHistogram(
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+        )
+    )
+
+
 @dataclass(slots=True)
 class Sources:
     client: ApibanClient | None = None
     lookups: LookupService | None = None
     registrar: Registrar | None = None
     sync: MirrorSync | None = None
+    enrichment: EnrichmentStats = field(default_factory=EnrichmentStats)
 
 
 class _AgentCollector(Collector):
@@ -40,6 +74,21 @@ class _AgentCollector(Collector):
         yield from self._lookups()
         yield from self._registration()
         yield from self._mirror()
+        yield from self._enrichment()
+
+    def _enrichment(self) -> Iterator[Metric]:
+        stats = self._sources.enrichment
+        outcomes = CounterMetricFamily(
+            f"{PREFIX}_enrichment_requests",
+            "HOMER enrichment requests answered, by outcome",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(stats.outcomes.items()):
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+        yield stats.latency.family(
+            f"{PREFIX}_enrichment_seconds", "Time to answer a HOMER enrichment request"
+        )
 
     def _apiban(self) -> Iterator[Metric]:
         client = self._sources.client
@@ -127,18 +176,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.sources = Sources()
         self.registry.register(_AgentCollector(self.sources))
-        self.enrichment_requests = Counter(
-            f"{PREFIX}_enrichment_requests",
-            "HOMER enrichment requests answered, by outcome",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.enrichment_seconds = Histogram(
-            f"{PREFIX}_enrichment_seconds",
-            "Time to answer a HOMER enrichment request",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
-            registry=self.registry,
-        )
+
+    @property
+    def enrichment(self) -> EnrichmentStats:
+        return self.sources.enrichment
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -51,15 +51,15 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 async def enrich(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
     started = time.perf_counter()
     try:
         response, outcome = await _enrich(request)
     except Exception:
         log.exception("enrichment failed")
         response, outcome = json_response({"error": "internal error; see the agent's log"}), "error"
-    metrics.enrichment_requests.labels(outcome).inc()
-    metrics.enrichment_seconds.observe(time.perf_counter() - started)
+    stats = request.app[METRICS].enrichment
+    stats.outcomes[outcome] += 1
+    stats.latency.observe(time.perf_counter() - started)
     return response
 
 
