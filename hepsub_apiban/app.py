@@ -19,10 +19,12 @@ from aiohttp import web
 from . import __version__
 from .addresses import NetworkSet
 from .apiban import ApibanClient
+from .collector import HepCollector
 from .config import Settings
 from .keys import (
     AGENT_UUID,
     APIBAN,
+    COLLECTOR,
     HTTP_SESSION,
     LOOKUPS,
     METRICS,
@@ -30,6 +32,7 @@ from .keys import (
     REDACTOR,
     REGISTRAR,
     SETTINGS,
+    SIGHTINGS,
     STARTED_AT,
 )
 from .logs import Redactor
@@ -38,6 +41,7 @@ from .metrics import Metrics
 from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
+from .sightings import Sightings
 from .state import ensure_state_dir, load_or_create_uuid
 from .timing import Sleep
 from .web import json_errors, setup_routes
@@ -65,6 +69,7 @@ def create_app(
     app[AGENT_UUID] = settings.agent.uuid or load_or_create_uuid(ensure_state_dir(settings.state.dir))
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_lookups(clocks))
+    app.cleanup_ctx.append(_collector(clocks))
     app.cleanup_ctx.append(_registration(clocks))
     setup_routes(app, settings.agent.path.rstrip("/"))
     return app
@@ -108,6 +113,28 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await lookups.close()
+
+    return context
+
+
+def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        sightings = Sightings(
+            app[LOOKUPS],
+            capacity=settings.sightings.max,
+            log_every=settings.apiban.poll_interval,
+            clock=clocks.wall,
+        )
+        collector = HepCollector(sightings, settings.hep, clocks.wall)
+        app[SIGHTINGS] = sightings
+        app[COLLECTOR] = collector
+        app[METRICS].sources.sightings = sightings
+        app[METRICS].sources.collector = collector
+        await collector.start()
+        yield
+        await collector.stop()
+        await sightings.close()
 
     return context
 

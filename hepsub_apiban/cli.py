@@ -14,8 +14,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -31,6 +32,7 @@ from .lookups import LookupService, Verdict
 from .ratelimit import Budget
 
 log = logging.getLogger("hepsub_apiban")
+_T = TypeVar("_T")
 EXIT_USAGE = 2
 
 
@@ -46,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="look IP addresses up once and print one JSON verdict per line")
     check.add_argument("ips", nargs="+", metavar="IP")
     check.add_argument("--config", type=Path, help="TOML configuration file")
+    replay = commands.add_parser(
+        "replay", help="send HEP packets from hex or pcap/pcapng files to a collector"
+    )
+    replay.add_argument("files", nargs="+", metavar="FILE")
+    replay.add_argument("--to", required=True, metavar="udp:HOST:PORT|tcp:HOST:PORT")
+    replay.add_argument("--rate", type=float, help="packets per second (default: as fast as possible)")
     demo = commands.add_parser("demo", help="run the whole chain on loopback with built-in fakes")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the demo request")
     return parser
@@ -58,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(_settings(args.config))
         if args.command == "check":
             return _check(_settings(args.config), args.ips)
+        if args.command == "replay":
+            from .replay import main as replay_main
+
+            setup_logging("warning", Redactor())
+            return replay_main(args.files, args.to, args.rate, sys.stdout)
         from .demo import run_demo
 
         return run_demo(keep_running=args.keep_running)
@@ -91,14 +104,28 @@ def _serve(settings: Settings) -> int:
     setup_logging(settings.log.level, redactor)
     sock = bind_socket(settings)
     app = create_app(settings, redactor=redactor)
-    asyncio.run(serve_app(app, sock))
+    run(serve_app(app, sock))
     return 0
+
+
+def run(main: Coroutine[Any, Any, _T]) -> _T:
+    """Run on uvloop where it exists: CPython's default loop loses most HEP datagrams under load."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def serve_app(app: web.Application, sock: socket.socket) -> None:
     """Serve on an already bound socket until SIGINT or SIGTERM, then shut down in order."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        # A listener that cannot bind (hep.udp in use, say) fails the startup: undo what started.
+        await runner.cleanup()
+        raise
     site = web.SockSite(runner, sock, shutdown_timeout=5.0)
     await site.start()
     host, port = sock.getsockname()[:2]

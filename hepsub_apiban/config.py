@@ -93,6 +93,14 @@ class StateSettings:
 class HepSettings:
     udp: Address | None = Address("0.0.0.0", 9060)
     tcp: Address | None = Address("0.0.0.0", 9060)
+    rcvbuf: int = 4 * 1024 * 1024
+    max_connections: int = 256
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class SightingsSettings:
+    max: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +128,7 @@ class Settings:
     allow: AllowSettings = AllowSettings()
     site: SiteSettings = SiteSettings()
     log: LogSettings = LogSettings()
+    sightings: SightingsSettings = SightingsSettings()
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, an error or a status page."""
@@ -256,7 +265,7 @@ def _listen(raw: object) -> Address | None:
     host = host.strip("[]")
     if not sep or not host:
         raise ValueError(f"must be HOST:PORT such as 0.0.0.0:9060, or empty to disable, got {raw!r}")
-    return Address(host, _int_between(1, 65535)(port))
+    return Address(host, _int_between(0, 65535)(port))  # 0: any free port (tests, side instances)
 
 
 def _list(raw: object) -> list[str]:
@@ -331,6 +340,14 @@ KEYS: tuple[Key, ...] = (
     Key("state.dir", _dir, "directory for the uuid, list snapshot and sync position"),
     Key("hep.udp", _listen, "HEP over UDP listen address; empty disables"),
     Key("hep.tcp", _listen, "HEP over TCP listen address; empty disables"),
+    Key("hep.rcvbuf", _int_between(65536, 1 << 30), "UDP receive buffer to ask the kernel for, bytes"),
+    Key("hep.max_connections", _int_between(1, 100_000), "HEP TCP connections served at once"),
+    Key("hep.idle_timeout", _float_between(1, 86400), "seconds before an idle HEP TCP connection is closed"),
+    Key(
+        "sightings.max",
+        _int_between(100, 100_000_000),
+        "IPs remembered from HEP traffic (least recent forgotten)",
+    ),
     Key("allow.cidrs", _cidrs, "IPs/CIDRs never reported as listed"),
     Key("site.keys", _keys, "local keys for the APIBAN-compatible API served to the site", secret=True),
     Key("log.level", _log_level, "debug, info, warning or error"),
@@ -394,16 +411,16 @@ def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
             raise ConfigError(name, str(exc) if not key.secret else "has a bad value", origin) from None
         section, attr = name.split(".")
         sections.setdefault(section, {})[attr] = converted
-    defaults = Settings()
     settings = Settings(
         agent=AgentSettings(**sections.get("agent", {})),
         homer=HomerSettings(**sections.get("homer", {})),
         apiban=ApibanSettings(**sections.get("apiban", {})),
         state=StateSettings(**sections.get("state", {})),
-        hep=HepSettings(**sections.get("hep", {})) if "hep" in sections else defaults.hep,
+        hep=HepSettings(**sections.get("hep", {})),
         allow=AllowSettings(**sections.get("allow", {})),
         site=SiteSettings(**sections.get("site", {})),
         log=LogSettings(**sections.get("log", {})),
+        sightings=SightingsSettings(**sections.get("sightings", {})),
     )
     _check_consistency(settings)
     return settings

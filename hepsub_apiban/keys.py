@@ -10,12 +10,14 @@ import aiohttp
 from aiohttp import web
 
 from .apiban import ApibanClient
+from .collector import HepCollector
 from .config import Settings
 from .logs import Redactor
 from .lookups import LookupService
 from .metrics import Metrics
 from .mirror import MirrorSync
 from .registration import Registrar
+from .sightings import Sightings
 
 SETTINGS = web.AppKey("settings", Settings)
 REDACTOR = web.AppKey("redactor", Redactor)
@@ -27,3 +29,5 @@ AGENT_UUID = web.AppKey("agent_uuid", str)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
 MIRROR_SYNC = web.AppKey("mirror_sync", MirrorSync)
+SIGHTINGS = web.AppKey("sightings", Sightings)
+COLLECTOR = web.AppKey("collector", HepCollector)

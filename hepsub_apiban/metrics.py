@@ -17,9 +17,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .apiban import ApibanClient
+from .collector import HepCollector
 from .lookups import LookupService
 from .mirror import MirrorSync
 from .registration import Registrar
+from .sightings import Sightings
 
 PREFIX = "hepsub_apiban"
 REGISTRATION_STATES = ("disabled", "starting", "registered", "failing", "unregistered")
@@ -62,6 +64,8 @@ class Sources:
     lookups: LookupService | None = None
     registrar: Registrar | None = None
     sync: MirrorSync | None = None
+    sightings: Sightings | None = None
+    collector: HepCollector | None = None
     enrichment: EnrichmentStats = field(default_factory=EnrichmentStats)
 
 
@@ -75,6 +79,45 @@ class _AgentCollector(Collector):
         yield from self._registration()
         yield from self._mirror()
         yield from self._enrichment()
+        yield from self._hep()
+
+    def _hep(self) -> Iterator[Metric]:
+        collector, sightings = self._sources.collector, self._sources.sightings
+        if collector is None or sightings is None:
+            return
+        stats = collector.stats
+        packets = CounterMetricFamily(f"{PREFIX}_hep_packets", "HEP packets decoded", labels=["transport"])
+        for transport, count in sorted(stats.packets.items()):
+            packets.add_metric([transport], count)
+        yield packets
+        bad = CounterMetricFamily(
+            f"{PREFIX}_hep_bad_packets", "HEP packets dropped as malformed", labels=["reason"]
+        )
+        for reason, count in sorted(stats.bad.items()):
+            bad.add_metric([reason], count)
+        yield bad
+        non_sip = CounterMetricFamily(
+            f"{PREFIX}_hep_non_sip_packets", "HEP packets of other protocol types", labels=["proto_type"]
+        )
+        for proto, count in sorted(stats.non_sip.items()):
+            non_sip.add_metric([str(proto)], count)
+        yield non_sip
+        drops = collector.kernel_drops()
+        if drops is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_hep_udp_kernel_drops", "Datagrams the kernel dropped on the HEP UDP socket", drops
+            )
+        yield GaugeMetricFamily(f"{PREFIX}_hep_tcp_connections", "HEP TCP connections open", stats.tcp_open)
+        yield GaugeMetricFamily(f"{PREFIX}_sightings", "IPs remembered from HEP traffic", len(sightings))
+        yield GaugeMetricFamily(
+            f"{PREFIX}_sightings_listed", "Remembered IPs that APIBAN lists", sightings.listed_count()
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_listed_packets", "SIP packets from or to an APIBAN-listed IP", sightings.listed_packets
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_sightings_evicted", "IPs forgotten to keep the sightings bounded", sightings.evicted
+        )
 
     def _enrichment(self) -> Iterator[Metric]:
         stats = self._sources.enrichment

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -17,7 +18,18 @@ from aiohttp import web
 from . import __version__
 from .addresses import parse_ip
 from .enrichment import BadEnrichmentRequest, build_answer, parse_request
-from .keys import AGENT_UUID, APIBAN, LOOKUPS, METRICS, MIRROR_SYNC, REGISTRAR, SETTINGS, STARTED_AT
+from .keys import (
+    AGENT_UUID,
+    APIBAN,
+    COLLECTOR,
+    LOOKUPS,
+    METRICS,
+    MIRROR_SYNC,
+    REGISTRAR,
+    SETTINGS,
+    SIGHTINGS,
+    STARTED_AT,
+)
 from .lookups import Verdict
 
 log = logging.getLogger(__name__)
@@ -74,7 +86,35 @@ async def _enrich(request: web.Request) -> tuple[web.Response, str]:
         return json_response({"error": str(exc)}), "bad_request"
     deadline = request.app[SETTINGS].agent.deadline
     verdicts = await request.app[LOOKUPS].lookup_many(parsed.addresses, deadline)
-    return json_response(build_answer(parsed, verdicts)), "ok"
+    return json_response(build_answer(parsed, verdicts, _seen(request.app, parsed.fields))), "ok"
+
+
+def _seen(app: web.Application, ips: Iterable[str]) -> dict[str, dict[str, Any]] | None:
+    """What the HEP capture saw of the call's IPs, added to their verdicts."""
+    sightings = app[SIGHTINGS]
+    if not len(sightings):
+        return None
+    known = {ip: sightings.get(ip) for ip in ips}
+    return {ip: s.summary() for ip, s in known.items() if s is not None} or None
+
+
+async def sightings_list(request: web.Request) -> web.Response:
+    listed_text = request.query.get("listed")
+    filters = {"true": True, "false": False, "null": None}
+    if listed_text is not None and listed_text not in filters:
+        return error_response("listed must be true, false or null", 400)
+    try:
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        return error_response("limit must be a whole number", 400)
+    sightings = request.app[SIGHTINGS]
+    chosen = (
+        sightings.values()
+        if listed_text is None
+        else (s for s in sightings.values() if s.listed is filters[listed_text])
+    )
+    items = [s.to_json() for _, s in zip(range(max(0, limit)), chosen, strict=False)]
+    return json_response({"sightings": items, "total": len(sightings)})
 
 
 async def check_one(request: web.Request) -> web.Response:
@@ -147,6 +187,7 @@ async def status(request: web.Request) -> web.Response:
             "last_error": None if error is None else {"at": error.at, "message": error.message},
         },
         "mirror": _mirror_status(request.app),
+        "hep": _hep_status(request.app),
         "lookups": {
             "ready": lookups.ready,
             "cache_entries": lookups.cache_size(),
@@ -165,6 +206,39 @@ async def status(request: web.Request) -> web.Response:
         },
     }
     return json_response(body)
+
+
+def _hep_status(app: web.Application) -> dict[str, Any]:
+    collector, sightings = app[COLLECTOR], app[SIGHTINGS]
+    stats = collector.stats
+    return {
+        "udp_listen": _address(collector.udp_address()),
+        "tcp_listen": _address(collector.tcp_address()),
+        "packets": dict(stats.packets),
+        "bad_packets": dict(stats.bad),
+        "non_sip_packets": {str(k): v for k, v in stats.non_sip.items()},
+        "unparsable_sip": stats.unparsable_sip,
+        "udp_receive_buffer": stats.rcvbuf_granted,
+        "udp_kernel_drops": collector.kernel_drops(),
+        "tcp_connections": {
+            "open": stats.tcp_open,
+            "accepted": stats.tcp_accepted,
+            "refused_over_cap": stats.tcp_refused,
+            "closed_bad_stream": stats.tcp_closed_bad,
+            "closed_idle": stats.tcp_idle_closed,
+        },
+        "sightings": {
+            "ips": len(sightings),
+            "listed": sightings.listed_count(),
+            "listed_packets": sightings.listed_packets,
+            "evicted": sightings.evicted,
+            "capacity": sightings.capacity,
+        },
+    }
+
+
+def _address(address: tuple[str, int] | None) -> str | None:
+    return None if address is None else f"{address[0]}:{address[1]}"
 
 
 def _mirror_status(app: web.Application) -> dict[str, Any] | None:
@@ -207,3 +281,4 @@ def setup_routes(app: web.Application, enrichment_path: str) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/status", status)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/sightings", sightings_list)

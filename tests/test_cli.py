@@ -270,6 +270,20 @@ async def test_port_in_use_exits_2_and_registers_nothing(
     assert homer.fake.subscriptions == []
 
 
+async def test_hep_port_in_use_exits_2_and_registers_nothing(
+    tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        env = {
+            **serve_env(tmp_path, apiban, homer, free_port()),
+            "HEPSUB_HEP_UDP": f"127.0.0.1:{taken.getsockname()[1]}",
+        }
+        result = await run(["serve"], env, tmp_path, within=10.0)
+    assert_one_line_error(result, "hep.udp")
+    assert homer.fake.subscriptions == []
+
+
 # --------------------------------------------------------------------------- serve
 
 

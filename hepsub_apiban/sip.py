@@ -1,0 +1,125 @@
+"""Just enough SIP parsing for sightings: method or status, Call-ID, From/To user, User-Agent, bottom Via.
+
+Captured payloads are whatever went over the wire: truncated, folded, compact header names,
+``\\n`` instead of ``\\r\\n``, binary junk. Nothing here raises on bad input; a field that cannot
+be read is simply missing. Only the header block is examined, never the body.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# RFC 3261 §7.3.3 compact forms of the headers we read.
+_COMPACT = {b"i": b"call-id", b"f": b"from", b"t": b"to", b"v": b"via"}
+_WANTED = frozenset({b"call-id", b"from", b"to", b"via", b"user-agent", b"cseq"})
+# The user part exists only before an "@" (sip:host:5060 has none); tel: URIs are all user.
+_USER = re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE)
+_VIA_PARAM = re.compile(rb";\s*(received|rport)\s*=\s*([^;,\s]+)", re.IGNORECASE)
+MAX_FIELD = 200  # a scanner can send a 60 KiB User-Agent; sightings keep a bounded sample
+
+
+@dataclass(frozen=True, slots=True)
+class SipInfo:
+    method: str | None = None  # request method, or the CSeq method of a response
+    status: int | None = None  # response status code
+    call_id: str | None = None
+    from_user: str | None = None
+    to_user: str | None = None
+    user_agent: str | None = None
+    via_received: str | None = None  # bottom Via: the originating UA as its first hop saw it
+    via_rport: int | None = None
+
+    @property
+    def is_request(self) -> bool:
+        return self.status is None and self.method is not None
+
+
+def parse_sip(payload: bytes) -> SipInfo | None:
+    """The fields of one SIP message, or None when the payload is not SIP at all."""
+    head = payload.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")
+    method, status = _start_line(lines[0])
+    if method is None and status is None:
+        return None
+    headers = _headers(lines[1:])
+    cseq_method = _cseq_method(headers.get(b"cseq"))
+    vias = headers.get(b"via", [])
+    received, rport = _bottom_via(vias)
+    return SipInfo(
+        method=method or cseq_method,
+        status=status,
+        call_id=_text(_first(headers.get(b"call-id"))),
+        from_user=_user(_first(headers.get(b"from"))),
+        to_user=_user(_first(headers.get(b"to"))),
+        user_agent=_text(_first(headers.get(b"user-agent"))),
+        via_received=received,
+        via_rport=rport,
+    )
+
+
+def _start_line(line: bytes) -> tuple[str | None, int | None]:
+    parts = line.strip().split(b" ", 2)
+    if len(parts) >= 2 and parts[0].upper().startswith(b"SIP/2.0"):
+        return None, int(parts[1]) if parts[1].isdigit() and len(parts[1]) == 3 else None
+    if len(parts) >= 2 and parts[0].isalpha() and parts[0].isupper() and len(parts[0]) <= 20:
+        # "INVITE sip:bob" (truncated, no SIP/2.0) still says which method it was.
+        return parts[0].decode("ascii"), None
+    return None, None
+
+
+def _headers(lines: list[bytes]) -> dict[bytes, list[bytes]]:
+    headers: dict[bytes, list[bytes]] = {}
+    last: list[bytes] | None = None
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and last:
+            last[-1] += b" " + line.strip()  # folded continuation line
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            last = None
+            continue
+        key = name.strip().lower()
+        key = _COMPACT.get(key, key)
+        if key not in _WANTED:
+            last = None
+            continue
+        last = headers.setdefault(key, [])
+        last.append(value.strip())
+    return headers
+
+
+def _first(values: list[bytes] | None) -> bytes | None:
+    return values[0] if values else None
+
+
+def _text(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    return value[:MAX_FIELD].decode("utf-8", "replace")
+
+
+def _user(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    found = _USER.search(value)
+    return _text(found.group(1) or found.group(2)) if found else None
+
+
+def _cseq_method(values: list[bytes] | None) -> str | None:
+    parts = (_first(values) or b"").split()
+    if len(parts) == 2 and parts[1].isalpha():
+        return parts[1].decode("ascii").upper()
+    return None
+
+
+def _bottom_via(values: list[bytes]) -> tuple[str | None, int | None]:
+    """``received``/``rport`` of the bottom-most Via (several Via lines, or commas in one)."""
+    if not values:
+        return None, None
+    bottom = values[-1].rsplit(b",", 1)[-1]
+    params = {name.lower(): value for name, value in _VIA_PARAM.findall(bottom)}
+    received = _text(params.get(b"received"))
+    rport_text = params.get(b"rport", b"")
+    rport = int(rport_text) if rport_text.isdigit() and int(rport_text) < 65536 else None
+    return received, rport

@@ -1,0 +1,96 @@
+"""SIP field extraction from captured payloads, including the shapes scanners and senders produce."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hepsub_apiban.sip import MAX_FIELD, SipInfo, parse_sip
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hep"
+
+
+def fixture_payload(name: str, offset: int) -> bytes:
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"shared HEP fixtures not found at {FIXTURES}")
+    return bytes.fromhex(path.read_text())[offset:]
+
+
+def test_heplify_hep3_fixture_response() -> None:
+    info = parse_sip(fixture_payload("heplify-server-decoder-test-hep3.hex", 105))
+    assert info == SipInfo(
+        method="OPTIONS",
+        status=200,
+        call_id="BC099884@6dfcffe8",
+        from_user=None,
+        to_user=None,
+        user_agent=None,
+    )
+
+
+def test_heplify_v1_fixture_rport_and_user_agent() -> None:
+    info = parse_sip(fixture_payload("heplify-server-decoder-test-hepv1.hex", 16))
+    assert info is not None
+    assert (info.status, info.method, info.user_agent, info.via_rport) == (
+        200,
+        "OPTIONS",
+        "SpeedTouch 780",
+        5060,
+    )
+    assert info.call_id == "c707ab22-6e16-11ec-bc82-2725289e8dc3_80f4955c-5cc17bbb-13c4-dd998-2104df6e-dd998"
+    assert info.from_user == "mod_sofia"
+
+
+def test_truncated_request_still_names_its_method() -> None:
+    assert parse_sip(fixture_payload("spec-rev37-example.hex", 99)) == SipInfo(method="INVITE")
+
+
+def test_scanner_register_with_compact_headers_and_bottom_via() -> None:
+    payload = (
+        b"REGISTER sip:198.51.100.1 SIP/2.0\n"
+        b"v: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bK1;rport=61000;received=203.0.113.99\r\n"
+        b"Via: SIP/2.0/UDP 172.16.0.1:5060;branch=z9hG4bK2, SIP/2.0/UDP 192.168.1.2:5062;rport=40000;\r\n"
+        b" received=1.2.3.4\r\n"
+        b'f: "100" <sip:100@198.51.100.1>;tag=x\r\n'
+        b"t: <tel:+4930123>\r\n"
+        b"i: scan-1\r\nCSeq: 1 REGISTER\r\nUser-Agent: friendly-scanner\r\n\r\nbody: ignored\r\n"
+    )
+    assert parse_sip(payload) == SipInfo(
+        method="REGISTER",
+        call_id="scan-1",
+        from_user="100",
+        to_user="+4930123",
+        user_agent="friendly-scanner",
+        via_received="1.2.3.4",
+        via_rport=40000,
+    )
+
+
+def test_response_takes_its_method_from_cseq() -> None:
+    info = parse_sip(b"SIP/2.0 401 Unauthorized\r\nCSeq: 7 register\r\nCall-ID: a\r\n\r\n")
+    assert info == SipInfo(method="REGISTER", status=401, call_id="a")
+    assert not info.is_request
+
+
+def test_host_only_uri_has_no_user_and_long_fields_are_capped() -> None:
+    info = parse_sip(
+        b"OPTIONS sip:x SIP/2.0\r\nFrom: <sip:192.168.1.1:5060>\r\nUser-Agent: " + b"A" * 5000 + b"\r\n"
+    )
+    assert info is not None
+    assert info.from_user is None
+    assert info.user_agent == "A" * MAX_FIELD
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\x01\x02", b"hello world", b'{"json": 1}', b"SIP/2.0"])
+def test_not_sip(payload: bytes) -> None:
+    assert parse_sip(payload) is None
+
+
+@given(st.binary(max_size=400))
+def test_never_raises(payload: bytes) -> None:
+    parse_sip(payload)
+    parse_sip(b"INVITE sip:a SIP/2.0\r\n" + payload)
