@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .addresses import parse_ip
+from .addresses import Addr, parse_ip
 from .lookups import LookupService, Verdict
 from .sip import SipInfo
 
@@ -31,6 +31,7 @@ MAX_BACKGROUND_CHECKS = 64  # check mode: upstream lookups in flight for new IPs
 @dataclass(slots=True)
 class Sighting:
     ip: str
+    address: Addr  # parsed once, when first seen
     first_seen: float
     last_seen: float
     packets: int = 0
@@ -133,25 +134,29 @@ class Sightings:
             self._judge(receiver, sip)
 
     def _touch(self, ip: str, seen_at: float) -> Sighting | None:
-        sighting = self._items.get(ip)
+        sighting = self._items.get(ip)  # the decoder's text is canonical in all but odd cases
         if sighting is None:
-            if parse_ip(ip) is None:
+            address = parse_ip(ip)
+            if address is None:
                 return None
-            sighting = Sighting(ip, seen_at, seen_at)
-            self._items[ip] = sighting
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-                self.evicted += 1
-        else:
-            self._items.move_to_end(ip)
-            sighting.last_seen = max(sighting.last_seen, seen_at)
+            sighting = self._items.get(address.text)
+            if sighting is None:
+                return self._add(address, seen_at)
+        self._items.move_to_end(sighting.ip)
+        sighting.last_seen = max(sighting.last_seen, seen_at)
         sighting.packets += 1
         return sighting
 
+    def _add(self, address: Addr, seen_at: float) -> Sighting:
+        sighting = Sighting(address.text, address, seen_at, seen_at, packets=1)
+        self._items[address.text] = sighting
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+            self.evicted += 1
+        return sighting
+
     def _judge(self, sighting: Sighting, sip: SipInfo) -> None:
-        address = parse_ip(sighting.ip)
-        assert address is not None  # only valid addresses become sightings
-        verdict = self._lookups.answer_now(address)
+        verdict = self._lookups.answer_now(sighting.address)
         if verdict is None:
             self._check_later(sighting)
             return
@@ -171,9 +176,7 @@ class Sightings:
         task.add_done_callback(self._checks.discard)
 
     async def _check(self, sighting: Sighting) -> None:
-        address = parse_ip(sighting.ip)
-        assert address is not None
-        verdict = await self._lookups.lookup(address, deadline=30.0)
+        verdict = await self._lookups.lookup(sighting.address, deadline=30.0)
         if verdict.listed is not None:
             sighting.verdict = verdict
             if verdict.listed:
@@ -186,9 +189,10 @@ class Sightings:
         sighting.logged_at = now
         methods = ", ".join(f"{m} x{n}" for m, n in sighting.methods.most_common(5))
         log.warning(
-            "APIBAN-listed %s in captured SIP: %d packets (%s), user agents %s, ID %s",
+            "APIBAN-listed %s in captured SIP: %d packet%s (%s), user agents %s, ID %s",
             sighting.ip,
             sighting.packets,
+            "" if sighting.packets == 1 else "s",
             methods or "responses only",
             sighting.user_agents or "none",
             sighting.verdict.id if sighting.verdict else None,

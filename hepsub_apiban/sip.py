@@ -8,19 +8,23 @@ be read is simply missing. Only the header block is examined, never the body.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # RFC 3261 §7.3.3 compact forms of the headers we read.
 _COMPACT = {b"i": b"call-id", b"f": b"from", b"t": b"to", b"v": b"via"}
 _WANTED = frozenset({b"call-id", b"from", b"to", b"via", b"user-agent", b"cseq"})
+_FIRST_LETTERS = frozenset(
+    bytes([c]) for name in (*_WANTED, *_COMPACT) for c in (name[0], name[:1].upper()[0])
+)
 # The user part exists only before an "@" (sip:host:5060 has none); tel: URIs are all user.
 _USER = re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE)
 _VIA_PARAM = re.compile(rb";\s*(received|rport)\s*=\s*([^;,\s]+)", re.IGNORECASE)
 MAX_FIELD = 200  # a scanner can send a 60 KiB User-Agent; sightings keep a bounded sample
 
 
-@dataclass(frozen=True, slots=True)
-class SipInfo:
+class SipInfo(NamedTuple):
+    """One message's fields; a NamedTuple because one is built for every captured packet."""
+
     method: str | None = None  # request method, or the CSeq method of a response
     status: int | None = None  # response status code
     call_id: str | None = None
@@ -72,8 +76,13 @@ def _headers(lines: list[bytes]) -> dict[bytes, list[bytes]]:
     headers: dict[bytes, list[bytes]] = {}
     last: list[bytes] | None = None
     for line in lines:
-        if line[:1] in (b" ", b"\t") and last:
-            last[-1] += b" " + line.strip()  # folded continuation line
+        first = line[:1]
+        if first in (b" ", b"\t"):
+            if last:
+                last[-1] += b" " + line.strip()  # folded continuation line
+            continue
+        if first not in _FIRST_LETTERS:  # most headers: skipped without splitting them
+            last = None
             continue
         name, sep, value = line.partition(b":")
         if not sep:

@@ -273,3 +273,16 @@ async def test_kamailio_siptrace_feeds_the_agent(agent: AgentFactory, hep_versio
     assert seen["127.0.0.1"]["call_ids"] == [f"k{n}" for n in range(6)]
     assert seen["127.0.0.1"]["listed"] is False
     assert client.app[COLLECTOR].stats.bad == {}
+
+
+async def test_ipv4_mapped_sender_is_the_same_sighting(agent: AgentFactory, tcp: Connections) -> None:
+    client = await hep_agent(agent)
+    _, writer = await tcp.open(client)
+    writer.write(
+        build_hep3(sip_packet("45.7.7.7")) + build_hep3(sip_packet("::ffff:45.7.7.7", dst="2a01:4f8::1"))
+    )
+    await writer.drain()
+    await until(lambda: decoded(client, "tcp") == 2, "2 packets")
+    seen = await sightings(client)
+    assert seen["45.7.7.7"]["packets"] == 2
+    assert "::ffff:45.7.7.7" not in seen
