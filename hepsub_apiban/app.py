@@ -179,3 +179,26 @@ def _registration(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[N
         await registrar.unregister()
 
     return context
+
+
+def startup_summary(app: web.Application) -> str:
+    """The one line an operator reads first: what the agent will do and how far it is."""
+    settings = app[SETTINGS]
+    sync = app.get(MIRROR_SYNC)
+    if sync is None:
+        lookups = "mode check (one /check per new IP, within the budget)"
+    elif sync.mirror.loaded:
+        lookups = f"mode mirror, {len(sync.mirror.entries):,} listed addresses loaded from the snapshot"
+    else:
+        lookups = "mode mirror, pulling the whole APIBAN list (lookups fall back to /check until it is in)"
+    registration = (
+        f"registering with HOMER at {settings.homer.url} as {settings.agent.host}:{settings.agent.port}"
+        f"{settings.agent.path}/{settings.agent.type}"
+        if settings.homer.url
+        else "no HOMER registration (homer.url is empty)"
+    )
+    collector = app[COLLECTOR]
+    addresses = (("udp", collector.udp_address()), ("tcp", collector.tcp_address()))
+    listeners = [f"{name} {address[0]}:{address[1]}" for name, address in addresses if address]
+    hep = "HEP on " + ", ".join(listeners) if listeners else "no HEP listener"
+    return f"{lookups}; {registration}; {hep}"

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from aiohttp import web
 from . import __version__
 from .addresses import NetworkSet, parse_ip
 from .apiban import ApibanClient
-from .app import USER_AGENT, create_app
+from .app import USER_AGENT, create_app, startup_summary
 from .config import ConfigError, Settings, load_settings, require_apiban_key
 from .logs import Redactor, setup_logging
 from .lookups import LookupService, Verdict
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the agent")
     serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--log-format", choices=["text", "json"], help="overrides log.format")
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level"
+    )
     check = commands.add_parser("check", help="look IP addresses up once and print one JSON verdict per line")
     check.add_argument("ips", nargs="+", metavar="IP")
     check.add_argument("--config", type=Path, help="TOML configuration file")
@@ -63,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(_settings(args.config))
+            return _serve(_with_log_flags(_settings(args.config), args.log_format, args.log_level))
         if args.command == "check":
             return _check(_settings(args.config), args.ips)
         if args.command == "replay":
@@ -79,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _with_log_flags(settings: Settings, fmt: str | None, level: str | None) -> Settings:
+    log = replace(settings.log, format=fmt or settings.log.format, level=level or settings.log.level)
+    return replace(settings, log=log)
 
 
 def _settings(path: Path | None) -> Settings:
@@ -101,7 +111,7 @@ def bind_socket(settings: Settings) -> socket.socket:
 
 def _serve(settings: Settings) -> int:
     redactor = Redactor(settings.secrets())
-    setup_logging(settings.log.level, redactor)
+    setup_logging(settings.log.level, redactor, settings.log.format)
     sock = bind_socket(settings)
     app = create_app(settings, redactor=redactor)
     run(serve_app(app, sock))
@@ -129,7 +139,7 @@ async def serve_app(app: web.Application, sock: socket.socket) -> None:
     site = web.SockSite(runner, sock, shutdown_timeout=5.0)
     await site.start()
     host, port = sock.getsockname()[:2]
-    log.info("hepsub-apiban %s listening on %s:%s", __version__, host, port)
+    log.info("hepsub-apiban %s listening on %s:%s; %s", __version__, host, port, startup_summary(app))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -34,6 +34,7 @@ READ_SIZE = 65536
 @dataclass(slots=True)
 class CollectorStats:
     packets: Counter[str] = field(default_factory=Counter)  # transport -> packets decoded
+    by_version: Counter[tuple[str, int]] = field(default_factory=Counter)  # (transport, HEP version)
     bad: Counter[str] = field(default_factory=Counter)  # reason -> packets dropped
     non_sip: Counter[int] = field(default_factory=Counter)  # HEP protocol type -> packets
     unparsable_sip: int = 0
@@ -64,6 +65,7 @@ class HepCollector:
             self.stats.bad[result.reason] += 1
             return
         self.stats.packets[transport] += 1
+        self.stats.by_version[(transport, result.version)] += 1
         if result.proto_type != SIP:
             self.stats.non_sip[result.proto_type] += 1
             return

@@ -116,6 +116,7 @@ class SiteSettings:
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = "info"
+    format: str = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +352,7 @@ KEYS: tuple[Key, ...] = (
     Key("allow.cidrs", _cidrs, "IPs/CIDRs never reported as listed"),
     Key("site.keys", _keys, "local keys for the APIBAN-compatible API served to the site", secret=True),
     Key("log.level", _log_level, "debug, info, warning or error"),
+    Key("log.format", _choice("text", "json"), "text, or json: one JSON object per line"),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 

@@ -13,6 +13,7 @@ import contextlib
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,8 +25,10 @@ from .app import create_app
 from .config import Settings, load_settings
 from .fakes.apiban import FakeApiban
 from .fakes.homer import FakeHomer
-from .keys import AGENT_UUID, LOOKUPS, MIRROR_SYNC
+from .hep import HepPacket, build_hep3
+from .keys import AGENT_UUID, COLLECTOR, LOOKUPS, MIRROR_SYNC, SIGHTINGS
 from .logs import Redactor, setup_logging
+from .replay import send
 
 DEMO_KEY = "demo-apiban-key"
 DEMO_TOKEN = "demo-homer-token"
@@ -68,6 +71,8 @@ async def _demo(keep_running: bool, out: TextIO) -> int:
                     out,
                     f"APIBAN list held:       {held} entries, {feed.request_count()} requests to the feed\n",
                 )
+                if not await _replay_capture(app, out):
+                    return 1
                 await _enrich(registry, app[AGENT_UUID], out)
                 if keep_running:
                     _say(out, f"\nkeeping the agent up at {agent_url}; Ctrl-C stops it")
@@ -91,7 +96,7 @@ def _settings(feed_url: str, homer_url: str, port: int, state: Path) -> Settings
             "HEPSUB_AGENT_PORT": str(port),
             "HEPSUB_STATE_DIR": str(state),
             "HEPSUB_HEP_UDP": "",
-            "HEPSUB_HEP_TCP": "",
+            "HEPSUB_HEP_TCP": "127.0.0.1:0",  # TCP: the demo's replay must not lose a packet
         },
     )
 
@@ -123,6 +128,47 @@ async def _until(condition: Callable[[], bool]) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+def _capture() -> list[bytes]:
+    """A few seconds of what a capture agent sees at an edge proxy (198.51.100.1, port 5060):
+    a REGISTER brute force and a toll-fraud INVITE from listed scanners, and clean customer traffic."""
+    proxy = "198.51.100.1"
+    traffic = [("1.2.3.251", "REGISTER", "friendly-scanner", f"10{n}") for n in range(12)]
+    traffic += [("5.188.10.4", "INVITE", "sipcli/v1.8", "00972595000000")] * 3
+    traffic += [("9.9.9.9", "OPTIONS", "Asterisk PBX 20.5.0", "ping")] * 4
+    traffic += [("2a01:4f8::5", "REGISTER", "Yealink SIP-T46U", "alice")] * 2
+    packets = []
+    for n, (src, method, agent, user) in enumerate(traffic):
+        payload = (
+            f"{method} sip:{user}@{proxy} SIP/2.0\r\nVia: SIP/2.0/UDP {src}:5060;branch=z9hG4bK{n};rport\r\n"
+            f"From: <sip:{user}@{proxy}>;tag={n}\r\nTo: <sip:{user}@{proxy}>\r\nCall-ID: demo-{n}@{src}\r\n"
+            f"CSeq: 1 {method}\r\nUser-Agent: {agent}\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        family = 10 if ":" in src else 2
+        dst = "2001:db8::1" if family == 10 else proxy
+        packet = HepPacket(3, family, 17, src, dst, 5060, 5060, int(time.time()), n, 1, 2001, payload)
+        packets.append(build_hep3(packet))
+    return packets
+
+
+async def _replay_capture(app: web.Application, out: TextIO) -> bool:
+    collector = app[COLLECTOR]
+    address = collector.tcp_address()
+    assert address is not None
+    packets = _capture()
+    sent = await send(packets, f"tcp:{address[0]}:{address[1]}", rate=None)
+    if not await _until(lambda: collector.stats.packets["tcp"] >= sent):
+        _say(out, "the agent did not receive the replayed HEP packets within 5 s")
+        return False
+    _say(out, f"HEP replayed:           {sent} SIP packets of a capture, over TCP to the agent's collector")
+    for sighting in app[SIGHTINGS].values(listed=True):
+        methods = ", ".join(f"{method} x{count}" for method, count in sighting.methods.most_common())
+        agents = ", ".join(sighting.user_agents)
+        _say(out, f"  listed by APIBAN:     {sighting.ip:<12} {methods}  ({agents})")
+    clean = [s.ip for s in app[SIGHTINGS].values(listed=False)]
+    _say(out, f"  not listed:           {', '.join(clean)}\n")
+    return True
 
 
 async def _enrich(registry: FakeHomer, agent_uuid: str, out: TextIO) -> None:

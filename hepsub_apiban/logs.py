@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterable
+
+import orjson
 
 MASK = "***"
 
@@ -53,7 +56,21 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str, redactor: Redactor) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (Loki, Elasticsearch, journald's JSON mode)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        return orjson.dumps(entry).decode()
+
+
+def setup_logging(level: str, redactor: Redactor, fmt: str = "text") -> None:
     """One stderr handler, redacting, on the root logger; idempotent."""
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -61,7 +78,10 @@ def setup_logging(level: str, redactor: Redactor) -> None:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._hepsub = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter(redactor))
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -24,6 +24,9 @@ from .apiban import ApibanClient, ApibanError
 _tuple_new = tuple.__new__
 
 
+_VERDICT_LABEL = {True: "listed", False: "clean", None: "unknown"}
+
+
 class Verdict(NamedTuple):
     """One IP's answer; a NamedTuple because enrichment builds thousands per second."""
 
@@ -88,7 +91,7 @@ class LookupService:
             maxsize=cache.size, ttu=self._time_to_use, timer=clock
         )
         self._in_flight: dict[str, asyncio.Task[Verdict]] = {}
-        self.answers: Counter[str] = Counter()  # source -> count, for metrics
+        self.answers: Counter[tuple[str, str]] = Counter()  # (source, verdict) -> count, for metrics
 
     def _time_to_use(self, _key: str, verdict: Verdict, now: float) -> float:
         return now + (self._policy.listed_ttl if verdict.listed else self._policy.unlisted_ttl)
@@ -133,7 +136,7 @@ class LookupService:
         if None in answers:
             await self._fill_from_upstream(addresses, answers, deadline)
         result: list[Verdict] = answers  # type: ignore[assignment]  # no None left
-        self.answers.update([v.source for v in result])
+        self.answers.update([(v.source, _VERDICT_LABEL[v.listed]) for v in result])
         return result
 
     async def _fill_from_upstream(

@@ -86,9 +86,11 @@ class _AgentCollector(Collector):
         if collector is None or sightings is None:
             return
         stats = collector.stats
-        packets = CounterMetricFamily(f"{PREFIX}_hep_packets", "HEP packets decoded", labels=["transport"])
-        for transport, count in sorted(stats.packets.items()):
-            packets.add_metric([transport], count)
+        packets = CounterMetricFamily(
+            f"{PREFIX}_hep_packets", "HEP packets decoded", labels=["transport", "version"]
+        )
+        for (transport, version), count in sorted(stats.by_version.items()):
+            packets.add_metric([transport, str(version)], count)
         yield packets
         bad = CounterMetricFamily(
             f"{PREFIX}_hep_bad_packets", "HEP packets dropped as malformed", labels=["reason"]
@@ -151,6 +153,11 @@ class _AgentCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_budget_limit", "APIBAN requests allowed per window", client.budget.limit.requests
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_budget_remaining",
+            "APIBAN requests still allowed in the current window",
+            max(0, client.budget.limit.requests - client.budget.used()),
+        )
         if client.last_success is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_upstream_last_success_timestamp_seconds",
@@ -163,10 +170,12 @@ class _AgentCollector(Collector):
         if lookups is None:
             return
         answers = CounterMetricFamily(
-            f"{PREFIX}_lookups", "IP verdicts given, by where the answer came from", labels=["source"]
+            f"{PREFIX}_lookups",
+            "IP verdicts given, by where the answer came from and what it was",
+            labels=["source", "verdict"],
         )
-        for source, count in sorted(lookups.answers.items()):
-            answers.add_metric([source], count)
+        for (source, verdict), count in sorted(lookups.answers.items()):
+            answers.add_metric([source, verdict], count)
         yield answers
         yield GaugeMetricFamily(
             f"{PREFIX}_cache_entries", "Verdicts in the check-mode cache", lookups.cache_size()

@@ -207,8 +207,18 @@ class MirrorSync:
         self._wall_clock = wall_clock
         self._sleep = sleep
         self.status = SyncStatus()
+        self._expected = 0  # entries of the last complete list: the size a new full pull will reach
         # Leave one request of each window to per-IP checks while the list is being pulled.
         self._reserve = 1 if client.budget.limit.requests >= 3 else 0
+
+    def progress(self, next_in: float) -> str:
+        """One line on a full pull under way, for the log and the status page."""
+        held = len(self.mirror.entries)
+        of = f" of ~{self._expected:,}" if self._expected else " so far"
+        return (
+            f"APIBAN list: synced {held:,}{of} addresses ({self.status.pages} pages), "
+            f"{self._client.budget.used()} requests used in this window, next page in {next_in:.0f} s"
+        )
 
     def load_snapshot(self) -> None:
         try:
@@ -225,6 +235,7 @@ class MirrorSync:
             return
         self._adopt(loaded)
         expired = self.mirror.expire(self._wall_clock())
+        self._expected = len(self.mirror.entries)
         self.status.snapshot_loaded = True
         log.info(
             "loaded %d APIBAN entries from %s (%d expired since), resuming after ID %s",
@@ -266,6 +277,8 @@ class MirrorSync:
         pulling = self.mirror.full_pull_started is not None
         wait = self._client.budget.wait_time(reserve=self._reserve if pulling else 0)
         if wait > 0:
+            if pulling:
+                log.info("%s", self.progress(wait))
             return wait
         self.status.state = "full_pull" if pulling else "incremental"
         cursor = self.mirror.cursor
@@ -288,6 +301,7 @@ class MirrorSync:
         swept = self.mirror.caught_up(now)
         self.status.state = "idle"
         if was_full_pull:
+            self._expected = len(self.mirror.entries)
             log.info(
                 "APIBAN list complete: %d entries (%d no longer reported dropped)",
                 len(self.mirror.entries),

@@ -192,7 +192,7 @@ async def status(request: web.Request) -> web.Response:
             "ready": lookups.ready,
             "cache_entries": lookups.cache_size(),
             "in_flight": lookups.in_flight(),
-            "answers": dict(lookups.answers),
+            "answers": {f"{source}/{verdict}": n for (source, verdict), n in sorted(lookups.answers.items())},
         },
         "registration": {
             "homer_url": settings.homer.url or None,

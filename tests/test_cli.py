@@ -384,8 +384,12 @@ async def test_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     result = await run(["demo"], {}, tmp_path, within=30.0)
     assert result.code == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert "APIBAN lists" in result.stdout
+    assert "APIBAN lists 2 of 5 addresses: 1.2.3.251, 5.188.10.4" in result.stdout
     assert CALL in result.stdout
+    assert "APIBAN list held:       20 entries, 2 requests to the feed" in result.stdout
+    assert "HEP replayed:           21 SIP packets" in result.stdout
+    listed = [line.split()[3] for line in result.stdout.splitlines() if "listed by APIBAN:" in line]
+    assert sorted(listed) == ["1.2.3.251", "5.188.10.4"]
 
 
 async def test_version(tmp_path: Path) -> None:
