@@ -348,6 +348,33 @@ async def test_serve_registers_enriches_and_unregisters(
     assert homer.fake.deletions.count((agent_uuid, 200)) == 2
 
 
+async def test_json_logs_start_with_a_line_that_says_what_the_agent_does(
+    tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
+) -> None:
+    apiban.fake.add_many([f"45.0.{n // 250}.{n % 250}" for n in range(300)])
+    port = free_port()
+    env = {**serve_env(tmp_path, apiban, homer, port), "HEPSUB_APIBAN_MODE": "mirror"}
+    async with running(["serve", "--log-format", "json", "--log-level", "info"], env, tmp_path) as child:
+        await _registered(child, homer, 1)
+
+        async def loaded() -> bool | None:
+            answer = await get_json(f"http://127.0.0.1:{port}/readyz")
+            return True if answer and answer[0] == 200 else None
+
+        await child.until(loaded, within=10.0)
+        result = await child.stop()
+    assert result.code == 0
+    entries = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert all(set(entry) == {"ts", "level", "logger", "msg"} for entry in entries)
+    start = next(e["msg"] for e in entries if "listening on" in e["msg"])
+    assert f"127.0.0.1:{port}" in start
+    assert "mode mirror, pulling the whole APIBAN list" in start
+    assert f"registering with HOMER at {homer.url} as 127.0.0.1:{port}/get/cdr" in start
+    assert any(e["msg"].startswith("APIBAN list complete: 300 entries") for e in entries)
+    assert any(e["msg"].startswith("registered with HOMER") for e in entries)
+    assert_no_secret(result.stderr)
+
+
 async def test_serve_keeps_serving_when_homer_is_unreachable(tmp_path: Path, apiban: ApibanPeer) -> None:
     port = free_port()
     env = agent_env(
