@@ -103,6 +103,14 @@ def free_udp_port() -> int:
         return port
 
 
+def core_settings(sip_port: int, module_dir: str) -> str:
+    """Kamailio core settings for a test instance: foreground-friendly, UDP on loopback only."""
+    return (
+        "debug=2\nlog_stderror=yes\nfork=yes\nchildren=1\ndisable_tcp=yes\ndisable_sctp=yes\n"
+        f'auto_aliases=no\ndns=no\nrev_dns=no\nlisten=udp:{HOST}:{sip_port}\nmpath="{module_dir}"'
+    )
+
+
 def render_config(
     *,
     sip_port: int,
@@ -125,18 +133,7 @@ def render_config(
     pv = 'loadmodule "pv.so"\n' if correlation_id else ""
     return f"""#!KAMAILIO
 # Written by tests/kamailio.py: a scanned edge proxy that mirrors its SIP traffic as HEP.
-debug=2
-log_stderror=yes
-fork=yes
-children=1
-disable_tcp=yes
-disable_sctp=yes
-auto_aliases=no
-dns=no
-rev_dns=no
-listen=udp:{HOST}:{sip_port}
-mpath="{module_dir}"
-
+{core_settings(sip_port, module_dir)}
 loadmodule "tm.so"
 loadmodule "sl.so"
 {pv}loadmodule "siptrace.so"

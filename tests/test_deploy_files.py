@@ -33,6 +33,7 @@ from .kamailio import (
     TRACE_FLAG,
     _stop,
     _wait_ready,
+    core_settings,
     free_udp_port,
     installation,
     kamailio_available,
@@ -412,17 +413,7 @@ class Uas(asyncio.DatagramProtocol):
 def merged_config(*, sip_port: int, homer_port: int, agent_port: int, uas_port: int, module_dir: str) -> str:
     """An operator's kamailio.cfg with the snippet merged in as its comments say."""
     return f"""#!KAMAILIO
-debug=2
-log_stderror=yes
-fork=yes
-children=1
-disable_tcp=yes
-disable_sctp=yes
-auto_aliases=no
-dns=no
-rev_dns=no
-listen=udp:{HOST}:{sip_port}
-mpath="{module_dir}"
+{core_settings(sip_port, module_dir)}
 
 #!define HEP_HOMER_URI "sip:{HOST}:{homer_port}"
 #!define HEP_AGENT_URI "sip:{HOST}:{agent_port}"
