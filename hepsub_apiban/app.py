@@ -33,6 +33,7 @@ from .keys import (
     REGISTRAR,
     SETTINGS,
     SIGHTINGS,
+    SITE_API,
     STARTED_AT,
 )
 from .logs import Redactor
@@ -42,6 +43,7 @@ from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
 from .sightings import Sightings
+from .site_api import SiteApi
 from .state import ensure_state_dir, load_or_create_uuid
 from .timing import Sleep
 from .web import json_errors, setup_routes
@@ -72,6 +74,11 @@ def create_app(
     app.cleanup_ctx.append(_collector(clocks))
     app.cleanup_ctx.append(_registration(clocks))
     setup_routes(app, settings.agent.path.rstrip("/"))
+    if settings.site.keys:
+        # Registered after the agent's own routes, so /api/v1/... is never taken for a key.
+        site = SiteApi(settings.site.keys, None, NetworkSet(settings.allow.cidrs), settings.site.rate_limit)
+        app[SITE_API] = site
+        app.router.add_routes(site.routes())
     return app
 
 
@@ -107,6 +114,8 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
         app[METRICS].sources.lookups = lookups
         app[METRICS].sources.sync = sync
         task = asyncio.create_task(sync.run(), name="apiban-mirror-sync") if sync else None
+        if SITE_API in app and sync is not None:
+            app[SITE_API].mirror = sync.mirror
         yield
         if task is not None:
             task.cancel()

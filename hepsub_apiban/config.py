@@ -111,6 +111,7 @@ class AllowSettings:
 @dataclass(frozen=True, slots=True)
 class SiteSettings:
     keys: tuple[str, ...] = field(default=(), repr=False)
+    rate_limit: RateLimit = RateLimit(600, 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +287,12 @@ def _cidrs(raw: object) -> tuple[IPNetwork, ...]:
 
 
 def _keys(raw: object) -> tuple[str, ...]:
-    return tuple(_list(raw))
+    keys = tuple(_list(raw))
+    for key in keys:
+        # "v1" would be shadowed by the agent's own /api/v1/... routes; a key is one path segment.
+        if key == "v1" or any(c in key for c in "/?#% "):
+            raise ValueError("each key must be one URL path segment other than v1")
+    return keys
 
 
 def _dir(raw: object) -> Path:
@@ -351,6 +357,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("allow.cidrs", _cidrs, "IPs/CIDRs never reported as listed"),
     Key("site.keys", _keys, "local keys for the APIBAN-compatible API served to the site", secret=True),
+    Key("site.rate_limit", _rate_limit, "requests per client and key to the site API: REQUESTS/SECONDS"),
     Key("log.level", _log_level, "debug, info, warning or error"),
     Key("log.format", _choice("text", "json"), "text, or json: one JSON object per line"),
 )

@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .mirror import MirrorSync
 from .registration import Registrar
 from .sightings import Sightings
+from .site_api import SiteApi
 
 SETTINGS = web.AppKey("settings", Settings)
 REDACTOR = web.AppKey("redactor", Redactor)
@@ -31,3 +32,4 @@ METRICS = web.AppKey("metrics", Metrics)
 MIRROR_SYNC = web.AppKey("mirror_sync", MirrorSync)
 SIGHTINGS = web.AppKey("sightings", Sightings)
 COLLECTOR = web.AppKey("collector", HepCollector)
+SITE_API = web.AppKey("site_api", SiteApi)

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ ACTIVE_FOR = 7 * 86400  # APIBAN: an address is active for 7 days after it was l
 # pages arrive again (a 20,000-entry pull takes ~16 minutes of budget).
 FULL_PULL_EVERY = 6 * 86400
 SNAPSHOT_FORMAT = "hepsub-apiban/mirror"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2 added each entry's local serial; version 1 snapshots still load
 
 
 class Mirror:
@@ -49,6 +50,13 @@ class Mirror:
         self.full_pull_started: int | None = None  # set while a full pull runs: its sweep mark
         self.last_full_sync: float | None = None  # when the last full pull reached the end
         self.last_sync: float | None = None  # when APIBAN last said there is nothing newer
+        # Local serials order the list for the APIBAN-compatible API the agent serves to its site:
+        # one per entry (APIBAN's own IDs cover a page each), increasing across restarts (they are
+        # in the snapshot), and starting near the time in milliseconds so that a list rebuilt after
+        # lost state still numbers above what a site client saw before.
+        self.serials: dict[str, int] = {}
+        self.next_serial = 0
+        self._order: tuple[list[int], list[str]] | None = None
 
     @property
     def loaded(self) -> bool:
@@ -56,6 +64,11 @@ class Mirror:
 
     def verdict(self, ip: str) -> Verdict | None:
         return self.entries.get(ip)
+
+    def adopt(self, other: Mirror) -> None:
+        """Take over another mirror's state in place: lookups hold a reference to this object."""
+        self.__dict__.update(other.__dict__)
+        self._order = None
 
     def needs_full_pull(self, now: float) -> bool:
         if self.full_pull_started is not None:
@@ -69,13 +82,51 @@ class Mirror:
     def add(self, ips: Iterable[str], entry_id: str, now: float) -> int:
         """Record addresses APIBAN reported under ``entry_id``; returns how many were addresses."""
         reported = int(now)
+        # A full pull re-reports the whole list: entries already held keep their serial, so site
+        # clients are not sent the whole list again; an incremental report is news and moves the
+        # entry to the end, as APIBAN gives a reactivated address a new ID.
+        renumber_known = self.full_pull_started is None
         count = 0
         for text in ips:
             address = parse_ip(text)
             if address is not None:
-                self.entries[address.text] = Verdict(address.text, True, "mirror", entry_id, reported)
+                ip = address.text
+                self.entries[ip] = Verdict(ip, True, "mirror", entry_id, reported)
+                if renumber_known or ip not in self.serials:
+                    self.serials[ip] = self._new_serial(now)
                 count += 1
+        self._order = None
         return count
+
+    def _new_serial(self, now: float) -> int:
+        serial = max(self.next_serial, int(now * 1000))
+        self.next_serial = serial + 1
+        return serial
+
+    def _remove(self, ips: list[str]) -> int:
+        for ip in ips:
+            del self.entries[ip]
+            self.serials.pop(ip, None)
+        if ips:
+            self._order = None
+        return len(ips)
+
+    def page_after(self, after: int, limit: int, skip: Callable[[str], bool]) -> tuple[list[str], int | None]:
+        """Up to ``limit`` addresses numbered after ``after``, in serial order, leaving out ``skip``ped
+        ones; and the serial to continue from (None when nothing is numbered after ``after``)."""
+        if self._order is None:
+            ordered = sorted((serial, ip) for ip, serial in self.serials.items())
+            self._order = ([serial for serial, _ in ordered], [ip for _, ip in ordered])
+        serials, ips = self._order
+        page: list[str] = []
+        last: int | None = None
+        for index in range(bisect_right(serials, after), len(serials)):
+            if len(page) == limit:
+                break
+            last = serials[index]
+            if not skip(ips[index]):
+                page.append(ips[index])
+        return page, last
 
     def caught_up(self, now: float) -> int:
         """APIBAN has nothing newer. Ends a full pull by sweeping what it did not report again."""
@@ -83,20 +134,14 @@ class Mirror:
         swept = 0
         if self.full_pull_started is not None:
             mark = self.full_pull_started
-            stale = [ip for ip, v in self.entries.items() if (v.last_reported or 0) < mark]
-            for ip in stale:
-                del self.entries[ip]
-            swept = len(stale)
+            swept = self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) < mark])
             self.full_pull_started = None
             self.last_full_sync = now
         return swept
 
     def expire(self, now: float) -> int:
         horizon = now - ACTIVE_FOR
-        old = [ip for ip, v in self.entries.items() if (v.last_reported or 0) <= horizon]
-        for ip in old:
-            del self.entries[ip]
-        return len(old)
+        return self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) <= horizon])
 
     def to_snapshot(self, source: str, now: float) -> bytes:
         return orjson.dumps(
@@ -109,7 +154,8 @@ class Mirror:
                 "full_pull_started": self.full_pull_started,
                 "last_full_sync": self.last_full_sync,
                 "last_sync": self.last_sync,
-                "entries": [[v.ip, v.id, v.last_reported] for v in self.entries.values()],
+                "next_serial": self.next_serial,
+                "entries": [[v.ip, v.id, v.last_reported, self.serials[v.ip]] for v in self.entries.values()],
             }
         )
 
@@ -122,7 +168,8 @@ def mirror_from_snapshot(raw: bytes, source: str) -> Mirror:
     document = loads_object(raw)
     if document is None:
         raise SnapshotError("not a JSON object")
-    if document.get("format") != SNAPSHOT_FORMAT or document.get("version") != SNAPSHOT_VERSION:
+    version = document.get("version")
+    if document.get("format") != SNAPSHOT_FORMAT or version not in (1, SNAPSHOT_VERSION):
         raise SnapshotError("not a hepsub-apiban mirror snapshot of a known version")
     if document.get("source") != source:
         raise SnapshotError("written for another APIBAN URL or key")
@@ -135,11 +182,18 @@ def mirror_from_snapshot(raw: bytes, source: str) -> Mirror:
     entries = document.get("entries")
     if not isinstance(entries, list):
         raise SnapshotError("entries is not a list")
+    next_serial = _optional_number(document.get("next_serial"), "next_serial")
+    mirror.next_serial = int(next_serial or 0)
     for index, item in enumerate(entries):
-        verdict = _entry(item)
-        if verdict is None:
+        parsed = _entry(item, with_serial=version == SNAPSHOT_VERSION)
+        if parsed is None:
             raise SnapshotError(f"entry {index} is malformed")
+        verdict, serial = parsed
         mirror.entries[verdict.ip] = verdict
+        # A version 1 snapshot has no serials: number its entries in stored order.
+        mirror.serials[verdict.ip] = serial if serial is not None else mirror._new_serial(0)
+    if mirror.serials and mirror.next_serial <= max(mirror.serials.values()):
+        raise SnapshotError("next_serial is not above every entry's serial")
     return mirror
 
 
@@ -157,16 +211,21 @@ def _optional_number(value: object, name: str) -> float | None:
     return float(value)
 
 
-def _entry(item: Any) -> Verdict | None:
-    if not isinstance(item, list) or len(item) != 3:
+def _entry(item: Any, *, with_serial: bool) -> tuple[Verdict, int | None] | None:
+    if not isinstance(item, list) or len(item) != (4 if with_serial else 3):
         return None
-    ip, entry_id, reported = item
+    ip, entry_id, reported = item[:3]
+    serial = item[3] if with_serial else None
     address = parse_ip(ip)
     if address is None or address.text != ip or not isinstance(entry_id, str) or not entry_id.isdigit():
         return None
-    if isinstance(reported, bool) or not isinstance(reported, int):
+    if not _is_int(reported) or (with_serial and not _is_int(serial)):
         return None
-    return Verdict(ip, True, "mirror", entry_id, reported)
+    return Verdict(ip, True, "mirror", entry_id, reported), serial
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def snapshot_source(url: str, key: str) -> str:
@@ -233,7 +292,7 @@ class MirrorSync:
         except SnapshotError as exc:
             self._snapshot_rejected(str(exc))
             return
-        self._adopt(loaded)
+        self.mirror.adopt(loaded)
         expired = self.mirror.expire(self._wall_clock())
         self._expected = len(self.mirror.entries)
         self.status.snapshot_loaded = True
@@ -244,13 +303,6 @@ class MirrorSync:
             expired,
             self.mirror.cursor,
         )
-
-    def _adopt(self, loaded: Mirror) -> None:
-        self.mirror.entries = loaded.entries
-        self.mirror.cursor = loaded.cursor
-        self.mirror.full_pull_started = loaded.full_pull_started
-        self.mirror.last_full_sync = loaded.last_full_sync
-        self.mirror.last_sync = loaded.last_sync
 
     def _snapshot_rejected(self, reason: str) -> None:
         self.status.snapshot_error = reason

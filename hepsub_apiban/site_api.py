@@ -1,0 +1,172 @@
+"""The APIBAN API, served to the site's own clients from the mirror.
+
+Kamailio, OpenSIPS, the iptables/nftables clients and pfSense all pull APIBAN themselves, each
+spending the key's 11 requests per 2 minutes. Pointed at the agent instead, they keep their
+configuration but the base URL, and the site spends one budget, once. Answers copy APIBAN's
+bodies and statuses (apiban.md §2-§4), including its quirks: the end of the list is a 400, a
+key or rate error carries ``ipaddress`` as a string. Keys here are the site's own (``site.keys``),
+never the upstream APIBAN key. IDs are the mirror's local serials: one per address, increasing,
+kept across restarts, so a client resumes from the last ID it got.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import orjson
+from aiohttp import web
+from cachetools import TTLCache
+
+from .addresses import NetworkSet, parse_ip
+from .config import RateLimit
+from .jsonutil import loads_object
+from .mirror import START_ID, Mirror
+from .ratelimit import Budget
+
+PAGE_SIZE = 250
+MAX_CLIENTS = 10_000  # (key, client address) pairs tracked by the per-client rate limit
+
+
+def _json(status: int, body: object) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def no_new_bans() -> web.Response:
+    return _json(400, {"ipaddress": ["no new bans"], "ID": "none"})
+
+
+def not_blocked() -> web.Response:
+    return _json(400, {"ipaddress": ["not blocked"], "ID": "none"})
+
+
+def unauthorized() -> web.Response:
+    return _json(403, {"ipaddress": "none", "ID": "unauthorized"})
+
+
+def rate_limited() -> web.Response:
+    return _json(429, {"ipaddress": "rate limit exceeded", "ID": "unauthorized"})
+
+
+def not_ready() -> web.Response:
+    # APIBAN has no such answer; clients treat any non-200 as "try again at the next round".
+    return _json(503, {"ipaddress": "list not loaded yet", "ID": "unavailable"})
+
+
+class SiteApi:
+    def __init__(
+        self,
+        keys: tuple[str, ...],
+        mirror: Mirror | None,
+        allow: NetworkSet,
+        rate_limit: RateLimit,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keys = frozenset(keys)
+        self.mirror = mirror  # set once the application has started its mirror
+        self._allow = allow
+        self._limit = rate_limit
+        self._clock = clock
+        self._budgets: TTLCache[tuple[str, str], Budget] = TTLCache(
+            maxsize=MAX_CLIENTS, ttl=rate_limit.window, timer=clock
+        )
+        self.requests = 0
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/{key}/banned", self.banned),
+            web.get("/api/{key}/banned/{id}", self.banned),
+            web.get("/api/{key}/check/{ip}", self.check),
+            web.get("/ipset/{key}/list", self.ipset),
+            web.post("/api/get", self.get_v2),
+            web.post("/api/check", self.check_v2),
+        ]
+
+    # ---------------------------------------------------------------- access
+
+    def _refuse(self, request: web.Request, key: str | None) -> web.Response | None:
+        """APIBAN's answer for a bad key or a client over its rate, else None."""
+        self.requests += 1
+        if key is None or key not in self._keys:
+            return unauthorized()
+        client = (key, request.remote or "?")
+        budget = self._budgets.get(client)
+        if budget is None:
+            budget = Budget(self._limit, self._clock)
+            self._budgets[client] = budget
+        return None if budget.try_acquire() else rate_limited()
+
+    def _skip(self, ip: str) -> bool:
+        # The allow-list is site policy: never hand a trusted trunk to a blocking client.
+        address = parse_ip(ip)
+        return address is None or address in self._allow
+
+    def _loaded(self) -> Mirror | None:
+        return self.mirror if self.mirror is not None and self.mirror.loaded else None
+
+    # ---------------------------------------------------------------- answers
+
+    def _page(self, after: str | None) -> web.Response:
+        mirror = self._loaded()
+        if mirror is None:
+            return not_ready()
+        start = after or START_ID
+        if not start.isdigit():
+            return no_new_bans()
+        ips, last = mirror.page_after(int(start), PAGE_SIZE, self._skip)
+        if last is None:
+            return no_new_bans()
+        return _json(200, {"ipaddress": ips, "ID": str(last)})
+
+    def _check(self, text: object) -> web.Response:
+        mirror = self._loaded()
+        if mirror is None:
+            return not_ready()
+        address = parse_ip(text)
+        if address is None:
+            return _json(400, {})
+        serial = mirror.serials.get(address.text)
+        if serial is None or self._skip(address.text):
+            return not_blocked()
+        return _json(200, {"ipaddress": [text], "ID": str(serial)})
+
+    # ---------------------------------------------------------------- handlers
+
+    async def banned(self, request: web.Request) -> web.Response:
+        return self._refuse(request, request.match_info["key"]) or self._page(request.match_info.get("id"))
+
+    async def check(self, request: web.Request) -> web.Response:
+        return self._refuse(request, request.match_info["key"]) or self._check(request.match_info["ip"])
+
+    async def ipset(self, request: web.Request) -> web.Response:
+        refused = self._refuse(request, request.match_info["key"])
+        if refused is not None:
+            return refused
+        mirror = self._loaded()
+        if mirror is None:
+            return not_ready()
+        ips, _ = mirror.page_after(-1, len(mirror.serials), self._skip)
+        return web.Response(text="".join(f"{ip}\n" for ip in ips), content_type="text/plain")
+
+    async def get_v2(self, request: web.Request) -> web.Response:
+        # golib sends no Content-Type: read the body whatever it claims to be.
+        body = loads_object(await request.read())
+        refused = self._refuse(request, _bearer(request))
+        if refused is not None:
+            return refused
+        if body is None:
+            return _json(400, {})
+        start = body.get("id", START_ID)
+        return self._page(str(start) if isinstance(start, str | int) else None)
+
+    async def check_v2(self, request: web.Request) -> web.Response:
+        body = loads_object(await request.read())
+        refused = self._refuse(request, _bearer(request))
+        if refused is not None:
+            return refused
+        return self._check(body.get("ipaddress") if body else None)
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
