@@ -167,3 +167,13 @@ class ManualClock:
         self.advance(self.sleeps[-1])
         sleeper, self._sleeper = self._sleeper, None
         sleeper.set_result(None)
+
+
+async def drive_agent_sync(clock: ManualClock, done: Callable[[], bool], max_steps: int = 100) -> None:
+    """Let an agent's mirror sync, sleeping on ``clock``, run step by step until ``done()``."""
+    for _ in range(max_steps):
+        await clock.next_sleep()  # the sync finished a step and waits
+        if done():
+            return
+        clock.wake()
+    raise AssertionError("the agent's sync did not get there")

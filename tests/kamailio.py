@@ -17,7 +17,8 @@ by ``sip_trace()`` and, because ``tm`` is loaded and the flag is set, the statel
 reply. Without ``tm`` loaded, Kamailio 5.6 traces the request only.
 
 ``kamailio_available()`` says why Kamailio cannot be used (``None`` when it can), for
-``pytest.skip``. ``send_sip``/``sip_exchange`` are a minimal SIP-over-UDP client from 127.0.0.1.
+``pytest.skip``. ``send_sip``/``sip_exchange`` are a minimal SIP-over-UDP client from 127.0.0.1
+(``sip_exchange(..., source_host="127.0.0.2")`` sends from another loopback address).
 """
 
 from __future__ import annotations
@@ -207,8 +208,9 @@ def build_request(
     to_user: str = "200",
     user_agent: str = "friendly-scanner",
     cseq: int = 1,
+    source_host: str = HOST,
 ) -> bytes:
-    """A minimal valid SIP request from 127.0.0.1:source_port to 127.0.0.1:port."""
+    """A minimal valid SIP request from source_host:source_port to 127.0.0.1:port."""
     branch = "z9hG4bK" + secrets.token_hex(8)
     tag = secrets.token_hex(4)
     if method == "REGISTER":
@@ -217,7 +219,7 @@ def build_request(
         ruri, to_uri = f"sip:{to_user}@{HOST}:{port}", f"sip:{to_user}@{HOST}"
     lines = [
         f"{method} {ruri} SIP/2.0",
-        f"Via: SIP/2.0/UDP {HOST}:{source_port};rport;branch={branch}",
+        f"Via: SIP/2.0/UDP {source_host}:{source_port};rport;branch={branch}",
         "Max-Forwards: 70",
         f"From: <sip:{from_user}@{HOST}>;tag={tag}",
         f"To: <{to_uri}>",
@@ -225,7 +227,7 @@ def build_request(
         f"CSeq: {cseq} {method}",
     ]
     if method in ("REGISTER", "INVITE"):
-        lines.append(f"Contact: <sip:{from_user}@{HOST}:{source_port}>")
+        lines.append(f"Contact: <sip:{from_user}@{source_host}:{source_port}>")
     lines += [f"User-Agent: {user_agent}", "Content-Length: 0", "", ""]
     return "\r\n".join(lines).encode()
 
@@ -245,13 +247,15 @@ async def sip_exchange(
     call_id: str | None = None,
     source_port: int | None = None,
     deadline: float = 2.0,
+    source_host: str = HOST,
 ) -> SipExchange:
-    """Send one request over UDP from 127.0.0.1 and wait (bounded) for its final reply."""
+    """Send one request over UDP from ``source_host`` (default 127.0.0.1; any 127.0.0.0/8 address
+    works on Linux) and wait (bounded) for its final reply."""
     call_id = call_id or f"{secrets.token_hex(8)}@{HOST}"
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
-        sock.bind((HOST, source_port or 0))
+        sock.bind((source_host, source_port or 0))
         bound: int = sock.getsockname()[1]
         request = build_request(
             method,
@@ -261,6 +265,7 @@ async def sip_exchange(
             from_user=from_user,
             to_user=to_user,
             user_agent=user_agent,
+            source_host=source_host,
         )
         await loop.sock_sendto(sock, request, (HOST, port))
         async with asyncio.timeout(deadline):
@@ -334,6 +339,31 @@ async def _wait_ready(process: asyncio.subprocess.Process, sip_port: int, deadli
     return f"kamailio exited with {process.returncode} during startup"
 
 
+async def start_kamailio(
+    config_path: Path, workdir: Path, log_path: Path, private_mb: int = 4
+) -> asyncio.subprocess.Process:
+    """Kamailio on ``config_path`` in the foreground, logging to ``log_path``, in its own session."""
+    argv = [
+        installation().binary,
+        "-f", str(config_path),
+        "-DD",  # do not daemonize: the process we start is Kamailio's main process
+        "-E",  # log to stderr (our log file)
+        "-P", str(workdir / "kamailio.pid"),
+        "-Y", str(workdir),  # runtime dir
+        "-w", str(workdir),  # working dir (core files)
+        "-m", "32",  # MB of shared memory
+        "-M", str(private_mb),  # MB of private memory per process
+    ]  # fmt: skip
+    with log_path.open("wb") as log_file:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+
+
 @contextlib.asynccontextmanager
 async def kamailio(
     *,
@@ -366,25 +396,7 @@ async def kamailio(
                 )
             )
             log_path = workdir / f"kamailio-{attempt}.log"
-            argv = [
-                inst.binary,
-                "-f", str(config_path),
-                "-DD",  # do not daemonize: the process we start is Kamailio's main process
-                "-E",  # log to stderr (our log file)
-                "-P", str(workdir / "kamailio.pid"),
-                "-Y", str(workdir),  # runtime dir
-                "-w", str(workdir),  # working dir (core files)
-                "-m", "32",  # MB of shared memory
-                "-M", "4",  # MB of private memory per process
-            ]  # fmt: skip
-            with log_path.open("wb") as log_file:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    start_new_session=True,
-                )
+            process = await start_kamailio(config_path, workdir, log_path)
             try:
                 failure = await _wait_ready(process, sip_port, startup_timeout)
             except BaseException:  # cancelled: do not leave it running

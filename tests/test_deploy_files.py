@@ -39,6 +39,7 @@ from .kamailio import (
     kamailio_available,
     render_config,
     sip_exchange,
+    start_kamailio,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -476,15 +477,7 @@ async def test_kamailio_snippet_sends_to_homer_and_to_the_agent(tmp_path: Path) 
             )
         )
         log_path = tmp_path / "kamailio.log"
-        with log_path.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *[inst.binary, "-f", str(config), "-DD", "-E", "-P", str(tmp_path / "pid")],
-                *["-Y", str(tmp_path), "-w", str(tmp_path), "-m", "32", "-M", "4"],
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-            )
+        process = await start_kamailio(config, tmp_path, log_path)
         try:
             failure = await _wait_ready(process, sip_port, 15.0)
             assert failure is None, f"{failure}\n{log_path.read_text(errors='replace')[-3000:]}"

@@ -31,7 +31,7 @@ from hepsub_apiban.mirror import (
 )
 from hepsub_apiban.ratelimit import Budget
 
-from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock
+from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock, drive_agent_sync
 
 DAY = 86400.0
 
@@ -277,15 +277,6 @@ async def test_budget_ceiling_holds_over_a_long_run(rig: Rig) -> None:
 
 
 # ----------------------------------------------------------------------------- through the agent
-
-
-async def drive_agent_sync(clock: ManualClock, done: Callable[[], bool], max_steps: int = 100) -> None:
-    for _ in range(max_steps):
-        await clock.next_sleep()  # the sync finished a step and waits
-        if done():
-            return
-        clock.wake()
-    raise AssertionError("the agent's sync did not get there")
 
 
 async def test_agent_serves_from_the_mirror_with_no_upstream_requests(
