@@ -77,6 +77,10 @@ async def test_paging_20000_addresses_returns_each_once_in_order_and_resumes_any
     for page in random.Random(3).sample(range(80), 6):
         rest, _ = await page_all(client, ids[page])
         assert rest == listed[(page + 1) * 250 :]
+    for page, entry_id in enumerate(ids[:-1]):  # every ID handed out continues exactly after its page
+        status, body = await get(client, f"/api/{SITE_KEY}/banned/{entry_id}")
+        assert status == 200
+        assert body["ipaddress"] == listed[(page + 1) * 250 : (page + 2) * 250]
 
 
 async def test_ids_survive_a_restart_and_new_entries_follow_the_last_id(
