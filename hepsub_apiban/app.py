@@ -1,8 +1,9 @@
 """The application factory: wires settings, clients, services and routes into one aiohttp app.
 
 Every background task and client session is owned by a ``cleanup_ctx`` context, so startup
-and shutdown happen in one well-defined order: HTTP session, then APIBAN client and lookups,
-then the HOMER registration (which therefore unregisters before the session closes).
+and shutdown happen in one well-defined order: HTTP session, then APIBAN client, lookups and
+the mirror sync, then the HEP collector, then the HOMER registration. So the agent registers
+only once its listeners are bound, and unregisters before the session closes.
 """
 
 from __future__ import annotations
