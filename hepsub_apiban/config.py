@@ -291,7 +291,7 @@ def _keys(raw: object) -> tuple[str, ...]:
     for key in keys:
         # "v1" would be shadowed by the agent's own /api/v1/... routes; a key is one path segment.
         if key == "v1" or any(c in key for c in "/?#% "):
-            raise ValueError("each key must be one URL path segment other than v1")
+            raise ValueError("each key must be one URL path segment, not the agent's own API version segment")
     return keys
 
 
@@ -417,7 +417,9 @@ def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
         try:
             converted = key.convert(value)
         except ValueError as exc:
-            raise ConfigError(name, str(exc) if not key.secret else "has a bad value", origin) from None
+            raise ConfigError(
+                name, _without_secret(str(exc), value) if key.secret else str(exc), origin
+            ) from None
         section, attr = name.split(".")
         sections.setdefault(section, {})[attr] = converted
     settings = Settings(
@@ -433,6 +435,14 @@ def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
     )
     _check_consistency(settings)
     return settings
+
+
+def _without_secret(message: str, value: object) -> str:
+    """The converter's reason, unless it would show any part of a secret value."""
+    parts = value if isinstance(value, list | tuple) else [value]
+    if any(isinstance(part, str) and part.strip() and part.strip() in message for part in parts):
+        return "has a bad value"
+    return message
 
 
 def _check_consistency(settings: Settings) -> None:

@@ -142,9 +142,12 @@ def test_unknown_key_and_bad_toml_in_file(tmp_path: Path) -> None:
 def test_secret_values_are_not_echoed_in_errors(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[apiban]\nkey = 8675309123\n")
-    with pytest.raises(ConfigError, match=r"^apiban\.key: has a bad value") as caught:
+    with pytest.raises(ConfigError, match=r"^apiban\.key: must be a string, got int") as caught:
         load_settings(path, {})
     assert "8675309123" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"^site\.keys: each key must be one URL path segment") as caught:
+        load_settings(None, {"HEPSUB_SITE_KEYS": "good,has space"})
+    assert "has space" not in str(caught.value)
 
 
 def test_repr_hides_secrets() -> None:
