@@ -97,7 +97,7 @@ class HepCollector:
                 granted,
             )
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self, self._clock), sock=sock)
         self._udp = transport
         log.info("HEP over UDP on %s:%s (receive buffer %d bytes)", *sock.getsockname()[:2], granted)
 
@@ -174,9 +174,9 @@ class HepCollector:
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, collector: HepCollector) -> None:
+    def __init__(self, collector: HepCollector, clock: Callable[[], float]) -> None:
         self._collector = collector
-        self._clock = collector._clock
+        self._clock = clock
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self._collector.handle(decode(data, self._clock()), "udp")

@@ -108,8 +108,6 @@ async def _serve(app: web.Application, sock: socket.socket | None = None) -> Asy
     site: web.BaseSite
     site = web.TCPSite(runner, "127.0.0.1", 0) if sock is None else web.SockSite(runner, sock)
     await site.start()
-    server = runner.server
-    assert server is not None
     port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}"

@@ -123,7 +123,7 @@ def build_answer(
             entry.update(extra[verdict.ip])
         answer[verdict.ip] = entry
     # Call-IDs last so that a Call-ID that looks like an IP keeps the object the UI reads.
-    for call_id in request.call_ids or []:
+    for call_id in request.call_ids:
         answer[call_id] = call
     if not request.call_ids:
         answer["summary"] = call["summary"]

@@ -1,10 +1,15 @@
-"""JSON helpers shared by the clients and the fakes (orjson everywhere)."""
+"""JSON helpers shared by the clients, the HTTP routes and the fakes (orjson everywhere)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+from aiohttp import web
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 def loads_object(raw: bytes) -> dict[str, Any] | None:

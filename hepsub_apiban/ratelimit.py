@@ -7,7 +7,6 @@ agent throttles itself instead of being throttled.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 
 from .config import RateLimit
@@ -49,21 +48,6 @@ class Budget:
         self._sent.append(self._clock())
         return True
 
-    async def acquire(self, max_wait: float) -> bool:
-        """Spend one request, waiting up to ``max_wait`` seconds for the window to allow it."""
-        deadline = self._clock() + max_wait
-        while True:
-            wait = self.wait_time()
-            if wait <= 0:
-                self._sent.append(self._clock())
-                return True
-            if self._clock() + wait > deadline:
-                return False
-            await asyncio.sleep(wait)
-
     def block_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (after a 429 the upstream window is full, whatever we counted)."""
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
-
-    def blocked_until(self) -> float:
-        return self._blocked_until

@@ -14,13 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import orjson
 from aiohttp import web
 from cachetools import TTLCache
 
 from .addresses import NetworkSet, parse_ip
 from .config import RateLimit
-from .jsonutil import loads_object
+from .jsonutil import json_response, loads_object
 from .mirror import START_ID, Mirror
 from .ratelimit import Budget
 
@@ -28,29 +27,25 @@ PAGE_SIZE = 250
 MAX_CLIENTS = 10_000  # (key, client address) pairs tracked by the per-client rate limit
 
 
-def _json(status: int, body: object) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
-
-
 def no_new_bans() -> web.Response:
-    return _json(400, {"ipaddress": ["no new bans"], "ID": "none"})
+    return json_response({"ipaddress": ["no new bans"], "ID": "none"}, 400)
 
 
 def not_blocked() -> web.Response:
-    return _json(400, {"ipaddress": ["not blocked"], "ID": "none"})
+    return json_response({"ipaddress": ["not blocked"], "ID": "none"}, 400)
 
 
 def unauthorized() -> web.Response:
-    return _json(403, {"ipaddress": "none", "ID": "unauthorized"})
+    return json_response({"ipaddress": "none", "ID": "unauthorized"}, 403)
 
 
 def rate_limited() -> web.Response:
-    return _json(429, {"ipaddress": "rate limit exceeded", "ID": "unauthorized"})
+    return json_response({"ipaddress": "rate limit exceeded", "ID": "unauthorized"}, 429)
 
 
 def not_ready() -> web.Response:
     # APIBAN has no such answer; clients treat any non-200 as "try again at the next round".
-    return _json(503, {"ipaddress": "list not loaded yet", "ID": "unavailable"})
+    return json_response({"ipaddress": "list not loaded yet", "ID": "unavailable"}, 503)
 
 
 class SiteApi:
@@ -116,7 +111,7 @@ class SiteApi:
         ips, last = mirror.page_after(int(start), PAGE_SIZE, self._skip)
         if last is None:
             return no_new_bans()
-        return _json(200, {"ipaddress": ips, "ID": str(last)})
+        return json_response({"ipaddress": ips, "ID": str(last)}, 200)
 
     def _check(self, text: object) -> web.Response:
         mirror = self._loaded()
@@ -124,11 +119,11 @@ class SiteApi:
             return not_ready()
         address = parse_ip(text)
         if address is None:
-            return _json(400, {})
+            return json_response({}, 400)
         serial = mirror.serials.get(address.text)
         if serial is None or self._skip(address.text):
             return not_blocked()
-        return _json(200, {"ipaddress": [text], "ID": str(serial)})
+        return json_response({"ipaddress": [text], "ID": str(serial)}, 200)
 
     # ---------------------------------------------------------------- handlers
 
@@ -155,7 +150,7 @@ class SiteApi:
         if refused is not None:
             return refused
         if body is None:
-            return _json(400, {})
+            return json_response({}, 400)
         start = body.get("id", START_ID)
         return self._page(str(start) if isinstance(start, str | int) else None)
 

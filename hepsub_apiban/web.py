@@ -18,6 +18,7 @@ from aiohttp import web
 from . import __version__
 from .addresses import parse_ip
 from .enrichment import BadEnrichmentRequest, build_answer, parse_request
+from .jsonutil import json_response
 from .keys import (
     AGENT_UUID,
     APIBAN,
@@ -34,10 +35,6 @@ from .lookups import Verdict
 
 log = logging.getLogger(__name__)
 MAX_CHECK_IPS = 1000
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 def error_response(message: str, status: int) -> web.Response:

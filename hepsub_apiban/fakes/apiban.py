@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
 
-import orjson
 from aiohttp import web
 
-from ..jsonutil import loads_object
+from ..jsonutil import json_response, loads_object
 
 __all__ = ["KINDS", "PAGE_SIZE", "FakeApiban", "RecordedRequest"]
 
@@ -57,10 +56,6 @@ class RecordedRequest:
     key_ok: bool
     status: int
     at: float
-
-
-def _json(status: int, payload: object) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
 
 
 def _parse_ip(text: object) -> IPAddress | None:
@@ -250,13 +245,13 @@ class FakeApiban:
             # Outages come from a proxy in front of the API: plain text, not JSON.
             return web.Response(status=self.fail_status, text=self._reason(self.fail_status))
         if key is None or not key_ok:
-            return _json(self.bad_key_status, {"ipaddress": "none", "ID": "unauthorized"})
+            return json_response({"ipaddress": "none", "ID": "unauthorized"}, self.bad_key_status)
         if self._rate_limited(key, now):
-            return _json(429, {"ipaddress": "rate limit exceeded", "ID": "unauthorized"})
+            return json_response({"ipaddress": "rate limit exceeded", "ID": "unauthorized"}, 429)
         if self.invalid_json:
             return web.Response(status=200, body=TRUNCATED_JSON, content_type="application/json")
         if self.empty_object:
-            return _json(200, {})
+            return json_response({}, 200)
         return None
 
     @staticmethod
@@ -292,7 +287,7 @@ class FakeApiban:
         chunk = [] if start is None else self._ids[start : start + self.page_size]
         if not chunk:
             return self._no_new_bans()
-        return _json(200, {"ipaddress": [self._ip_by_id[i] for i in chunk], "ID": str(chunk[-1])})
+        return json_response({"ipaddress": [self._ip_by_id[i] for i in chunk], "ID": str(chunk[-1])}, 200)
 
     def _start_index(self, after: str | None) -> int | None:
         """Index of the first entry newer than ``after``; no ID, "100" or any old ID means the start."""
@@ -304,22 +299,22 @@ class FakeApiban:
 
     def _no_new_bans(self) -> web.Response:
         text: str | list[str] = "no new bans" if self.ipaddress_as_string else ["no new bans"]
-        return _json(400, {"ipaddress": text, "ID": "none"})
+        return json_response({"ipaddress": text, "ID": "none"}, 400)
 
     def _check(self, ip: object) -> web.Response:
         addr = _parse_ip(ip)
         if addr is None:
-            return _json(400, {})  # palner's mock, for 10.0.0.257, a bad IPv6 or a DNS name
+            return json_response({}, 400)  # palner's mock, for 10.0.0.257, a bad IPv6 or a DNS name
         found = self._id_by_addr.get(addr)
         if found is None:
-            return _json(self.not_blocked_status, {"ipaddress": ["not blocked"], "ID": "none"})
+            return json_response({"ipaddress": ["not blocked"], "ID": "none"}, self.not_blocked_status)
         # Echo the IP as asked: baningo requires ipaddress == [the IP it sent].
-        return _json(200, {"ipaddress": [ip], "ID": str(found)})
+        return json_response({"ipaddress": [ip], "ID": str(found)}, 200)
 
     def _get_v2(self, body: dict[str, Any] | None) -> web.Response:
         # ``set`` (sip|http|all) is accepted and ignored: the fake has a single dataset.
         if body is None:
-            return _json(400, {})
+            return json_response({}, 400)
         after = body.get("id")
         if isinstance(after, int) and not isinstance(after, bool):
             after = str(after)
@@ -328,7 +323,7 @@ class FakeApiban:
         return self._page(after)
 
     def _check_v2(self, body: dict[str, Any] | None) -> web.Response:
-        return _json(400, {}) if body is None else self._check(body.get("ipaddress"))
+        return json_response({}, 400) if body is None else self._check(body.get("ipaddress"))
 
     def _ipset(self) -> web.Response:
         text = "".join(f"{self._ip_by_id[i]}\n" for i in self._ids)
