@@ -40,6 +40,8 @@ def parse_ip(text: object) -> Addr | None:
         return _tuple_new(Addr, (text, 4, int.from_bytes(_inet_pton(_AF_INET, text), "big")))
     except OSError:
         return _parse_slow(text)
+    except ValueError:  # inet_pton refuses an embedded NUL with ValueError, not OSError
+        return None
 
 
 def _parse_slow(text: str) -> Addr | None:

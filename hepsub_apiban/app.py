@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
+from .access import Refusals
 from .addresses import NetworkSet
 from .apiban import ApibanClient
 from .collector import HepCollector
@@ -31,6 +32,7 @@ from .keys import (
     METRICS,
     MIRROR_SYNC,
     REDACTOR,
+    REFUSALS,
     REGISTRAR,
     SETTINGS,
     SIGHTINGS,
@@ -68,6 +70,8 @@ def create_app(
     app[SETTINGS] = settings
     app[REDACTOR] = redactor or Redactor(settings.secrets())
     app[METRICS] = Metrics()
+    app[REFUSALS] = Refusals(clock=clocks.monotonic)
+    app[METRICS].sources.refusals = app[REFUSALS]
     app[STARTED_AT] = clocks.wall()
     app[AGENT_UUID] = settings.agent.uuid or load_or_create_uuid(ensure_state_dir(settings.state.dir))
     app.cleanup_ctx.append(_http_session)

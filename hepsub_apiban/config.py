@@ -58,6 +58,18 @@ class AgentSettings:
     gid: int = 10
     uuid: str = ""
     deadline: float = 1.0
+    allow_from: tuple[IPNetwork, ...] = ()
+    max_connections: int = 1024
+    idle_timeout: float = 15.0
+    body_timeout: float = 10.0
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EnrichmentSettings:
+    max_call_ids: int = 100
+    max_addresses: int = 500
+    max_answer_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +108,16 @@ class HepSettings:
     rcvbuf: int = 4 * 1024 * 1024
     max_connections: int = 256
     idle_timeout: float = 300.0
+    allow_from: tuple[IPNetwork, ...] = ()
+    auth_key: str = field(default="", repr=False)
+    packet_timeout: float = 5.0
+    max_connections_per_sender: int = 16
 
 
 @dataclass(frozen=True, slots=True)
 class SightingsSettings:
     max: int = 100_000
+    check_share: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,7 @@ class AllowSettings:
 class SiteSettings:
     keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: RateLimit = RateLimit(600, 60.0)
+    auth_failure_limit: RateLimit = RateLimit(10, 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +141,7 @@ class LogSettings:
 @dataclass(frozen=True, slots=True)
 class Settings:
     agent: AgentSettings = AgentSettings()
+    enrichment: EnrichmentSettings = EnrichmentSettings()
     homer: HomerSettings = HomerSettings()
     apiban: ApibanSettings = ApibanSettings()
     state: StateSettings = StateSettings()
@@ -134,7 +153,7 @@ class Settings:
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, an error or a status page."""
-        values = (self.apiban.key, self.homer.token, self.homer.password, *self.site.keys)
+        values = (self.apiban.key, self.homer.token, self.homer.password, self.hep.auth_key, *self.site.keys)
         return tuple(v for v in values if v)
 
 
@@ -162,14 +181,14 @@ def _int_between(low: int, high: int) -> Callable[[object], int]:
     return convert
 
 
-def _float_between(low: float, high: float) -> Callable[[object], float]:
+def _float_between(low: float, high: float, what: str = "a number of seconds") -> Callable[[object], float]:
     def convert(raw: object) -> float:
         if isinstance(raw, bool):
-            raise ValueError("must be a number of seconds, got a boolean")
+            raise ValueError(f"must be {what}, got a boolean")
         try:
             value = float(raw) if isinstance(raw, int | float) else float(_str(raw))
         except ValueError:
-            raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+            raise ValueError(f"must be {what}, got {raw!r}") from None
         if not low <= value <= high:
             raise ValueError(f"must be between {low:g} and {high:g}, got {value:g}")
         return value
@@ -328,6 +347,30 @@ KEYS: tuple[Key, ...] = (
     Key("agent.gid", _int_between(1, 2**31 - 1), "registered gid (HOMER requires non-zero)"),
     Key("agent.uuid", _uuid, "registered uuid; empty: generated once and kept in state.dir"),
     Key("agent.deadline", _float_between(0.05, 1.8), "seconds an enrichment answer may wait for APIBAN"),
+    Key(
+        "agent.allow_from",
+        _cidrs,
+        "CIDRs allowed to use the HTTP API (not /healthz, /readyz or the site API); empty: any",
+    ),
+    Key("agent.max_connections", _int_between(16, 1_000_000), "HTTP connections served at once"),
+    Key(
+        "agent.idle_timeout",
+        _float_between(1, 3600),
+        "seconds an HTTP connection may sit idle or take to send a request's headers",
+    ),
+    Key("agent.body_timeout", _float_between(1, 600), "seconds a client may take to send a request body"),
+    Key("agent.max_body_bytes", _int_between(65536, 64 * 1024 * 1024), "largest HTTP request body, bytes"),
+    Key(
+        "enrichment.max_call_ids",
+        _int_between(1, 100_000),
+        "distinct Call-IDs examined per enrichment request",
+    ),
+    Key("enrichment.max_addresses", _int_between(1, 100_000), "distinct IPs examined per enrichment request"),
+    Key(
+        "enrichment.max_answer_bytes",
+        _int_between(16384, 64 * 1024 * 1024),
+        "largest enrichment answer, bytes; past it, details are left out and said so",
+    ),
     Key("homer.url", _http_url, "homer-app base URL, e.g. http://homer:9080; empty: no registration"),
     Key("homer.token", _str, "HOMER Auth-Token (Preferences -> AUTH TOKEN)", secret=True),
     Key("homer.ttl", _int_between(10, 86400), "registration TTL in seconds, refreshed at 0.9 x ttl"),
@@ -350,14 +393,37 @@ KEYS: tuple[Key, ...] = (
     Key("hep.rcvbuf", _int_between(65536, 1 << 30), "UDP receive buffer to ask the kernel for, bytes"),
     Key("hep.max_connections", _int_between(1, 100_000), "HEP TCP connections served at once"),
     Key("hep.idle_timeout", _float_between(1, 86400), "seconds before an idle HEP TCP connection is closed"),
+    Key("hep.allow_from", _cidrs, "CIDRs allowed to send HEP (UDP and TCP); empty: any"),
+    Key(
+        "hep.auth_key",
+        _str,
+        "HEPv3 packets must carry this key in chunk 0x000e; HEPv1/v2 are then refused",
+        secret=True,
+    ),
+    Key(
+        "hep.packet_timeout",
+        _float_between(0.5, 3600),
+        "seconds a HEP TCP connection may take to deliver each packet, the first included",
+    ),
+    Key("hep.max_connections_per_sender", _int_between(1, 100_000), "HEP TCP connections per sender address"),
     Key(
         "sightings.max",
         _int_between(100, 100_000_000),
-        "IPs remembered from HEP traffic (least recent forgotten)",
+        "IPs remembered from HEP traffic (least recent unlisted forgotten first)",
+    ),
+    Key(
+        "sightings.check_share",
+        _float_between(0, 1, "a fraction between 0 and 1"),
+        "check mode: share of the APIBAN budget that lookups of IPs seen in HEP may spend",
     ),
     Key("allow.cidrs", _cidrs, "IPs/CIDRs never reported as listed"),
     Key("site.keys", _keys, "local keys for the APIBAN-compatible API served to the site", secret=True),
     Key("site.rate_limit", _rate_limit, "requests per client and key to the site API: REQUESTS/SECONDS"),
+    Key(
+        "site.auth_failure_limit",
+        _rate_limit,
+        "wrong site keys per client address: REQUESTS/SECONDS; past it, 429 to that address",
+    ),
     Key("log.level", _log_level, "debug, info, warning or error"),
     Key("log.format", _choice("text", "json"), "text, or json: one JSON object per line"),
 )
@@ -424,6 +490,7 @@ def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
         sections.setdefault(section, {})[attr] = converted
     settings = Settings(
         agent=AgentSettings(**sections.get("agent", {})),
+        enrichment=EnrichmentSettings(**sections.get("enrichment", {})),
         homer=HomerSettings(**sections.get("homer", {})),
         apiban=ApibanSettings(**sections.get("apiban", {})),
         state=StateSettings(**sections.get("state", {})),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from .access import Refusals
 from .apiban import ApibanClient
 from .collector import HepCollector
 from .config import Settings
@@ -33,3 +34,4 @@ MIRROR_SYNC = web.AppKey("mirror_sync", MirrorSync)
 SIGHTINGS = web.AppKey("sightings", Sightings)
 COLLECTOR = web.AppKey("collector", HepCollector)
 SITE_API = web.AppKey("site_api", SiteApi)
+REFUSALS = web.AppKey("refusals", Refusals)

@@ -9,6 +9,7 @@ secret that slipped through anyway.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -16,6 +17,27 @@ from collections.abc import Iterable
 import orjson
 
 MASK = "***"
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: any of them
+# in a logged value could forge a line or drive a terminal.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
+def safe_text(value: object, limit: int = 200) -> str:
+    """A value from the network, fit for a log line: control characters escaped, length bounded."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value[: limit * 4]).decode("utf-8", "backslashreplace")
+    else:
+        text = value if isinstance(value, str) else str(value)
+    cut = len(text) - limit
+    if cut > 0:
+        text = text[:limit]
+    text = _UNSAFE.sub(_escape, text)
+    return f"{text}...({cut:,} more)" if cut > 0 else text
 
 
 class Redactor:

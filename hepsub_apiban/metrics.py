@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .access import Refusals
 from .apiban import ApibanClient
 from .collector import HepCollector
 from .lookups import LookupService
@@ -66,7 +67,18 @@ class Sources:
     sync: MirrorSync | None = None
     sightings: Sightings | None = None
     collector: HepCollector | None = None
+    refusals: Refusals | None = None
     enrichment: EnrichmentStats = field(default_factory=EnrichmentStats)
+
+
+def _labelled_counter(
+    name: str, documentation: str, labels: list[str], counts: Mapping[tuple[str, str], int]
+) -> CounterMetricFamily:
+    """A counter family from a Counter keyed by label-value pairs, in a stable order."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in sorted(counts.items()):
+        family.add_metric(list(values), count)
+    return family
 
 
 class _AgentCollector(Collector):
@@ -80,6 +92,18 @@ class _AgentCollector(Collector):
         yield from self._mirror()
         yield from self._enrichment()
         yield from self._hep()
+        yield from self._refusals()
+
+    def _refusals(self) -> Iterator[Metric]:
+        refusals = self._sources.refusals
+        if refusals is None:
+            return
+        yield _labelled_counter(
+            f"{PREFIX}_refused",
+            "Input turned away, by channel (hep_udp, hep_tcp, http, site) and reason",
+            ["channel", "reason"],
+            refusals.counts,
+        )
 
     def _hep(self) -> Iterator[Metric]:
         collector, sightings = self._sources.collector, self._sources.sightings
@@ -139,14 +163,12 @@ class _AgentCollector(Collector):
         client = self._sources.client
         if client is None:
             return
-        requests = CounterMetricFamily(
+        yield _labelled_counter(
             f"{PREFIX}_upstream_requests",
             "APIBAN requests by endpoint and outcome (budget_spent: not sent, our budget was spent)",
-            labels=["endpoint", "outcome"],
+            ["endpoint", "outcome"],
+            client.requests,
         )
-        for (endpoint, outcome), count in sorted(client.requests.items()):
-            requests.add_metric([endpoint, outcome], count)
-        yield requests
         yield GaugeMetricFamily(
             f"{PREFIX}_budget_used", "APIBAN requests spent in the current window", client.budget.used()
         )
@@ -169,14 +191,12 @@ class _AgentCollector(Collector):
         lookups = self._sources.lookups
         if lookups is None:
             return
-        answers = CounterMetricFamily(
+        yield _labelled_counter(
             f"{PREFIX}_lookups",
             "IP verdicts given, by where the answer came from and what it was",
-            labels=["source", "verdict"],
+            ["source", "verdict"],
+            lookups.answers,
         )
-        for (source, verdict), count in sorted(lookups.answers.items()):
-            answers.add_metric([source, verdict], count)
-        yield answers
         yield GaugeMetricFamily(
             f"{PREFIX}_cache_entries", "Verdicts in the check-mode cache", lookups.cache_size()
         )

@@ -26,6 +26,7 @@ from .keys import (
     LOOKUPS,
     METRICS,
     MIRROR_SYNC,
+    REFUSALS,
     REGISTRAR,
     SETTINGS,
     SIGHTINGS,
@@ -185,6 +186,7 @@ async def status(request: web.Request) -> web.Response:
         },
         "mirror": _mirror_status(request.app),
         "hep": _hep_status(request.app),
+        "refusals": app[REFUSALS].to_json(),
         "lookups": {
             "ready": lookups.ready,
             "cache_entries": lookups.cache_size(),

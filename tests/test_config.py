@@ -62,7 +62,27 @@ def test_every_key_has_its_env_name() -> None:
         "HEPSUB_HEP_TCP",
         "HEPSUB_ALLOW_CIDRS",
         "HEPSUB_SITE_KEYS",
+        "HEPSUB_HEP_ALLOW_FROM",
+        "HEPSUB_HEP_AUTH_KEY",
+        "HEPSUB_AGENT_ALLOW_FROM",
     }
+
+
+def test_access_settings_parse_and_the_hep_key_is_a_secret() -> None:
+    s = load_settings(
+        None,
+        {
+            "HEPSUB_HEP_ALLOW_FROM": "10.0.0.0/24, 2001:db8::/32",
+            "HEPSUB_AGENT_ALLOW_FROM": "127.0.0.1",
+            "HEPSUB_HEP_AUTH_KEY": "hep-secret",
+        },
+    )
+    assert s.hep.allow_from == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("2001:db8::/32"))
+    assert s.agent.allow_from == (ipaddress.ip_network("127.0.0.1/32"),)
+    assert "hep-secret" in s.secrets()
+    assert "hep-secret" not in repr(s)
+    with pytest.raises(ConfigError, match=r"hep\.allow_from"):
+        load_settings(None, {"HEPSUB_HEP_ALLOW_FROM": "10.0.0.0/33"})
 
 
 def test_file_then_legacy_env_then_hepsub_env(tmp_path: Path) -> None:
