@@ -184,6 +184,11 @@ class Mirror:
             return 0
         return sum(1 for v in self.entries.values() if (v.last_reported or 0) >= mark)
 
+    def restart_full_pull(self) -> None:
+        """Back to the start of the list, nothing swept; the pull takes a new mark when it asks
+        for its first page again."""
+        self.cursor = START_ID
+
     def complete_full_pull(self, now: float) -> int:
         """A full pull reached the end and is accepted: sweep what it did not report again."""
         mark = self.full_pull_started if self.full_pull_started is not None else int(now)
@@ -254,7 +259,7 @@ def mirror_from_snapshot(raw: bytes, source: str, now: float | None = None) -> M
         raise SnapshotError("entries is not a list")
     _load_entries(mirror, entries, with_serial=version == SNAPSHOT_VERSION, latest=latest)
     if mirror.last_full_entries is None and mirror.last_full_sync is not None:
-        mirror.last_full_entries = len(entries)  # written before the count was kept
+        mirror.last_full_entries = len(mirror.entries)  # written before the count was kept
     return mirror
 
 
@@ -453,6 +458,10 @@ class MirrorSync:
             return wait
         self.status.state = "full_pull" if pulling else "incremental"
         cursor = self.mirror.cursor
+        if pulling and cursor == START_ID:
+            # A pull's sweep mark is when it asks for its first page: a pull started over counts
+            # only what it reports itself.
+            self.mirror.full_pull_started = int(now)
         try:
             page = await self._client.banned(cursor)
         except ApibanError as exc:
@@ -527,8 +536,7 @@ class MirrorSync:
         self.status.full_pull_rejected = FullPullRejection(
             now, reported, expected, reason, repeats=len(self._short_pulls)
         )
-        # Start over, with a mark after every entry this pull reported: the retry counts its own.
-        self.mirror.begin_full_pull(now + 1)
+        self.mirror.restart_full_pull()
         delay = min(self._poll * 2.0 ** (self._rejections - 1), max(MAX_RETRY_DELAY, self._poll))
         log.warning(
             "APIBAN full pull not accepted: %s; keeping the %d entries held, pulling again in %.0f s",
