@@ -5,10 +5,16 @@ APIBAN's answers are inconsistent (``ipaddress`` is a list or a string; ``ID`` i
 so every answer is classified from its status *and* its body by the pure functions below,
 and the I/O part only fetches bytes. Every request first spends one unit of the shared
 budget, so the client never exceeds ``apiban.rate_limit`` whatever the load.
+
+Nothing APIBAN (or anything on the way) sends is trusted further than its documented shape:
+a body is read up to ``MAX_BODY_BYTES`` and no further; a page has at most ``PAGE_SIZE``
+string addresses and an ``ID`` of ASCII digits that moves forward and is not far ahead of this
+host's clock. Anything else is a ``BadAnswer``: retried later, never applied.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,10 +27,22 @@ import aiohttp
 from .addresses import canonical
 from .config import ApibanSettings
 from .jsonutil import loads_object
-from .logs import Redactor
+from .logs import Redactor, safe_text
 from .ratelimit import Budget
 
 _T = TypeVar("_T")
+
+# A page of 250 IPv6 addresses in their longest spelling is about 12 KB; a megabyte is generous
+# and still bounds what one answer can cost (an unbounded read once peaked at 3.3 GB).
+MAX_BODY_BYTES = 1 << 20
+PAGE_SIZE = 250  # apiban.md §2: "banned ip addresses in batches of 250"
+# IDs are unix seconds (10 digits); 20 digits still fit milliseconds or nanoseconds, and keep
+# int() on them cheap.
+MAX_ID_DIGITS = 20
+_PLAIN_ID = re.compile(f"[0-9]{{1,{MAX_ID_DIGITS}}}")  # ASCII only: str.isdigit() takes "²"
+# An ID is the unix time of an entry (apiban.md §2); one more than a day ahead of this host's
+# clock cannot be, whatever the time zone or clock skew, and would skip every ban until then.
+ID_AHEAD_LIMIT = 86400.0
 
 
 class ApibanError(Exception):
@@ -81,10 +99,15 @@ def _texts(body: dict[str, Any]) -> list[str]:
 
 
 def _id(body: dict[str, Any]) -> str | None:
+    # A string, as documented (apiban.md §2); a number is not accepted: the Go clients every
+    # APIBAN user runs decode ID into a string, so APIBAN cannot be sending numbers.
     value = body.get("ID")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
     return value if isinstance(value, str) else None
+
+
+def is_plain_id(value: object) -> bool:
+    """An APIBAN ID: ASCII digits only, at most ``MAX_ID_DIGITS`` of them."""
+    return isinstance(value, str) and _PLAIN_ID.fullmatch(value) is not None
 
 
 def _common_error(status: int, body: dict[str, Any] | None) -> ApibanError | None:
@@ -113,27 +136,69 @@ def classify_check(ip: str, status: int, raw: bytes) -> CheckAnswer:
     entry_id = _id(body)
     if any(text.lower() == "not blocked" for text in texts):
         return CheckAnswer(listed=False)
-    if 200 <= status < 300 and entry_id and entry_id.isdigit() and canonical(ip) in map(canonical, texts):
+    if 200 <= status < 300 and is_plain_id(entry_id) and canonical(ip) in map(canonical, texts):
         return CheckAnswer(listed=True, id=entry_id)
     if status in (400, 404) and entry_id == "none":
         return CheckAnswer(listed=False)
     raise BadAnswer(f"unexpected APIBAN check answer ({status})")
 
 
-def classify_banned(status: int, raw: bytes) -> Page:
-    """One page of ``/banned``; the 400 "no new bans" end of list is a normal answer."""
+def classify_banned(status: int, raw: bytes, *, after: str | None = None, now: float | None = None) -> Page:
+    """One page of ``/banned``; the 400 "no new bans" end of list is a normal answer.
+
+    ``after`` is the ID the page was asked for and ``now`` this host's unix time: the page's ID
+    must be above the first and not more than ``ID_AHEAD_LIMIT`` ahead of the second.
+    """
     body = loads_object(raw)
     error = _common_error(status, body)
     if error is not None:
         raise error
     assert body is not None
-    texts = _texts(body)
-    entry_id = _id(body)
-    if entry_id == "none" or any(text.lower() == "no new bans" for text in texts):
-        return Page(tuple(t for t in texts if canonical(t)), next_id=None, end=True)
-    if status == 200 and entry_id and entry_id.isdigit():
-        return Page(tuple(texts), next_id=entry_id, end=False)
-    raise BadAnswer(f"unexpected APIBAN banned answer ({status})")
+    texts = _addresses(body.get("ipaddress"))
+    entry_id = body.get("ID")
+    # The documented ends: ID "none" (any status, with or without a last few addresses), or
+    # "no new bans" with ID "none" or no ID at all (apiban.md §2, §4).
+    if entry_id == "none" or (entry_id is None and any(t.lower() == "no new bans" for t in texts)):
+        return Page(tuple(t for t in texts if t.lower() != "no new bans"), next_id=None, end=True)
+    if status != 200 or not isinstance(body.get("ipaddress"), list):
+        raise BadAnswer(f"unexpected APIBAN banned answer ({status}): not a page of addresses")
+    _check_next_id(entry_id, after, now)
+    assert isinstance(entry_id, str)
+    return Page(tuple(texts), next_id=entry_id, end=False)
+
+
+def _addresses(value: object) -> list[str]:
+    """``ipaddress`` of a page: a list of at most ``PAGE_SIZE`` strings, or one string (the
+    documented string-typed "no new bans"); anything else is not an APIBAN page."""
+    if value is None:
+        return []  # allowed for {"ID": "none"}, which needs no addresses; a page is checked apart
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise BadAnswer(f"APIBAN page: ipaddress is a JSON {type(value).__name__}, not a list")
+    if len(value) > PAGE_SIZE:
+        raise BadAnswer(f"APIBAN page has {len(value):,} addresses; pages hold at most {PAGE_SIZE}")
+    if not all(isinstance(item, str) for item in value):
+        raise BadAnswer("APIBAN page: ipaddress holds something other than strings")
+    return value
+
+
+def _check_next_id(entry_id: object, after: str | None, now: float | None) -> None:
+    if not is_plain_id(entry_id):
+        raise BadAnswer(f"APIBAN page: ID {_shown(entry_id)} is not a string of up to {MAX_ID_DIGITS} digits")
+    assert isinstance(entry_id, str)
+    value = int(entry_id)
+    if after is not None and is_plain_id(after) and value <= int(after):
+        raise BadAnswer(f"APIBAN page: ID {entry_id} does not move forward from {after}")
+    if now is not None and value > now + ID_AHEAD_LIMIT:
+        raise BadAnswer(
+            f"APIBAN page: ID {entry_id} is more than a day ahead of this host's clock"
+            " (IDs are unix times); check the clock if every page says so"
+        )
+
+
+def _shown(value: object) -> str:
+    return "missing" if value is None else safe_text(repr(value), 40)
 
 
 @dataclass(slots=True)
@@ -171,7 +236,8 @@ class ApibanClient:
     async def banned(self, since: str | None = None) -> Page:
         path = "banned" if since is None else f"banned/{quote(since, safe='')}"
         status, raw = await self._get("banned", path)
-        return self._judge("banned", lambda: classify_banned(status, raw))
+        now = self._wall_clock()
+        return self._judge("banned", lambda: classify_banned(status, raw, after=since, now=now))
 
     def _judge(self, endpoint: str, classify: Callable[[], _T]) -> _T:
         try:
@@ -200,9 +266,11 @@ class ApibanClient:
             async with self._session.get(
                 f"{self._base}/{path}", timeout=self._timeout, allow_redirects=False
             ) as response:
-                return response.status, await response.read()
+                return response.status, await read_capped(response, MAX_BODY_BYTES)
+        except BadAnswer as too_big:
+            error: ApibanError = too_big
         except TimeoutError:
-            error: ApibanError = Transient(f"APIBAN did not answer within {self._timeout_s:g} s")
+            error = Transient(f"APIBAN did not answer within {self._timeout_s:g} s")
         except aiohttp.ClientError as exc:
             # aiohttp messages may carry the URL, and the key is in its path.
             error = Transient(self._redact(f"APIBAN unreachable: {type(exc).__name__}: {exc}"))
@@ -218,3 +286,17 @@ class ApibanClient:
 
     def requests_sent(self) -> int:
         return sum(n for (_, outcome), n in self.requests.items() if outcome != BudgetSpent.outcome)
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or ``BadAnswer`` as soon as it passes ``limit`` bytes (decoded, so a compressed
+    bomb is cut too). Leaving the response context then closes the connection unread."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise BadAnswer(f"APIBAN sent a {declared:,}-byte body; answers are at most {limit:,} bytes")
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise BadAnswer(f"APIBAN sent a body of more than {limit:,} bytes")
+    return bytes(body)

@@ -73,7 +73,11 @@ def create_app(
     app[REFUSALS] = Refusals(clock=clocks.monotonic)
     app[METRICS].sources.refusals = app[REFUSALS]
     app[STARTED_AT] = clocks.wall()
-    app[AGENT_UUID] = settings.agent.uuid or load_or_create_uuid(ensure_state_dir(settings.state.dir))
+    if settings.apiban.mode == "mirror" or not settings.agent.uuid:
+        # Before anything starts: a state dir that cannot take a write (full disk included) is a
+        # one-line error naming state.dir, not a traceback half-way through the start.
+        ensure_state_dir(settings.state.dir)
+    app[AGENT_UUID] = settings.agent.uuid or load_or_create_uuid(settings.state.dir)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_lookups(clocks))
     app.cleanup_ctx.append(_collector(clocks))
@@ -159,7 +163,7 @@ def _mirror_sync(app: web.Application, client: ApibanClient, clocks: Clocks) -> 
         client,
         Mirror(),
         poll_interval=settings.apiban.poll_interval,
-        snapshot_path=ensure_state_dir(settings.state.dir) / "mirror.json",
+        snapshot_path=settings.state.dir / "mirror.json",  # checked writable by create_app
         source=snapshot_source(settings.apiban.url, settings.apiban.key),
         wall_clock=clocks.wall,
         sleep=clocks.sleep,

@@ -241,6 +241,19 @@ class _AgentCollector(Collector):
                 sync.status.next_sync,
             )
         yield CounterMetricFamily(f"{PREFIX}_mirror_pages", "APIBAN list pages received", sync.status.pages)
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_mirror_dropped",
+            "APIBAN entries not held, by reason (not_an_address, non_routable)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(mirror.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield CounterMetricFamily(
+            f"{PREFIX}_mirror_full_pulls_rejected",
+            "Full pulls not accepted because they reported under half of the last complete one",
+            sync.status.full_pulls_rejected,
+        )
 
 
 class Metrics:

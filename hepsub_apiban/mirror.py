@@ -6,6 +6,14 @@ removals, so an address stays listed for 7 days after it was last reported, and 
 re-pull once a week (mark and sweep: whatever the new pull does not report again is dropped)
 resyncs with APIBAN's active set. Progress is saved after every page, so a 429, an outage or
 a restart resumes from the last good ID instead of starting over.
+
+What the feed says is not taken on trust. A page that is not the documented shape never reaches
+the mirror (``apiban.classify_banned``); addresses no attacker can send from (non-routable) are
+never held, so nothing the agent serves can list them. A full pull that ends with under half the
+entries of the last complete one is suspect (a feed cut short, a proxy answering "no new bans"):
+it is retried, keeping the list held, and accepted only once ``SHRINK_CONFIRMATIONS`` pulls in a
+row agree on the smaller size. A snapshot is checked field by field and used whole or not at
+all; a rejected one costs a re-pull, never the start.
 """
 
 from __future__ import annotations
@@ -13,17 +21,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .addresses import parse_ip
-from .apiban import ApibanClient, ApibanError, BadKey, BudgetSpent, RateLimited
+from .addresses import Addr, is_non_routable, parse_ip
+from .apiban import (
+    ID_AHEAD_LIMIT,
+    ApibanClient,
+    ApibanError,
+    BadKey,
+    BudgetSpent,
+    RateLimited,
+    is_plain_id,
+)
 from .jsonutil import loads_object
 from .lookups import Verdict
 from .state import atomic_write
@@ -39,6 +57,18 @@ ACTIVE_FOR = 7 * 86400  # APIBAN: an address is active for 7 days after it was l
 FULL_PULL_EVERY = 6 * 86400
 SNAPSHOT_FORMAT = "hepsub-apiban/mirror"
 SNAPSHOT_VERSION = 2  # 2 added each entry's local serial; version 1 snapshots still load
+# ~1,000,000 entries; APIBAN lists thousands. Bounds what a damaged file costs to read.
+MAX_SNAPSHOT_BYTES = 64 << 20
+# A time saved in a snapshot may be this far ahead of the clock at load (a clock stepped back
+# by NTP at boot); further ahead, it would keep entries from expiring or the weekly re-pull
+# from running, so the snapshot is not trusted.
+STATE_CLOCK_SLACK = 600.0
+# A full pull reporting under SHRINK_FACTOR of the last complete one is retried; the smaller list
+# is accepted once SHRINK_CONFIRMATIONS such pulls in a row agree within SHRINK_AGREEMENT.
+SHRINK_FACTOR = 0.5
+SHRINK_CONFIRMATIONS = 3
+SHRINK_AGREEMENT = 0.1
+MAX_RETRY_DELAY = 3600.0
 
 
 class Mirror:
@@ -50,6 +80,9 @@ class Mirror:
         self.full_pull_started: int | None = None  # set while a full pull runs: its sweep mark
         self.last_full_sync: float | None = None  # when the last full pull reached the end
         self.last_sync: float | None = None  # when APIBAN last said there is nothing newer
+        self.last_full_entries: int | None = None  # what the last accepted full pull reported
+        # Addresses the feed (or a snapshot) gave that are not held: not_an_address, non_routable.
+        self.dropped: Counter[str] = Counter()
         # Local serials order the list for the APIBAN-compatible API the agent serves to its site:
         # one per entry (APIBAN's own IDs cover a page each), increasing across restarts (they are
         # in the snapshot), and starting near the time in milliseconds so that a list rebuilt after
@@ -80,7 +113,14 @@ class Mirror:
         self.full_pull_started = int(now)
 
     def add(self, ips: Iterable[str], entry_id: str, now: float) -> int:
-        """Record addresses APIBAN reported under ``entry_id``; returns how many were addresses."""
+        """Record addresses APIBAN reported under ``entry_id``; returns how many were held.
+
+        A string that is not an address is skipped, not fatal to its page: rejecting the page
+        would stall the sync on it for good, while skipping it lists nothing. A non-routable
+        address (loopback, private, documentation ranges) is skipped too: no attacker sends
+        from one, and a firewall fed ``127.0.0.1`` or ``10.0.0.1`` by the site API would cut
+        the site off from itself.
+        """
         reported = int(now)
         # A full pull re-reports the whole list: entries already held keep their serial, so site
         # clients are not sent the whole list again; an incremental report is news and moves the
@@ -88,7 +128,7 @@ class Mirror:
         renumber_known = self.full_pull_started is None
         count = 0
         for text in ips:
-            address = parse_ip(text)
+            address = self._admit(parse_ip(text))
             if address is not None:
                 ip = address.text
                 self.entries[ip] = Verdict(ip, True, "mirror", entry_id, reported)
@@ -97,6 +137,15 @@ class Mirror:
                 count += 1
         self._order = None
         return count
+
+    def _admit(self, address: Addr | None) -> Addr | None:
+        if address is None:
+            self.dropped["not_an_address"] += 1
+            return None
+        if is_non_routable(address):
+            self.dropped["non_routable"] += 1
+            return None
+        return address
 
     def _new_serial(self, now: float) -> int:
         serial = max(self.next_serial, int(now * 1000))
@@ -128,15 +177,25 @@ class Mirror:
                 page.append(ips[index])
         return page, last
 
-    def caught_up(self, now: float) -> int:
-        """APIBAN has nothing newer. Ends a full pull by sweeping what it did not report again."""
-        self.last_sync = now
-        swept = 0
-        if self.full_pull_started is not None:
-            mark = self.full_pull_started
-            swept = self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) < mark])
-            self.full_pull_started = None
-            self.last_full_sync = now
+    def reported_in_full_pull(self) -> int:
+        """How many held entries the full pull under way has reported so far."""
+        mark = self.full_pull_started
+        if mark is None:
+            return 0
+        return sum(1 for v in self.entries.values() if (v.last_reported or 0) >= mark)
+
+    def restart_full_pull(self) -> None:
+        """Back to the start of the list, nothing swept; the pull takes a new mark when it asks
+        for its first page again."""
+        self.cursor = START_ID
+
+    def complete_full_pull(self, now: float) -> int:
+        """A full pull reached the end and is accepted: sweep what it did not report again."""
+        mark = self.full_pull_started if self.full_pull_started is not None else int(now)
+        swept = self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) < mark])
+        self.full_pull_started = None
+        self.last_sync = self.last_full_sync = now
+        self.last_full_entries = len(self.entries)
         return swept
 
     def expire(self, now: float) -> int:
@@ -154,6 +213,7 @@ class Mirror:
                 "full_pull_started": self.full_pull_started,
                 "last_full_sync": self.last_full_sync,
                 "last_sync": self.last_sync,
+                "last_full_entries": self.last_full_entries,
                 "next_serial": self.next_serial,
                 "entries": [[v.ip, v.id, v.last_reported, self.serials[v.ip]] for v in self.entries.values()],
             }
@@ -164,7 +224,13 @@ class SnapshotError(ValueError):
     """A snapshot that cannot be trusted; it is ignored whole, never used half-way."""
 
 
-def mirror_from_snapshot(raw: bytes, source: str) -> Mirror:
+def mirror_from_snapshot(raw: bytes, source: str, now: float | None = None) -> Mirror:
+    """The mirror a snapshot holds, checked field by field against ``now`` (default: the clock);
+    ``SnapshotError`` for anything malformed. Non-routable entries are dropped and counted."""
+    if len(raw) > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError(f"larger than {MAX_SNAPSHOT_BYTES:,} bytes")
+    now = time.time() if now is None else now
+    latest = now + STATE_CLOCK_SLACK
     document = loads_object(raw)
     if document is None:
         raise SnapshotError("not a JSON object")
@@ -173,55 +239,93 @@ def mirror_from_snapshot(raw: bytes, source: str) -> Mirror:
         raise SnapshotError("not a hepsub-apiban mirror snapshot of a known version")
     if document.get("source") != source:
         raise SnapshotError("written for another APIBAN URL or key")
+    if _time(document.get("saved_at"), "saved_at", latest) is None:
+        raise SnapshotError("saved_at is missing")
     mirror = Mirror()
-    mirror.cursor = _digits(document.get("cursor"), "cursor")
-    started = _optional_number(document.get("full_pull_started"), "full_pull_started")
+    mirror.cursor = _cursor(document.get("cursor"), now)
+    started = _time(document.get("full_pull_started"), "full_pull_started", latest)
     mirror.full_pull_started = None if started is None else int(started)
-    mirror.last_full_sync = _optional_number(document.get("last_full_sync"), "last_full_sync")
-    mirror.last_sync = _optional_number(document.get("last_sync"), "last_sync")
+    mirror.last_full_sync = _time(document.get("last_full_sync"), "last_full_sync", latest)
+    mirror.last_sync = _time(document.get("last_sync"), "last_sync", latest)
+    # A serial is the time in milliseconds, run ahead only by as many serials as were handed out
+    # at once: a day ahead would take 86 million of them.
+    max_serial = int((now + 86400) * 1000)
+    mirror.next_serial = _count(document.get("next_serial", 0), "next_serial", max_serial)
+    full_entries = document.get("last_full_entries")
+    if full_entries is not None:
+        mirror.last_full_entries = _count(full_entries, "last_full_entries", MAX_SNAPSHOT_BYTES)
     entries = document.get("entries")
     if not isinstance(entries, list):
         raise SnapshotError("entries is not a list")
-    next_serial = _optional_number(document.get("next_serial"), "next_serial")
-    mirror.next_serial = int(next_serial or 0)
-    for index, item in enumerate(entries):
-        parsed = _entry(item, with_serial=version == SNAPSHOT_VERSION)
-        if parsed is None:
-            raise SnapshotError(f"entry {index} is malformed")
-        verdict, serial = parsed
-        mirror.entries[verdict.ip] = verdict
-        # A version 1 snapshot has no serials: number its entries in stored order.
-        mirror.serials[verdict.ip] = serial if serial is not None else mirror._new_serial(0)
-    if mirror.serials and mirror.next_serial <= max(mirror.serials.values()):
-        raise SnapshotError("next_serial is not above every entry's serial")
+    _load_entries(mirror, entries, with_serial=version == SNAPSHOT_VERSION, latest=latest)
+    if mirror.last_full_entries is None and mirror.last_full_sync is not None:
+        mirror.last_full_entries = len(mirror.entries)  # written before the count was kept
     return mirror
 
 
-def _digits(value: object, name: str) -> str:
-    if not isinstance(value, str) or not value.isdigit():
-        raise SnapshotError(f"{name} is not an APIBAN ID")
+def _load_entries(mirror: Mirror, entries: list[Any], *, with_serial: bool, latest: float) -> None:
+    serials: set[int] = set()
+    seen: set[str] = set()
+    for index, item in enumerate(entries):
+        parsed = _entry(item, with_serial=with_serial, latest=latest)
+        if isinstance(parsed, str):
+            raise SnapshotError(f"entry {index} is malformed: {parsed}")
+        address, verdict, serial = parsed
+        if address.text in seen:
+            raise SnapshotError(f"entry {index} repeats an address")
+        seen.add(address.text)
+        if serial is not None:
+            if serial in serials or serial >= mirror.next_serial:
+                raise SnapshotError(f"entry {index} has a serial that is taken or not below next_serial")
+            serials.add(serial)
+        if mirror._admit(address) is None:
+            continue
+        mirror.entries[verdict.ip] = verdict
+        # A version 1 snapshot has no serials: number its entries in stored order.
+        mirror.serials[verdict.ip] = serial if serial is not None else mirror._new_serial(0)
+
+
+def _cursor(value: object, now: float) -> str:
+    if not is_plain_id(value):
+        raise SnapshotError("cursor is not an APIBAN ID (ASCII digits)")
+    assert isinstance(value, str)
+    if int(value) > now + ID_AHEAD_LIMIT:
+        raise SnapshotError("cursor is more than a day ahead of the clock")
     return value
 
 
-def _optional_number(value: object, name: str) -> float | None:
+def _time(value: object, name: str, latest: float) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise SnapshotError(f"{name} is not a number")
+    if value < 0 or value > latest:
+        raise SnapshotError(f"{name} is {'negative' if value < 0 else 'in the future'}")
     return float(value)
 
 
-def _entry(item: Any, *, with_serial: bool) -> tuple[Verdict, int | None] | None:
+def _count(value: object, name: str, limit: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise SnapshotError(f"{name} is not a whole number from 0 to {limit:,}")
+    return value
+
+
+def _entry(item: Any, *, with_serial: bool, latest: float) -> tuple[Addr, Verdict, int | None] | str:
+    """The entry, or why it is malformed."""
     if not isinstance(item, list) or len(item) != (4 if with_serial else 3):
-        return None
+        return "not a list of ip, ID, time" + (", serial" if with_serial else "")
     ip, entry_id, reported = item[:3]
-    serial = item[3] if with_serial else None
+    serial: int | None = item[3] if with_serial else None
     address = parse_ip(ip)
-    if address is None or address.text != ip or not isinstance(entry_id, str) or not entry_id.isdigit():
-        return None
-    if not _is_int(reported) or (with_serial and not _is_int(serial)):
-        return None
-    return Verdict(ip, True, "mirror", entry_id, reported), serial
+    if address is None or address.text != ip:
+        return "not an address in canonical form"
+    if not is_plain_id(entry_id):
+        return "ID is not an APIBAN ID"
+    if not _is_int(reported) or not 0 <= reported <= latest:
+        return "the time reported is not a unix time up to now"
+    if with_serial and (not _is_int(serial) or serial is None or serial < 0):
+        return "serial is not a whole number"
+    return address, Verdict(ip, True, "mirror", entry_id, reported), serial
 
 
 def _is_int(value: object) -> bool:
@@ -233,6 +337,20 @@ def snapshot_source(url: str, key: str) -> str:
     return hashlib.sha256(f"{url}\n{key}".encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True, slots=True)
+class FullPullRejection:
+    """The last full pull that was not accepted, for the status page."""
+
+    at: float  # unix seconds
+    entries: int  # what it reported
+    expected: int  # what the last accepted full pull reported
+    reason: str
+    repeats: int  # consecutive short pulls that agreed on about this size, this one included
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(slots=True)
 class SyncStatus:
     state: str = "starting"  # starting, full_pull, incremental, idle, failing
@@ -242,6 +360,8 @@ class SyncStatus:
     snapshot_loaded: bool = False
     snapshot_error: str | None = None
     snapshot_saved: float | None = None
+    full_pull_rejected: FullPullRejection | None = None  # cleared when a full pull is accepted
+    full_pulls_rejected: int = 0  # since start
 
 
 class MirrorSync:
@@ -266,14 +386,16 @@ class MirrorSync:
         self._wall_clock = wall_clock
         self._sleep = sleep
         self.status = SyncStatus()
-        self._expected = 0  # entries of the last complete list: the size a new full pull will reach
+        self._short_pulls: list[int] = []  # entries of consecutive short full pulls that agree
+        self._rejections = 0  # consecutive rejected full pulls, for the backoff
         # Leave one request of each window to per-IP checks while the list is being pulled.
         self._reserve = 1 if client.budget.limit.requests >= 3 else 0
 
     def progress(self, next_in: float) -> str:
         """One line on a full pull under way, for the log and the status page."""
         held = len(self.mirror.entries)
-        of = f" of ~{self._expected:,}" if self._expected else " so far"
+        expected = self.mirror.last_full_entries
+        of = f" of ~{expected:,}" if expected else " so far"
         return (
             f"APIBAN list: synced {held:,}{of} addresses ({self.status.pages} pages), "
             f"{self._client.budget.used()} requests used in this window, next page in {next_in:.0f} s"
@@ -281,26 +403,28 @@ class MirrorSync:
 
     def load_snapshot(self) -> None:
         try:
-            raw = self._path.read_bytes()
+            with self._path.open("rb") as handle:
+                raw = handle.read(MAX_SNAPSHOT_BYTES + 1)
         except FileNotFoundError:
             return
         except OSError as exc:
             self._snapshot_rejected(f"cannot read it: {exc.strerror}")
             return
         try:
-            loaded = mirror_from_snapshot(raw, self._source)
+            loaded = mirror_from_snapshot(raw, self._source, self._wall_clock())
         except SnapshotError as exc:
             self._snapshot_rejected(str(exc))
             return
         self.mirror.adopt(loaded)
         expired = self.mirror.expire(self._wall_clock())
-        self._expected = len(self.mirror.entries)
         self.status.snapshot_loaded = True
         log.info(
-            "loaded %d APIBAN entries from %s (%d expired since), resuming after ID %s",
+            "loaded %d APIBAN entries from %s (%d expired since, %d non-routable dropped), "
+            "resuming after ID %s",
             len(self.mirror.entries),
             self._path,
             expired,
+            self.mirror.dropped["non_routable"],
             self.mirror.cursor,
         )
 
@@ -334,6 +458,10 @@ class MirrorSync:
             return wait
         self.status.state = "full_pull" if pulling else "incremental"
         cursor = self.mirror.cursor
+        if pulling and cursor == START_ID:
+            # A pull's sweep mark is when it asks for its first page: a pull started over counts
+            # only what it reports itself.
+            self.mirror.full_pull_started = int(now)
         try:
             page = await self._client.banned(cursor)
         except ApibanError as exc:
@@ -342,25 +470,82 @@ class MirrorSync:
             log.info("APIBAN list sync resumed at ID %s", cursor)
         self.status.consecutive_failures = 0
         self.status.pages += 1
-        self.mirror.add(page.ips, page.next_id or cursor, now)
-        if page.end or page.next_id in (None, cursor):
+        held = self.mirror.add(page.ips, page.next_id or cursor, now)
+        if held < len(page.ips):
+            log.info(
+                "APIBAN page after ID %s: ignored %d of %d entries (not an address, or non-routable)",
+                cursor,
+                len(page.ips) - held,
+                len(page.ips),
+            )
+        if page.end or page.next_id is None:
             return await self._caught_up(now, pulling)
-        self.mirror.cursor = page.next_id or cursor
+        self.mirror.cursor = page.next_id
         await self.save()
         return 0.0
 
     async def _caught_up(self, now: float, was_full_pull: bool) -> float:
-        swept = self.mirror.caught_up(now)
         self.status.state = "idle"
-        if was_full_pull:
-            self._expected = len(self.mirror.entries)
-            log.info(
-                "APIBAN list complete: %d entries (%d no longer reported dropped)",
-                len(self.mirror.entries),
-                swept,
-            )
+        if not was_full_pull:
+            self.mirror.last_sync = now
+            await self.save()
+            return self._poll
+        reported = self.mirror.reported_in_full_pull()
+        reason = self._short_pull(reported)
+        if reason is not None:
+            return await self._reject_full_pull(now, reported, reason)
+        self._rejections = 0
+        self.status.full_pull_rejected = None
+        swept = self.mirror.complete_full_pull(now)
+        log.info(
+            "APIBAN list complete: %d entries (%d no longer reported dropped)",
+            len(self.mirror.entries),
+            swept,
+        )
         await self.save()
         return self._poll
+
+    def _short_pull(self, reported: int) -> str | None:
+        """Why a full pull reporting ``reported`` entries cannot be taken as the list, or None."""
+        expected = self.mirror.last_full_entries
+        if not expected or reported >= expected * SHRINK_FACTOR:
+            self._short_pulls.clear()
+            return None
+        if self._short_pulls and not _agree([*self._short_pulls, reported]):
+            self._short_pulls.clear()
+        self._short_pulls.append(reported)
+        if len(self._short_pulls) >= SHRINK_CONFIRMATIONS:
+            log.warning(
+                "APIBAN list shrank from %d to %d entries; accepted after %d full pulls in a row agreed",
+                expected,
+                reported,
+                len(self._short_pulls),
+            )
+            self._short_pulls.clear()
+            return None
+        return (
+            f"the full pull reported {reported:,} addresses, under half of the {expected:,} "
+            f"of the last complete one"
+        )
+
+    async def _reject_full_pull(self, now: float, reported: int, reason: str) -> float:
+        expected = self.mirror.last_full_entries or 0
+        self._rejections += 1
+        self.status.full_pulls_rejected += 1
+        self.status.state = "failing"
+        self.status.full_pull_rejected = FullPullRejection(
+            now, reported, expected, reason, repeats=len(self._short_pulls)
+        )
+        self.mirror.restart_full_pull()
+        delay = min(self._poll * 2.0 ** (self._rejections - 1), max(MAX_RETRY_DELAY, self._poll))
+        log.warning(
+            "APIBAN full pull not accepted: %s; keeping the %d entries held, pulling again in %.0f s",
+            reason,
+            len(self.mirror.entries),
+            delay,
+        )
+        await self.save()
+        return delay
 
     def _failed(self, exc: ApibanError) -> float:
         if isinstance(exc, BudgetSpent):
@@ -387,3 +572,8 @@ class MirrorSync:
             log.warning("cannot save the list snapshot %s: %s", self._path, exc.strerror)
             return
         self.status.snapshot_saved = now
+
+
+def _agree(counts: list[int]) -> bool:
+    """Whether full pull sizes are the same within ``SHRINK_AGREEMENT``."""
+    return max(counts) - min(counts) <= SHRINK_AGREEMENT * max(counts)

@@ -1,7 +1,9 @@
 """The state directory: the registration uuid (and, in mirror mode, the list snapshot).
 
 Writes are atomic (temp file in the same directory, fsync, rename), so a crash mid-write
-leaves the previous file, never half of a new one.
+leaves the previous file, never half of a new one. At start a state directory that cannot take
+a write (missing, read-only, full) is a ``ConfigError`` naming ``state.dir``, so the agent exits
+with one line instead of a traceback; later, a failed snapshot write is only a warning.
 """
 
 from __future__ import annotations
@@ -17,17 +19,26 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 
 
+# Written and synced by the start-up probe: an empty file can still be created on a full disk
+# (it takes an inode, not a block), a file with data cannot.
+PROBE_BYTES = 4096
+
+
 def ensure_state_dir(path: Path) -> Path:
-    """Create the directory and prove it is writable, or raise a ConfigError naming state.dir."""
+    """Create the directory and prove it can take a write, or raise a ConfigError naming state.dir."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-") as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as exc:
-        raise ConfigError(
-            "state.dir", f"{str(path)!r} is not a writable directory ({exc.strerror})"
-        ) from None
+        raise _unwritable(path, exc) from None
     return path
+
+
+def _unwritable(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError("state.dir", f"{str(path)!r} is not a writable directory ({exc.strerror or exc})")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -57,5 +68,8 @@ def load_or_create_uuid(state_dir: Path) -> str:
     except (OSError, ValueError, UnicodeDecodeError):
         log.warning("state file %s does not hold a UUID; generating a new one", path)
     value = str(uuid.uuid4())
-    atomic_write(path, (value + "\n").encode("ascii"))
+    try:
+        atomic_write(path, (value + "\n").encode("ascii"))
+    except OSError as exc:
+        raise _unwritable(state_dir, exc) from None
     return value

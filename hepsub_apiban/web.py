@@ -245,6 +245,7 @@ def _mirror_status(app: web.Application) -> dict[str, Any] | None:
     if sync is None:
         return None
     mirror, status = sync.mirror, sync.status
+    rejected = status.full_pull_rejected
     now = time.time()
     return {
         "loaded": mirror.loaded,
@@ -258,6 +259,10 @@ def _mirror_status(app: web.Application) -> dict[str, Any] | None:
         "last_full_sync": mirror.last_full_sync,
         "next_sync": status.next_sync,
         "consecutive_failures": status.consecutive_failures,
+        "last_full_entries": mirror.last_full_entries,
+        "full_pull_rejected": None if rejected is None else rejected.to_json(),
+        "full_pulls_rejected": status.full_pulls_rejected,
+        "dropped": dict(mirror.dropped),
         "snapshot": {
             "loaded_at_start": status.snapshot_loaded,
             "rejected_because": status.snapshot_error,

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 from pytest_aiohttp import AiohttpClient
 
-from hepsub_apiban.fakes.apiban import FakeApiban, RecordedRequest
+from hepsub_apiban.fakes.apiban import POISONS, FakeApiban, RecordedRequest
 
 KEY = "k-3f9c1e7a-secret"
 Client = TestClient[Request, Application]
@@ -452,3 +452,68 @@ async def test_ipset_empty(client: Client) -> None:
     resp = await client.get(f"/ipset/{KEY}/list")
     assert resp.status == 200
     assert await resp.text() == ""
+
+
+# ---------------------------------------------------------------- poisoned pages
+
+
+async def _page(client: Client, url: str = f"/api/{KEY}/banned/1700000000") -> tuple[int, bytes]:
+    resp = await client.get(url)
+    return resp.status, await resp.read()
+
+
+async def test_poisons_spoil_pages_as_documented(serve: Serve) -> None:
+    clock = FakeClock(1_800_000_000.0)
+    fake = FakeApiban([KEY], wall_clock=clock, rate_limit=None)
+    fake.add_many(["1.1.1.1", "2.2.2.2"], start_ts=1_700_000_001)
+    expected: dict[str, object] = {
+        "int_id": {"ipaddress": ["1.1.1.1", "2.2.2.2"], "ID": 1700000002},
+        "missing_id": {"ipaddress": ["1.1.1.1", "2.2.2.2"]},
+        "non_digit_id": {"ipaddress": ["1.1.1.1", "2.2.2.2"], "ID": "170000000\u00b2"},
+        "long_id": {"ipaddress": ["1.1.1.1", "2.2.2.2"], "ID": "0" * 5000 + "1700000002"},
+        "far_ahead_id": {"ipaddress": ["1.1.1.1", "2.2.2.2"], "ID": str(1_800_000_000 + 365 * 86400)},
+        "backwards_id": {"ipaddress": ["1.1.1.1", "2.2.2.2"], "ID": "1699999999"},
+        "same_id": {"ipaddress": ["1.1.1.1", "2.2.2.2"], "ID": "1700000000"},
+        "non_string_entries": {
+            "ipaddress": [16909060, None, {"ip": "1.1.1.1"}, "1.1.1.1", "2.2.2.2"],
+            "ID": "1700000002",
+        },
+        "ipaddress_object": {
+            "ipaddress": {"1.1.1.1": "1700000002", "2.2.2.2": "1700000002"},
+            "ID": "1700000002",
+        },
+        "not_an_object": [["1.1.1.1", "2.2.2.2"], "1700000002"],
+    }
+    assert set(expected) | {"oversized_page", "huge_body"} == POISONS
+    client = await serve(fake)
+    for kind, body in expected.items():
+        fake.poison = kind
+        status, raw = await _page(client)
+        assert (status, orjson.loads(raw)) == (200, body), kind
+    fake.poison = "oversized_page"
+    status, raw = await _page(client)
+    page = orjson.loads(raw)
+    assert len(page["ipaddress"]) == 2000
+    assert page["ipaddress"][:3] == ["1.1.1.1", "2.2.2.2", "23.0.0.0"]
+    assert page["ID"] == "1700000002"
+    fake.poison = "huge_body"
+    fake.huge_body_bytes = 3 << 20
+    resp = await client.get(f"/api/{KEY}/banned/1700000000")
+    assert resp.headers["Transfer-Encoding"] == "chunked"
+    assert "Content-Length" not in resp.headers
+    page = orjson.loads(await resp.read())
+    assert len(page["ipaddress"]) > (3 << 20) // 20
+    assert page["ID"] == "1700000002"
+    # The end of the list is never spoilt, and the poison stays on the /banned pages.
+    status, raw = await _page(client, f"/api/{KEY}/banned/1700000002")
+    assert (status, orjson.loads(raw)) == (400, {"ipaddress": ["no new bans"], "ID": "none"})
+    assert (await client.get(f"/api/{KEY}/check/1.1.1.1")).status == 200
+    fake.poison = None
+    status, raw = await _page(client)
+    assert orjson.loads(raw) == {"ipaddress": ["1.1.1.1", "2.2.2.2"], "ID": "1700000002"}
+
+
+def test_an_unknown_poison_is_a_test_bug() -> None:
+    fake = FakeApiban([KEY])
+    with pytest.raises(ValueError, match="unknown poison"):
+        fake.poison = "int-id"

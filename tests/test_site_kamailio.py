@@ -4,11 +4,12 @@
 the agent's URL and a site key, the rtimer interval cut from 300 s to 1 s, and ``ctl`` loaded on a
 socket in a temporary folder. The agent runs in mirror mode against the fake APIBAN, which lists
 600 addresses (127.0.0.2 among them, so the test can send SIP from a listed address) plus one that
-the agent's allow-list covers. Kamailio is started before the agent's list is loaded and must
-ride out the 503s; then pull exactly what the site API serves into its ``apiban`` htable (read
-back with ``kamcmd htable.dump apiban`` over the ctl socket), each address once; drop a request
-from 127.0.0.2 and answer one from 127.0.0.3; and get a ban APIBAN adds later on its next tick,
-from the ID it kept.
+the agent's allow-list covers. The agent never holds a non-routable address; for this test only,
+127.0.0.2 is let through, as the one address a test socket can send from. Kamailio is started
+before the agent's list is loaded and must ride out the 503s; then pull exactly what the site API
+serves into its ``apiban`` htable (read back with ``kamcmd htable.dump apiban`` over the ctl
+socket), each address once; drop a request from 127.0.0.2 and answer one from 127.0.0.3; and get
+a ban APIBAN adds later on its next tick, from the ID it kept.
 
 Skipped where Kamailio, ``kamcmd`` or the modules the example needs are not installed (Debian:
 kamailio, kamailio-utils-modules for http_client.so, kamailio-extra-modules for jansson.so).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from hepsub_apiban import mirror as mirror_module
 from hepsub_apiban.app import Clocks
 from hepsub_apiban.keys import MIRROR_SYNC
 
@@ -51,8 +53,8 @@ MODULES = ("http_client.so", "jansson.so", "htable.so", "rtimer.so", "pv.so", "x
 SITE_KEY = "site-local-key-1"
 LISTED = "127.0.0.2"  # a loopback address a test socket can send from
 CLEAN = "127.0.0.3"
-ALLOWED = "192.0.2.10"  # listed by APIBAN, but in the agent's allow-list: never served to the site
-LATE = "198.51.100.77"  # listed by APIBAN after Kamailio has caught up
+ALLOWED = "46.0.2.10"  # listed by APIBAN, but in the agent's allow-list: never served to the site
+LATE = "46.51.100.77"  # listed by APIBAN after Kamailio has caught up
 # What the route logs for the agent's 503 (no body kept) and for the end of the list (a 400).
 UNAVAILABLE = re.compile(r"APIBAN: Non 200 response\. *$", re.MULTILINE)
 END = 'APIBAN: Non 200 response. {"ipaddress":["no new bans"],"ID":"none"}'
@@ -91,10 +93,10 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 
 def apiban_list() -> list[str]:
-    """600 addresses: IPv4 test ranges, two IPv6, and LISTED in the middle of the second page."""
-    addresses = [f"198.18.{i >> 8}.{i & 255}" for i in range(597)]
+    """600 addresses: routable IPv4, two IPv6, and LISTED in the middle of the second page."""
+    addresses = [f"45.18.{i >> 8}.{i & 255}" for i in range(597)]
     addresses[300:300] = [LISTED]
-    addresses += ["2001:db8::1", "2001:db8:0:1::5"]
+    addresses += ["2a01:4f8::1", "2a01:4f8:0:1::5"]
     assert len(set(addresses)) == 600
     return addresses
 
@@ -219,8 +221,12 @@ async def eventually(check: Callable[[], object], what: str, deadline: float = 3
 
 
 async def test_apiban_kamailio_example_pulls_the_mirror_and_blocks(
-    agent: AgentFactory, apiban: ApibanPeer
+    agent: AgentFactory, apiban: ApibanPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    rule = mirror_module.is_non_routable
+    monkeypatch.setattr(
+        mirror_module, "is_non_routable", lambda address: address.text != LISTED and rule(address)
+    )
     addresses = apiban_list()
     apiban.fake.add_many([*addresses, ALLOWED])
     clock = ManualClock()
@@ -228,7 +234,7 @@ async def test_apiban_kamailio_example_pulls_the_mirror_and_blocks(
         Clocks(sleep=clock.sleep),
         HEPSUB_APIBAN_MODE="mirror",
         HEPSUB_SITE_KEYS=f"other-key,{SITE_KEY}",
-        HEPSUB_ALLOW_CIDRS="192.0.2.0/24",
+        HEPSUB_ALLOW_CIDRS="46.0.2.0/24",
     )
     mirror = client.app[MIRROR_SYNC].mirror
     served = set(addresses)  # the mirror, less the allow-listed address
