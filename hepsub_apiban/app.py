@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import __version__
 from .access import Refusals
@@ -23,6 +24,7 @@ from .addresses import NetworkSet
 from .apiban import ApibanClient
 from .collector import HepCollector
 from .config import Settings
+from .httpserver import handler_args, quiet_bad_requests
 from .keys import (
     AGENT_UUID,
     APIBAN,
@@ -66,7 +68,12 @@ class Clocks:
 def create_app(
     settings: Settings, *, redactor: Redactor | None = None, clocks: Clocks = Clocks()
 ) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    agent = settings.agent
+    middlewares: list[Middleware] = [json_errors]
+    app = web.Application(
+        middlewares=middlewares, client_max_size=agent.max_body_bytes, handler_args=handler_args(agent)
+    )
+    quiet_bad_requests()
     app[SETTINGS] = settings
     app[REDACTOR] = redactor or Redactor(settings.secrets())
     app[METRICS] = Metrics()
@@ -81,7 +88,13 @@ def create_app(
     setup_routes(app, settings.agent.path.rstrip("/"))
     if settings.site.keys:
         # Registered after the agent's own routes, so /api/v1/... is never taken for a key.
-        site = SiteApi(settings.site.keys, None, NetworkSet(settings.allow.cidrs), settings.site.rate_limit)
+        site = SiteApi(
+            settings.site.keys,
+            None,
+            NetworkSet(settings.allow.cidrs),
+            settings.site.rate_limit,
+            body_timeout=agent.body_timeout,
+        )
         app[SITE_API] = site
         app.router.add_routes(site.routes())
     return app

@@ -11,6 +11,7 @@ kept across restarts, so a client resumes from the last ID it got.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -19,12 +20,16 @@ from cachetools import TTLCache
 
 from .addresses import NetworkSet, parse_ip
 from .config import RateLimit
+from .httpserver import read_body
 from .jsonutil import json_response, loads_object
 from .mirror import START_ID, Mirror
 from .ratelimit import Budget
 
 PAGE_SIZE = 250
 MAX_CLIENTS = 10_000  # (key, client address) pairs tracked by the per-client rate limit
+# An ID is ASCII digits of a plausible length: str.isdigit() takes "²", and int() of a
+# 5,000-digit text raises.
+_ID = re.compile("[0-9]{1,19}")
 
 
 def no_new_bans() -> web.Response:
@@ -56,6 +61,8 @@ class SiteApi:
         allow: NetworkSet,
         rate_limit: RateLimit,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        body_timeout: float = 10.0,
     ) -> None:
         self._keys = frozenset(keys)
         self.mirror = mirror  # set once the application has started its mirror
@@ -65,6 +72,7 @@ class SiteApi:
         self._budgets: TTLCache[tuple[str, str], Budget] = TTLCache(
             maxsize=MAX_CLIENTS, ttl=rate_limit.window, timer=clock
         )
+        self._body_timeout = body_timeout
         self.requests = 0
 
     def routes(self) -> list[web.RouteDef]:
@@ -106,7 +114,7 @@ class SiteApi:
         if mirror is None:
             return not_ready()
         start = after or START_ID
-        if not start.isdigit():
+        if not _ID.fullmatch(start):
             return no_new_bans()
         ips, last = mirror.page_after(int(start), PAGE_SIZE, self._skip)
         if last is None:
@@ -144,21 +152,21 @@ class SiteApi:
         return web.Response(text="".join(f"{ip}\n" for ip in ips), content_type="text/plain")
 
     async def get_v2(self, request: web.Request) -> web.Response:
-        # golib sends no Content-Type: read the body whatever it claims to be.
-        body = loads_object(await request.read())
         refused = self._refuse(request, _bearer(request))
         if refused is not None:
             return refused
+        # golib sends no Content-Type: read the body whatever it claims to be.
+        body = loads_object(await read_body(request, self._body_timeout))
         if body is None:
             return json_response({}, 400)
         start = body.get("id", START_ID)
         return self._page(str(start) if isinstance(start, str | int) else None)
 
     async def check_v2(self, request: web.Request) -> web.Response:
-        body = loads_object(await request.read())
         refused = self._refuse(request, _bearer(request))
         if refused is not None:
             return refused
+        body = loads_object(await read_body(request, self._body_timeout))
         return self._check(body.get("ipaddress") if body else None)
 
 
