@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from . import __version__
-from .access import Refusals
+from .access import Refusals, SourceFilter
 from .addresses import NetworkSet
 from .apiban import ApibanClient
 from .collector import HepCollector
@@ -51,7 +51,7 @@ from .sightings import Sightings
 from .site_api import SiteApi
 from .state import ensure_state_dir, load_or_create_uuid
 from .timing import Sleep
-from .web import json_errors, setup_routes
+from .web import allow_from, json_errors, setup_routes
 
 USER_AGENT = f"hepsub-apiban/{__version__}"
 
@@ -70,6 +70,8 @@ def create_app(
 ) -> web.Application:
     agent = settings.agent
     middlewares: list[Middleware] = [json_errors]
+    if agent.allow_from:
+        middlewares.append(allow_from(SourceFilter(agent.allow_from)))
     app = web.Application(
         middlewares=middlewares, client_max_size=agent.max_body_bytes, handler_args=handler_args(agent)
     )
@@ -93,6 +95,9 @@ def create_app(
             None,
             NetworkSet(settings.allow.cidrs),
             settings.site.rate_limit,
+            clocks.monotonic,
+            auth_failure_limit=settings.site.auth_failure_limit,
+            refusals=app[REFUSALS],
             body_timeout=agent.body_timeout,
         )
         app[SITE_API] = site

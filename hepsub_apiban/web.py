@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from . import __version__
+from .access import SourceFilter
 from .addresses import parse_ip
 from .enrichment import BadEnrichmentRequest, build_answer, parse_request
 from .httpserver import BodyError, read_body
@@ -38,6 +39,7 @@ from .keys import (
 )
 from .logs import safe_text
 from .lookups import Verdict
+from .site_api import SITE_PATHS
 
 log = logging.getLogger(__name__)
 MAX_CHECK_IPS = 1000
@@ -75,6 +77,27 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         )
         return error_response("internal error; see the agent's log", 500)
     return response
+
+
+# Routes open to every client whatever agent.allow_from says: probes, and the site API (it has keys).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *SITE_PATHS})
+
+
+def allow_from(sources: SourceFilter) -> Middleware:
+    """403 for a client outside ``agent.allow_from``, except on ``OPEN_PATHS``."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        remote = request.remote or ""
+        if sources.allows(remote):
+            return await handler(request)
+        resource = request.match_info.route.resource
+        if resource is not None and resource.canonical in OPEN_PATHS:
+            return await handler(request)
+        request.app[REFUSALS].refuse("http", "not in agent.allow_from", remote or "unknown")
+        return error_response("this address may not use the agent's HTTP API (agent.allow_from)", 403)
+
+    return middleware
 
 
 async def enrich(request: web.Request) -> web.Response:

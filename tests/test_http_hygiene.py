@@ -1,7 +1,8 @@
 """The HTTP server against hostile clients, on real sockets.
 
 Slow headers, idle connections, trickled and abandoned bodies, too many connections, forged log
-lines, odd addresses and IDs.
+lines, odd addresses and IDs, clients outside ``agent.allow_from``. (Site-key guessing is in
+test_site_api.py.)
 aiohttp's own timers cannot take an injected clock, so the timeout tests use short real ones
 (1 s) and generous upper bounds; everything else is driven by the test.
 """
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -365,6 +367,77 @@ async def test_odd_site_keys_are_apibans_403(
     response = await client.request(method, path, data=b'{"id": "100"}', headers=headers)
     assert response.status == 403
     assert await response.json() == UNAUTHORIZED
+
+
+# --------------------------------------------------------------------------- agent.allow_from
+
+
+async def test_agent_allow_from_refuses_outsiders_but_not_probes_or_the_site_api(
+    agent: AgentFactory, apiban: ApibanPeer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The test client connects from 127.0.0.1; only 127.0.0.2 is allowed.
+    client = await site_agent(agent, apiban, tmp_path, HEPSUB_AGENT_ALLOW_FROM="127.0.0.2/32,10.0.0.0/8")
+    caplog.set_level(logging.DEBUG)
+    refused = [
+        ("GET", "/api/v1/status"),
+        ("GET", "/metrics"),
+        ("GET", "/api/v1/check/8.8.8.8"),
+        ("POST", "/api/v1/check"),
+        ("POST", "/get/cdr"),
+        ("GET", "/api/v1/sightings"),
+        ("GET", "/no/such/route"),
+    ]
+    for method, path in refused:
+        response = await client.request(method, path, data=HOMER_BODY_1)
+        assert response.status == 403, path
+        assert "agent.allow_from" in (await response.json())["error"]
+    for path in ("/healthz", "/readyz", f"/api/{SITE_KEY}/banned", f"/ipset/{SITE_KEY}/list"):
+        assert (await client.get(path)).status == 200, path
+    auth = {"Authorization": f"Bearer {SITE_KEY}"}
+    assert (await client.post("/api/get", data=b'{"id": "100"}', headers=auth)).status == 200
+    assert client.app[REFUSALS].counts[("http", "not in agent.allow_from")] == len(refused)
+    warnings = [r for r in caplog.records if r.name == "hepsub_apiban.access"]
+    assert len(warnings) == 1  # one line per sender per interval, the rest counted
+
+    # From an allowed address everything answers, and /metrics shows the refusals.
+    port = client.server.port
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as inside:
+        async with inside.get(f"http://127.0.0.1:{port}/api/v1/check/8.8.8.8") as response:
+            assert response.status == 200
+        async with inside.post(f"http://127.0.0.1:{port}/get/cdr", data=HOMER_BODY_1) as response:
+            assert response.status == 200
+        async with inside.get(f"http://127.0.0.1:{port}/metrics") as response:
+            text = await response.text()
+    line = 'hepsub_apiban_refused_total{channel="http",reason="not in agent.allow_from"} 7.0'
+    assert line in text.splitlines()
+
+
+async def test_agent_allow_from_lets_listed_clients_in(agent: AgentFactory) -> None:
+    client = await agent(HEPSUB_AGENT_ALLOW_FROM="10.0.0.0/8,127.0.0.0/8")
+    for path in ("/api/v1/status", "/metrics", "/api/v1/check/8.8.8.8", "/api/v1/sightings"):
+        assert (await client.get(path)).status == 200, path
+    assert (await client.post("/get/cdr", data=HOMER_BODY_1)).status == 200
+    assert not client.app[REFUSALS].counts
+
+
+async def test_an_ipv4_client_on_a_dual_stack_listener_is_matched_as_ipv4(agent: AgentFactory) -> None:
+    settings = agent.settings(HEPSUB_AGENT_ALLOW_FROM="127.0.0.1/32")
+    app = create_app(settings)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
+    sock.listen()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    try:
+        port = sock.getsockname()[1]
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as got:
+            assert got.status == 200  # request.remote is "::ffff:127.0.0.1"
+    finally:
+        await runner.cleanup()
 
 
 # --------------------------------------------------------------------------- the listening site
