@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import __version__
-from .access import Refusals
+from .access import Refusals, SourceFilter
 from .addresses import NetworkSet
 from .apiban import ApibanClient
 from .collector import HepCollector
 from .config import Settings
+from .httpserver import handler_args, quiet_bad_requests
 from .keys import (
     AGENT_UUID,
     APIBAN,
@@ -49,7 +51,7 @@ from .sightings import Sightings
 from .site_api import SiteApi
 from .state import ensure_state_dir, load_or_create_uuid
 from .timing import Sleep
-from .web import json_errors, setup_routes
+from .web import allow_from, json_errors, setup_routes
 
 USER_AGENT = f"hepsub-apiban/{__version__}"
 
@@ -66,7 +68,14 @@ class Clocks:
 def create_app(
     settings: Settings, *, redactor: Redactor | None = None, clocks: Clocks = Clocks()
 ) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    agent = settings.agent
+    middlewares: list[Middleware] = [json_errors]
+    if agent.allow_from:
+        middlewares.append(allow_from(SourceFilter(agent.allow_from)))
+    app = web.Application(
+        middlewares=middlewares, client_max_size=agent.max_body_bytes, handler_args=handler_args(agent)
+    )
+    quiet_bad_requests()
     app[SETTINGS] = settings
     app[REDACTOR] = redactor or Redactor(settings.secrets())
     app[METRICS] = Metrics()
@@ -85,7 +94,16 @@ def create_app(
     setup_routes(app, settings.agent.path.rstrip("/"))
     if settings.site.keys:
         # Registered after the agent's own routes, so /api/v1/... is never taken for a key.
-        site = SiteApi(settings.site.keys, None, NetworkSet(settings.allow.cidrs), settings.site.rate_limit)
+        site = SiteApi(
+            settings.site.keys,
+            None,
+            NetworkSet(settings.allow.cidrs),
+            settings.site.rate_limit,
+            clocks.monotonic,
+            auth_failure_limit=settings.site.auth_failure_limit,
+            refusals=app[REFUSALS],
+            body_timeout=agent.body_timeout,
+        )
         app[SITE_API] = site
         app.router.add_routes(site.routes())
     return app

@@ -28,6 +28,8 @@ from .addresses import NetworkSet, parse_ip
 from .apiban import ApibanClient
 from .app import USER_AGENT, create_app, startup_summary
 from .config import ConfigError, Settings, load_settings, require_apiban_key
+from .httpserver import BACKLOG, CappedSite
+from .keys import REFUSALS, SETTINGS
 from .logs import Redactor, setup_logging
 from .lookups import LookupService, Verdict
 from .ratelimit import Budget
@@ -102,7 +104,7 @@ def bind_socket(settings: Settings) -> socket.socket:
     host, port = settings.agent.bind, settings.agent.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, reuse_port=False, backlog=1024)
+        return socket.create_server((host, port), family=family, reuse_port=False, backlog=BACKLOG)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError("agent.port", f"{port} is already in use on {host}") from None
@@ -129,15 +131,14 @@ def run(main: Coroutine[Any, Any, _T]) -> _T:
 
 async def serve_app(app: web.Application, sock: socket.socket) -> None:
     """Serve on an already bound socket until SIGINT or SIGTERM, then shut down in order."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     try:
         await runner.setup()
     except BaseException:
         # A listener that cannot bind (hep.udp in use, say) fails the startup: undo what started.
         await runner.cleanup()
         raise
-    site = web.SockSite(runner, sock, shutdown_timeout=5.0)
-    await site.start()
+    await capped_site(runner, sock, app).start()
     host, port = sock.getsockname()[:2]
     log.info("hepsub-apiban %s listening on %s:%s; %s", __version__, host, port, startup_summary(app))
     stop = asyncio.Event()
@@ -149,6 +150,18 @@ async def serve_app(app: web.Application, sock: socket.socket) -> None:
         log.info("shutting down")
     finally:
         await runner.cleanup()
+
+
+def capped_site(runner: web.AppRunner, sock: socket.socket, app: web.Application) -> CappedSite:
+    """The agent's listening site: agent.max_connections open at most, the rest refused and counted."""
+    agent, refusals = app[SETTINGS].agent, app[REFUSALS]
+    return CappedSite(
+        runner,
+        sock,
+        max_connections=agent.max_connections,
+        unacked_timeout=agent.idle_timeout,
+        on_refused=lambda sender: refusals.refuse("http", "over the connection cap", sender),
+    )
 
 
 def _check(settings: Settings, ips: Sequence[str]) -> int:

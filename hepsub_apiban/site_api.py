@@ -11,20 +11,40 @@ kept across restarts, so a client resumes from the last ID it got.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import re
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 from cachetools import TTLCache
 
-from .addresses import NetworkSet, parse_ip
+from .access import Refusals
+from .addresses import NetworkSet, canonical, parse_ip
 from .config import RateLimit
+from .httpserver import read_body
 from .jsonutil import json_response, loads_object
 from .mirror import START_ID, Mirror
 from .ratelimit import Budget
 
 PAGE_SIZE = 250
 MAX_CLIENTS = 10_000  # (key, client address) pairs tracked by the per-client rate limit
+MAX_GUESSERS = 10_000  # client addresses whose wrong keys are counted
+AUTH_FAILURE_LIMIT = RateLimit(10, 60.0)
+# An ID is ASCII digits of a plausible length: str.isdigit() takes "²", and int() of a
+# 5,000-digit text raises.
+_ID = re.compile("[0-9]{1,19}")
+# (method, path, handler name); the paths are also what agent.allow_from leaves open.
+_ROUTES = (
+    ("GET", "/api/{key}/banned", "banned"),
+    ("GET", "/api/{key}/banned/{id}", "banned"),
+    ("GET", "/api/{key}/check/{ip}", "check"),
+    ("GET", "/ipset/{key}/list", "ipset"),
+    ("POST", "/api/get", "get_v2"),
+    ("POST", "/api/check", "check_v2"),
+)
+SITE_PATHS = frozenset(path for _, path, _ in _ROUTES)
 
 
 def no_new_bans() -> web.Response:
@@ -56,40 +76,66 @@ class SiteApi:
         allow: NetworkSet,
         rate_limit: RateLimit,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        auth_failure_limit: RateLimit = AUTH_FAILURE_LIMIT,
+        refusals: Refusals | None = None,
+        body_timeout: float = 10.0,
     ) -> None:
-        self._keys = frozenset(keys)
+        # Only digests are compared, each against every key: the time taken says nothing of a key.
+        self._key_digests = tuple(_digest(key) for key in keys)
         self.mirror = mirror  # set once the application has started its mirror
         self._allow = allow
         self._limit = rate_limit
+        self._failure_limit = auth_failure_limit
         self._clock = clock
         self._budgets: TTLCache[tuple[str, str], Budget] = TTLCache(
             maxsize=MAX_CLIENTS, ttl=rate_limit.window, timer=clock
         )
+        self._failures: TTLCache[str, Budget] = TTLCache(
+            maxsize=MAX_GUESSERS, ttl=auth_failure_limit.window, timer=clock
+        )
+        self._refusals = refusals or Refusals(clock=clock)
+        self._body_timeout = body_timeout
         self.requests = 0
 
     def routes(self) -> list[web.RouteDef]:
-        return [
-            web.get("/api/{key}/banned", self.banned),
-            web.get("/api/{key}/banned/{id}", self.banned),
-            web.get("/api/{key}/check/{ip}", self.check),
-            web.get("/ipset/{key}/list", self.ipset),
-            web.post("/api/get", self.get_v2),
-            web.post("/api/check", self.check_v2),
-        ]
+        return [web.route(method, path, getattr(self, name)) for method, path, name in _ROUTES]
 
     # ---------------------------------------------------------------- access
 
     def _refuse(self, request: web.Request, key: str | None) -> web.Response | None:
-        """APIBAN's answer for a bad key or a client over its rate, else None."""
+        """APIBAN's answer for a bad key, a key guesser or a client over its rate, else None."""
         self.requests += 1
-        if key is None or key not in self._keys:
+        client = canonical(request.remote) or "unknown"
+        failures = self._failures.get(client)
+        if failures is not None and failures.wait_time() > 0:
+            self._refusals.refuse("site", "too many bad keys", client)
+            return rate_limited()
+        if not self._known(key):
+            failures = failures or Budget(self._failure_limit, self._clock)
+            failures.try_acquire()
+            # Stored again so the entry lives a full window after the latest failure.
+            self._failures[client] = failures
+            self._refusals.refuse("site", "bad key", client)
             return unauthorized()
-        client = (key, request.remote or "?")
-        budget = self._budgets.get(client)
+        assert key is not None
+        budget = self._budgets.get((key, client))
         if budget is None:
             budget = Budget(self._limit, self._clock)
-            self._budgets[client] = budget
-        return None if budget.try_acquire() else rate_limited()
+            self._budgets[(key, client)] = budget
+        if budget.try_acquire():
+            return None
+        self._refusals.refuse("site", "over site.rate_limit", client)
+        return rate_limited()
+
+    def _known(self, key: str | None) -> bool:
+        if key is None:
+            return False
+        digest = _digest(key)
+        found = False
+        for known in self._key_digests:  # no early exit
+            found |= hmac.compare_digest(known, digest)
+        return found
 
     def _skip(self, ip: str) -> bool:
         # The allow-list is site policy: never hand a trusted trunk to a blocking client.
@@ -106,7 +152,7 @@ class SiteApi:
         if mirror is None:
             return not_ready()
         start = after or START_ID
-        if not start.isdigit():
+        if not _ID.fullmatch(start):
             return no_new_bans()
         ips, last = mirror.page_after(int(start), PAGE_SIZE, self._skip)
         if last is None:
@@ -144,22 +190,27 @@ class SiteApi:
         return web.Response(text="".join(f"{ip}\n" for ip in ips), content_type="text/plain")
 
     async def get_v2(self, request: web.Request) -> web.Response:
-        # golib sends no Content-Type: read the body whatever it claims to be.
-        body = loads_object(await request.read())
         refused = self._refuse(request, _bearer(request))
         if refused is not None:
             return refused
+        # golib sends no Content-Type: read the body whatever it claims to be.
+        body = loads_object(await read_body(request, self._body_timeout))
         if body is None:
             return json_response({}, 400)
         start = body.get("id", START_ID)
         return self._page(str(start) if isinstance(start, str | int) else None)
 
     async def check_v2(self, request: web.Request) -> web.Response:
-        body = loads_object(await request.read())
         refused = self._refuse(request, _bearer(request))
         if refused is not None:
             return refused
+        body = loads_object(await read_body(request, self._body_timeout))
         return self._check(body.get("ipaddress") if body else None)
+
+
+def _digest(key: str) -> bytes:
+    # surrogatepass: a header or path may decode to lone surrogates, which plain UTF-8 refuses.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def _bearer(request: web.Request) -> str | None:

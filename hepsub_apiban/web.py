@@ -8,16 +8,21 @@ APIBAN down, a bug), within the configured deadline.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from . import __version__
+from .access import SourceFilter
 from .addresses import parse_ip
 from .enrichment import BadEnrichmentRequest, build_answer, parse_request
+from .httpserver import BodyError, read_body
 from .jsonutil import json_response
 from .keys import (
     AGENT_UUID,
@@ -32,10 +37,14 @@ from .keys import (
     SIGHTINGS,
     STARTED_AT,
 )
+from .logs import safe_text
 from .lookups import Verdict
+from .site_api import SITE_PATHS
 
 log = logging.getLogger(__name__)
 MAX_CHECK_IPS = 1000
+MAX_SIGHTINGS_LIMIT = 10_000  # one answer stays a few MB, built in tens of ms
+_LIMIT = re.compile("[0-9]{1,5}")  # ASCII digits only: int() also takes "١٢" and "1_000"
 
 
 def error_response(message: str, status: int) -> web.Response:
@@ -43,7 +52,7 @@ def error_response(message: str, status: int) -> web.Response:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """JSON for every error, never aiohttp's HTML pages or a traceback."""
     try:
         response: web.StreamResponse = await handler(request)
@@ -54,10 +63,41 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if "Allow" in exc.headers:  # 405 must say which methods are allowed
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+    except BodyError as exc:
+        return error_response(exc.message, exc.status)
+    except Exception as exc:
+        # The path and the error's text may carry what a client sent: escaped, on one line each;
+        # the traceback's frames come from the code.
+        log.error(
+            "unhandled error in %s %s: %s\n%s",
+            safe_text(request.method, 16),
+            safe_text(request.path, 200),
+            safe_text(f"{type(exc).__name__}: {exc}", 500),
+            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+        )
         return error_response("internal error; see the agent's log", 500)
     return response
+
+
+# Routes open to every client whatever agent.allow_from says: probes, and the site API (it has keys).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *SITE_PATHS})
+
+
+def allow_from(sources: SourceFilter) -> Middleware:
+    """403 for a client outside ``agent.allow_from``, except on ``OPEN_PATHS``."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        remote = request.remote or ""
+        if sources.allows(remote):
+            return await handler(request)
+        resource = request.match_info.route.resource
+        if resource is not None and resource.canonical in OPEN_PATHS:
+            return await handler(request)
+        request.app[REFUSALS].refuse("http", "not in agent.allow_from", remote or "unknown")
+        return error_response("this address may not use the agent's HTTP API (agent.allow_from)", 403)
+
+    return middleware
 
 
 async def enrich(request: web.Request) -> web.Response:
@@ -75,9 +115,9 @@ async def enrich(request: web.Request) -> web.Response:
 
 async def _enrich(request: web.Request) -> tuple[web.Response, str]:
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return json_response({"error": "request body too large"}), "bad_request"
+        raw = await read_body(request, request.app[SETTINGS].agent.body_timeout)
+    except BodyError as exc:  # homer-app gets its 200 whatever the body's fate
+        return json_response({"error": exc.message}), "bad_request"
     try:
         parsed = parse_request(raw)
     except BadEnrichmentRequest as exc:
@@ -101,17 +141,17 @@ async def sightings_list(request: web.Request) -> web.Response:
     filters = {"true": True, "false": False, "null": None}
     if listed_text is not None and listed_text not in filters:
         return error_response("listed must be true, false or null", 400)
-    try:
-        limit = int(request.query.get("limit", "1000"))
-    except ValueError:
-        return error_response("limit must be a whole number", 400)
+    limit_text = request.query.get("limit", "1000")
+    if not _LIMIT.fullmatch(limit_text) or int(limit_text) > MAX_SIGHTINGS_LIMIT:
+        return error_response(f"limit must be a whole number from 0 to {MAX_SIGHTINGS_LIMIT}", 400)
+    limit = int(limit_text)
     sightings = request.app[SIGHTINGS]
     chosen = (
         sightings.values()
         if listed_text is None
         else (s for s in sightings.values() if s.listed is filters[listed_text])
     )
-    items = [s.to_json() for _, s in zip(range(max(0, limit)), chosen, strict=False)]
+    items = [s.to_json() for _, s in zip(range(limit), chosen, strict=False)]
     return json_response({"sightings": items, "total": len(sightings)})
 
 
@@ -126,7 +166,7 @@ async def check_one(request: web.Request) -> web.Response:
 
 async def check_many(request: web.Request) -> web.Response:
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(await read_body(request, request.app[SETTINGS].agent.body_timeout))
     except orjson.JSONDecodeError:
         return error_response("request body is not JSON", 400)
     ips = body.get("ips") if isinstance(body, dict) else None

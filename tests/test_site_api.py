@@ -7,17 +7,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from hepsub_apiban.keys import MIRROR_SYNC
+from hepsub_apiban.app import Clocks
+from hepsub_apiban.keys import METRICS, MIRROR_SYNC, REFUSALS
 from hepsub_apiban.mirror import Mirror, snapshot_source
 
-from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer
+from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock
 
 Client = TestClient[web.Request, web.Application]
 SITE_KEY = "site-local-key-1"
+UNAUTHORIZED = {"ipaddress": "none", "ID": "unauthorized"}
+RATE_LIMITED = {"ipaddress": "rate limit exceeded", "ID": "unauthorized"}
 
 
 def addresses(count: int, start: int = 0) -> list[str]:
@@ -36,8 +40,8 @@ def write_list(tmp_path: Path, apiban: ApibanPeer, ips: list[str]) -> None:
     (state / "mirror.json").write_bytes(mirror.to_snapshot(snapshot_source(apiban.url, APIBAN_KEY), now))
 
 
-async def site_agent(agent: AgentFactory, **env: str) -> Client:
-    return await agent(HEPSUB_APIBAN_MODE="mirror", HEPSUB_SITE_KEYS=f"{SITE_KEY},another-key", **env)
+async def site_agent(agent: AgentFactory, clocks: Clocks | None = None, **env: str) -> Client:
+    return await agent(clocks, HEPSUB_APIBAN_MODE="mirror", HEPSUB_SITE_KEYS=f"{SITE_KEY},another-key", **env)
 
 
 async def get(client: Client, path: str) -> tuple[int, Any]:
@@ -192,3 +196,70 @@ def test_site_keys_that_would_clash_with_routes_are_refused(keys: str) -> None:
 
     with pytest.raises(ConfigError, match=r"site\.keys"):
         load_settings(None, {"HEPSUB_SITE_KEYS": keys})
+
+
+# --------------------------------------------------------------------------- key guessing
+
+
+async def test_key_guessing_is_cut_to_429_per_address_until_the_window_frees(
+    agent: AgentFactory, apiban: ApibanPeer, tmp_path: Path
+) -> None:
+    write_list(tmp_path, apiban, addresses(10))
+    clock = ManualClock()
+    client = await site_agent(agent, Clocks(monotonic=clock), HEPSUB_SITE_AUTH_FAILURE_LIMIT="10/60")
+    guesses = [await get(client, f"/api/guess-{n}/banned") for n in range(300)]
+    assert guesses[:10] == [(403, UNAUTHORIZED)] * 10
+    assert guesses[10:] == [(429, RATE_LIMITED)] * 290
+    assert await get(client, f"/api/{SITE_KEY}/banned") == (429, RATE_LIMITED)  # even the right key
+    bearer = {"Authorization": f"Bearer {SITE_KEY}"}
+    assert (await client.post("/api/get", data=b'{"id": "100"}', headers=bearer)).status == 429
+
+    # Another address (Linux answers on all of 127/8) is not affected.
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as other:
+        url = f"http://127.0.0.1:{client.server.port}/api/{SITE_KEY}/banned"
+        async with other.get(url) as response:
+            assert response.status == 200
+
+    clock.advance(59.0)
+    assert (await get(client, f"/api/{SITE_KEY}/banned"))[0] == 429
+    clock.advance(1.0)  # the first failures leave the window
+    assert (await get(client, f"/api/{SITE_KEY}/banned"))[0] == 200
+    assert (await get(client, "/api/guess-again/banned"))[0] == 403
+
+    counts = client.app[REFUSALS].counts
+    assert counts[("site", "bad key")] == 11
+    assert counts[("site", "too many bad keys")] == 293
+    metrics = client.app[METRICS].render().decode().splitlines()
+    assert 'hepsub_apiban_refused_total{channel="site",reason="bad key"} 11.0' in metrics
+    assert 'hepsub_apiban_refused_total{channel="site",reason="too many bad keys"} 293.0' in metrics
+
+
+async def test_bearer_guessing_counts_too_and_the_rate_limit_is_a_refusal(
+    agent: AgentFactory, apiban: ApibanPeer, tmp_path: Path
+) -> None:
+    write_list(tmp_path, apiban, addresses(10))
+    client = await site_agent(agent, HEPSUB_SITE_AUTH_FAILURE_LIMIT="3/60", HEPSUB_SITE_RATE_LIMIT="2/60")
+    statuses = []
+    for key in ("a", SITE_KEY[:-1], SITE_KEY, SITE_KEY, SITE_KEY, SITE_KEY + "x", "b"):
+        response = await client.post(
+            "/api/get", data=b'{"id": "100"}', headers={"Authorization": f"Bearer {key}"}
+        )
+        statuses.append(response.status)
+    assert statuses == [403, 403, 200, 200, 429, 403, 429]
+    assert client.app[REFUSALS].to_json()["site"] == {
+        "bad key": 3,
+        "over site.rate_limit": 1,
+        "too many bad keys": 1,
+    }
+
+
+async def test_each_configured_key_works_and_near_misses_do_not(
+    agent: AgentFactory, apiban: ApibanPeer, tmp_path: Path
+) -> None:
+    write_list(tmp_path, apiban, addresses(10))
+    client = await site_agent(agent, HEPSUB_SITE_AUTH_FAILURE_LIMIT="100/60")
+    for wrong in ("s", SITE_KEY[:-1], SITE_KEY + "1", SITE_KEY.upper(), SITE_KEY * 50, "another-ke"):
+        assert (await client.get(f"/api/{wrong}/banned")).status == 403, wrong
+    for right in (SITE_KEY, "another-key"):
+        assert (await client.get(f"/api/{right}/banned")).status == 200, right
