@@ -217,7 +217,11 @@ async def test_tcp_connection_cap_and_idle_timeout(agent: AgentFactory, tcp: Con
     client = await hep_agent(agent, HEPSUB_HEP_MAX_CONNECTIONS="2", HEPSUB_HEP_IDLE_TIMEOUT="1")
     first = await tcp.open(client)
     second = await tcp.open(client)
-    await until(lambda: client.app[COLLECTOR].stats.tcp_open == 2, "2 open connections")
+    for n, (_, writer) in enumerate((first, second)):
+        # A connection that delivered a packet is never closed to make room for a newcomer.
+        writer.write(build_hep3(sip_packet(f"45.4.0.{n}")))
+        await writer.drain()
+    await until(lambda: decoded(client, "tcp") == 2, "a packet on each connection")
     third_reader, _ = await tcp.open(client)
     async with asyncio.timeout(5):
         assert await third_reader.read() == b""  # refused over the cap
