@@ -134,11 +134,14 @@ class HepCollector:
                 granted,
             )
         loop = asyncio.get_running_loop()
-        guarded = self.allowed.active or self._key is not None
-        protocol = _GuardedUdpProtocol if guarded else _UdpProtocol
-        transport, _ = await loop.create_datagram_endpoint(lambda: protocol(self, self._clock), sock=sock)
+        transport, _ = await loop.create_datagram_endpoint(self.udp_protocol, sock=sock)
         self._udp = transport
         log.info("HEP over UDP on %s:%s (receive buffer %d bytes)", *sock.getsockname()[:2], granted)
+
+    def udp_protocol(self) -> asyncio.DatagramProtocol:
+        """The datagram handler for this configuration: it checks only what is configured."""
+        guarded = self.allowed.active or self._key is not None
+        return (_GuardedUdpProtocol if guarded else _UdpProtocol)(self, self._clock)
 
     async def _start_tcp(self, address: Address) -> None:
         sock = _bind(address, socket.SOCK_STREAM, "hep.tcp")
