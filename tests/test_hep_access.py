@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from hepsub_apiban.collector import HepCollector, exposure_warning
-from hepsub_apiban.config import HepSettings
+from hepsub_apiban.config import ConfigError, HepSettings
 from hepsub_apiban.hep import build_hep2, build_hep3
 from hepsub_apiban.keys import COLLECTOR, REFUSALS
 
@@ -124,6 +124,29 @@ async def test_tcp_from_outside_allow_from_is_closed_at_accept(agent: AgentFacto
     stats = client.app[COLLECTOR].stats
     assert (stats.tcp_accepted, stats.tcp_open) == (1, 1)
     assert not await closed_by_agent(good_reader, within=0.2)
+
+
+async def test_ipv4_allow_list_on_a_dual_stack_listener(agent: AgentFactory, tcp: Senders) -> None:
+    """On [::] the kernel reports IPv4 peers as ::ffff:a.b.c.d; an IPv4 allow-list still applies."""
+    try:
+        client = await hep_agent(
+            agent, HEPSUB_HEP_UDP="[::]:0", HEPSUB_HEP_TCP="[::]:0", HEPSUB_HEP_ALLOW_FROM="127.0.0.2"
+        )
+    except ConfigError as error:  # no IPv6 on this host
+        pytest.skip(f"cannot listen on [::]: {error}")
+    udp_port = client.app[COLLECTOR].udp_address()[1]  # type: ignore[index]
+    for host, src in (("127.0.0.1", "45.20.0.1"), ("127.0.0.2", "45.20.0.2")):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((host, 0))
+            sock.sendto(build_hep3(sip_packet(src)), ("127.0.0.1", udp_port))
+    await until(lambda: decoded(client, "udp") == 1, "the allowed sender's datagram")
+    await until(lambda: refused(client, "hep_udp", "not in hep.allow_from") == 1, "the refusal")
+    tcp_port = client.app[COLLECTOR].tcp_address()[1]  # type: ignore[index]
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port, local_addr=("127.0.0.1", 0))
+    tcp.writers.append(writer)  # closed by the fixture
+    assert await closed_by_agent(reader)
+    assert refused(client, "hep_tcp", "not in hep.allow_from") == 1
+    assert set(await sightings(client)) == {"45.20.0.2", "198.51.100.1"}
 
 
 # --- hep.auth_key -------------------------------------------------------------------------------
