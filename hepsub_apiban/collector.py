@@ -30,6 +30,7 @@ from pathlib import Path
 from .access import Refusals, SourceFilter
 from .config import Address, ConfigError, HepSettings
 from .hep import BadPacket, HepPacket, decode
+from .hep_tcp import CHANNEL as TCP_CHANNEL
 from .hep_tcp import NOT_ALLOWED, HepTcpListener, TcpStats
 from .sightings import Sightings
 from .sip import parse_sip
@@ -37,7 +38,8 @@ from .sip import parse_sip
 log = logging.getLogger(__name__)
 
 SIP = 1
-CHANNELS = {"udp": "hep_udp", "tcp": "hep_tcp"}
+UDP_CHANNEL = "hep_udp"
+CHANNELS = {"udp": UDP_CHANNEL, "tcp": TCP_CHANNEL}  # transport -> refusal channel
 NO_KEY = "no auth key"
 WRONG_KEY = "wrong auth key"
 KEYLESS_VERSION = "HEPv1/v2 while hep.auth_key is set"
@@ -198,7 +200,7 @@ class _GuardedUdpProtocol(_UdpProtocol):
         peer = str(addr[0])
         collector = self._collector
         if not collector.allowed.allows(peer):
-            collector.refusals.refuse("hep_udp", NOT_ALLOWED, peer)
+            collector.refusals.refuse(UDP_CHANNEL, NOT_ALLOWED, peer)
             return
         collector.receive(decode(data, self._clock()), "udp", peer)
 
