@@ -162,7 +162,7 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
             log_every=settings.apiban.poll_interval,
             clock=clocks.wall,
         )
-        collector = HepCollector(sightings, settings.hep, clocks.wall)
+        collector = HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS])
         app[SIGHTINGS] = sightings
         app[COLLECTOR] = collector
         app[METRICS].sources.sightings = sightings

@@ -1,16 +1,23 @@
 """HEP collector: UDP and TCP listeners that feed decoded SIP packets into the sightings.
 
 Whatever a sender does, the collector only counts: a bad datagram is counted and dropped, a
-bad TCP stream closes that connection only, idle connections time out, and the number of TCP
-connections is capped. The UDP socket asks for a large receive buffer because the kernel drops
+bad TCP stream closes that connection only, and TCP connections are bounded in number and time
+(``hep_tcp``). The UDP socket asks for a large receive buffer because the kernel drops
 datagrams silently once it is full; what the kernel granted is logged, and its drop counter is
 read at scrape time where Linux reports it.
+
+Who may send: ``hep.allow_from`` is checked on a datagram's source address before it is decoded,
+and on a TCP peer at accept. ``hep.auth_key``, when set, must be in a HEPv3 packet's chunk
+0x000e (compared in constant time); HEPv1/v2 cannot carry it and are refused. A refused packet
+changes no sighting; it is counted in ``Refusals`` (channels ``hep_udp``, ``hep_tcp``). With
+neither setting, the UDP path is the one the ingest benchmark measures, without a single check.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -20,43 +27,62 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .access import Refusals, SourceFilter
 from .config import Address, ConfigError, HepSettings
-from .hep import BadPacket, HepPacket, HepStream, decode
+from .hep import BadPacket, HepPacket, decode
+from .hep_tcp import CHANNEL as TCP_CHANNEL
+from .hep_tcp import NOT_ALLOWED, HepTcpListener, TcpStats
 from .sightings import Sightings
 from .sip import parse_sip
 
 log = logging.getLogger(__name__)
 
 SIP = 1
-READ_SIZE = 65536
+UDP_CHANNEL = "hep_udp"
+CHANNELS = {"udp": UDP_CHANNEL, "tcp": TCP_CHANNEL}  # transport -> refusal channel
+NO_KEY = "no auth key"
+WRONG_KEY = "wrong auth key"
+KEYLESS_VERSION = "HEPv1/v2 while hep.auth_key is set"
 
 
 @dataclass(slots=True)
-class CollectorStats:
+class CollectorStats(TcpStats):
     packets: Counter[str] = field(default_factory=Counter)  # transport -> packets decoded
     by_version: Counter[tuple[str, int]] = field(default_factory=Counter)  # (transport, HEP version)
     bad: Counter[str] = field(default_factory=Counter)  # reason -> packets dropped
     non_sip: Counter[int] = field(default_factory=Counter)  # HEP protocol type -> packets
     unparsable_sip: int = 0
-    tcp_open: int = 0
-    tcp_accepted: int = 0
-    tcp_refused: int = 0
-    tcp_closed_bad: int = 0
-    tcp_idle_closed: int = 0
     rcvbuf_granted: int | None = None
+
+
+def key_refusal(packet: HepPacket, key: bytes) -> str:
+    """Why ``packet`` does not carry ``key`` (empty: it does). Constant time in the key's bytes."""
+    if packet.version != 3:
+        return KEYLESS_VERSION
+    if not packet.auth_key:  # absent, or the empty chunk senders without a key write
+        return NO_KEY
+    if not hmac.compare_digest(packet.auth_key, key):
+        return WRONG_KEY
+    return ""
 
 
 class HepCollector:
     def __init__(
-        self, sightings: Sightings, settings: HepSettings, clock: Callable[[], float] = time.time
+        self,
+        sightings: Sightings,
+        settings: HepSettings,
+        clock: Callable[[], float] = time.time,
+        refusals: Refusals | None = None,
     ) -> None:
         self._sightings = sightings
         self._settings = settings
         self._clock = clock
+        self.refusals = refusals if refusals is not None else Refusals()
+        self.allowed = SourceFilter(settings.allow_from)
+        self._key = settings.auth_key.encode() if settings.auth_key else None
         self.stats = CollectorStats()
         self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._tcp: HepTcpListener | None = None
 
     # ---------------------------------------------------------------- packets
 
@@ -75,6 +101,16 @@ class HepCollector:
             return
         self._sightings.record(result.src_ip, result.dst_ip, sip, result.ts_sec + result.ts_usec / 1e6)
 
+    def receive(self, result: HepPacket | BadPacket, transport: str, peer: str) -> bool:
+        """``handle`` behind the key check; False (and counted) when the packet was refused."""
+        if self._key is not None and type(result) is HepPacket:
+            reason = key_refusal(result, self._key)
+            if reason:
+                self.refusals.refuse(CHANNELS[transport], reason, peer)
+                return False
+        self.handle(result, transport)
+        return True
+
     # ---------------------------------------------------------------- listeners
 
     async def start(self) -> None:
@@ -82,6 +118,9 @@ class HepCollector:
             await self._start_udp(self._settings.udp)
         if self._settings.tcp is not None:
             await self._start_tcp(self._settings.tcp)
+        warning = exposure_warning(self._settings, self.udp_address(), self.tcp_address())
+        if warning:
+            log.warning("%s", warning)
 
     async def _start_udp(self, address: Address) -> None:
         sock = _bind(address, socket.SOCK_DGRAM, "hep.udp")
@@ -97,62 +136,34 @@ class HepCollector:
                 granted,
             )
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self, self._clock), sock=sock)
+        transport, _ = await loop.create_datagram_endpoint(self.udp_protocol, sock=sock)
         self._udp = transport
         log.info("HEP over UDP on %s:%s (receive buffer %d bytes)", *sock.getsockname()[:2], granted)
 
+    def udp_protocol(self) -> asyncio.DatagramProtocol:
+        """The datagram handler for this configuration: it checks only what is configured."""
+        guarded = self.allowed.active or self._key is not None
+        return (_GuardedUdpProtocol if guarded else _UdpProtocol)(self, self._clock)
+
     async def _start_tcp(self, address: Address) -> None:
         sock = _bind(address, socket.SOCK_STREAM, "hep.tcp")
-        self._tcp = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
+        listener = HepTcpListener(
+            self._settings,
+            lambda result, peer: self.receive(result, "tcp", peer),
+            self.stats,
+            self.refusals,
+            self.allowed,
+            self._clock,
+        )
+        await listener.start(sock)
+        self._tcp = listener
         log.info("HEP over TCP on %s:%s", *sock.getsockname()[:2])
 
     def udp_address(self) -> tuple[str, int] | None:
         return None if self._udp is None else self._udp.get_extra_info("sockname")[:2]
 
     def tcp_address(self) -> tuple[str, int] | None:
-        if self._tcp is None or not self._tcp.sockets:
-            return None
-        host, port = self._tcp.sockets[0].getsockname()[:2]
-        return host, port
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.stats.tcp_open >= self._settings.max_connections:
-            self.stats.tcp_refused += 1
-            writer.close()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        self.stats.tcp_open += 1
-        self.stats.tcp_accepted += 1
-        try:
-            await self._read_stream(reader)
-        finally:
-            self.stats.tcp_open -= 1
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-    async def _read_stream(self, reader: asyncio.StreamReader) -> None:
-        stream = HepStream()
-        while True:
-            try:
-                async with asyncio.timeout(self._settings.idle_timeout):
-                    data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                self.stats.tcp_idle_closed += 1
-                return
-            except (ConnectionError, OSError):
-                return
-            if not data:
-                return
-            for result in stream.feed(data, self._clock()):
-                self.handle(result, "tcp")
-            if stream.broken:
-                self.stats.tcp_closed_bad += 1
-                self.stats.bad[f"tcp stream: {stream.broken_reason}"] += 1
-                return
+        return None if self._tcp is None else self._tcp.address()
 
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel dropped on our UDP socket (Linux /proc/net/udp*), if it says."""
@@ -165,15 +176,12 @@ class HepCollector:
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
-            self._tcp.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._tcp is not None:
-            await self._tcp.wait_closed()
+            await self._tcp.stop()
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
+    """Neither an allow-list nor a key: every datagram is decoded and handled, nothing else."""
+
     def __init__(self, collector: HepCollector, clock: Callable[[], float]) -> None:
         self._collector = collector
         self._clock = clock
@@ -183,6 +191,43 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("HEP UDP socket error: %s", exc)
+
+
+class _GuardedUdpProtocol(_UdpProtocol):
+    """The source address is checked before decoding; the key after it (it is inside the packet)."""
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        peer = str(addr[0])
+        collector = self._collector
+        if not collector.allowed.allows(peer):
+            collector.refusals.refuse(UDP_CHANNEL, NOT_ALLOWED, peer)
+            return
+        collector.receive(decode(data, self._clock()), "udp", peer)
+
+
+def exposure_warning(settings: HepSettings, udp: tuple[str, int] | None, tcp: tuple[str, int] | None) -> str:
+    """The start-up warning for HEP listeners that anyone on the network may feed ('' if none)."""
+    bound = [(name, address) for name, address in (("udp", udp), ("tcp", tcp)) if address is not None]
+    exposed = [f"{name} {Address(host, port)}" for name, (host, port) in bound if not _loopback(host)]
+    missing = []
+    if not settings.allow_from:
+        missing.append("hep.allow_from is empty, so any address may send")
+    if not settings.auth_key:
+        missing.append("hep.auth_key is empty, so no key is asked for")
+    if not exposed or not missing:
+        return ""
+    return (
+        f"HEP listener on {', '.join(exposed)} is open: {'; '.join(missing)}. Forged packets can put "
+        "invented activity on any address: set hep.allow_from to the senders' networks and "
+        "hep.auth_key to the key they send (heplify -hp, Kamailio siptrace auth_key)"
+    )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _bind(address: Address, kind: int, setting: str) -> socket.socket:

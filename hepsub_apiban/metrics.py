@@ -134,6 +134,16 @@ class _AgentCollector(Collector):
                 f"{PREFIX}_hep_udp_kernel_drops", "Datagrams the kernel dropped on the HEP UDP socket", drops
             )
         yield GaugeMetricFamily(f"{PREFIX}_hep_tcp_connections", "HEP TCP connections open", stats.tcp_open)
+        closed = CounterMetricFamily(
+            f"{PREFIX}_hep_tcp_closed",
+            "HEP TCP connections the agent closed, by why (refusals at accept are in refused_total)",
+            labels=["reason"],
+        )
+        closed.add_metric(["idle"], stats.tcp_idle_closed)
+        closed.add_metric(["bad stream"], stats.tcp_closed_bad)
+        closed.add_metric(["no complete packet in time"], stats.tcp_packet_timeouts)
+        closed.add_metric(["to make room"], stats.tcp_evicted)
+        yield closed
         yield GaugeMetricFamily(f"{PREFIX}_sightings", "IPs remembered from HEP traffic", len(sightings))
         yield GaugeMetricFamily(
             f"{PREFIX}_sightings_listed", "Remembered IPs that APIBAN lists", sightings.listed_count()

@@ -249,10 +249,13 @@ async def status(request: web.Request) -> web.Response:
 
 def _hep_status(app: web.Application) -> dict[str, Any]:
     collector, sightings = app[COLLECTOR], app[SIGHTINGS]
-    stats = collector.stats
+    stats, hep = collector.stats, app[SETTINGS].hep
     return {
         "udp_listen": _address(collector.udp_address()),
         "tcp_listen": _address(collector.tcp_address()),
+        # Whether a key is asked for, never the key; what is refused is under "refusals".
+        "allow_from": [str(network) for network in hep.allow_from],
+        "auth_key_required": bool(hep.auth_key),
         "packets": dict(stats.packets),
         "bad_packets": dict(stats.bad),
         "non_sip_packets": {str(k): v for k, v in stats.non_sip.items()},
@@ -265,6 +268,10 @@ def _hep_status(app: web.Application) -> dict[str, Any]:
             "refused_over_cap": stats.tcp_refused,
             "closed_bad_stream": stats.tcp_closed_bad,
             "closed_idle": stats.tcp_idle_closed,
+            "closed_no_packet_in_time": stats.tcp_packet_timeouts,
+            "closed_for_room": stats.tcp_evicted,
+            "max": hep.max_connections,
+            "max_per_sender": hep.max_connections_per_sender,
         },
         "sightings": {
             "ips": len(sightings),

@@ -121,17 +121,20 @@ def render_config(
     capture_id: int,
     module_dir: str,
     correlation_id: bool = False,
+    auth_key: str | None = None,
 ) -> str:
     """The kamailio.cfg the harness runs (Kamailio 5.x syntax, core keywords only besides sl/tm/siptrace).
 
     ``correlation_id=True`` loads ``pv`` and passes ``$ci`` to ``sip_trace()``: HEPv3 requests then
-    carry chunk 0x0011 (the Call-ID); the traced ``sl`` replies still do not.
+    carry chunk 0x0011 (the Call-ID); the traced ``sl`` replies still do not. ``auth_key`` sets
+    ``modparam("siptrace", "auth_key", ...)``: HEPv3 packets then carry it in chunk 0x000e.
     """
     if hep_version not in (1, 2, 3):
         raise ValueError(f"hep_version must be 1, 2 or 3, not {hep_version}")
     duplicate_uri = f"sip:{hep_host}:{hep_port}"
     trace_call = f'sip_trace("{duplicate_uri}", "$ci");' if correlation_id else "sip_trace();"
     pv = 'loadmodule "pv.so"\n' if correlation_id else ""
+    key = f'modparam("siptrace", "auth_key", "{auth_key}")\n' if auth_key is not None else ""
     return f"""#!KAMAILIO
 # Written by tests/kamailio.py: a scanned edge proxy that mirrors its SIP traffic as HEP.
 {core_settings(sip_port, module_dir)}
@@ -146,7 +149,7 @@ modparam("siptrace", "hep_capture_id", {capture_id})
 modparam("siptrace", "trace_to_database", 0)
 modparam("siptrace", "trace_flag", {TRACE_FLAG})
 modparam("siptrace", "trace_on", 1)
-
+{key}
 request_route {{
     if (uri =~ "^sip:{READY_USER}@") {{
         sl_send_reply("200", "Ready");
@@ -372,6 +375,7 @@ async def kamailio(
     hep_host: str = HOST,
     capture_id: int = 4242,
     correlation_id: bool = False,
+    auth_key: str | None = None,
     workdir: Path | None = None,
     startup_timeout: float = 15.0,
     stop_timeout: float = 5.0,
@@ -393,6 +397,7 @@ async def kamailio(
                     capture_id=capture_id,
                     module_dir=inst.module_dir,
                     correlation_id=correlation_id,
+                    auth_key=auth_key,
                 )
             )
             log_path = workdir / f"kamailio-{attempt}.log"

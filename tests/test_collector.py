@@ -92,6 +92,8 @@ async def test_udp_fixtures_and_built_packets_become_sightings(agent: AgentFacto
     fixtures = [bytes.fromhex(p.read_text()) for p in sorted(FIXTURES.glob("*.hex"))]
     udp_send(client, *fixtures, build_hep3(sip_packet("45.1.2.3")), build_hep3(sip_packet("2a01:4f8::7")))
     await until(lambda: decoded(client, "udp") == 5, "5 decoded packets")
+    store = client.app[SIGHTINGS]
+    await until(lambda: (s := store.get("45.1.2.3")) is not None and s.listed is not None, "the verdict")
     seen = await sightings(client)
     assert seen["212.202.0.1"]["methods"] == {"INVITE": 1}  # the spec example's truncated INVITE
     assert seen["192.168.247.250"]["methods"] == {"200": 1}  # heplify's 200 OK to OPTIONS
@@ -217,7 +219,11 @@ async def test_tcp_connection_cap_and_idle_timeout(agent: AgentFactory, tcp: Con
     client = await hep_agent(agent, HEPSUB_HEP_MAX_CONNECTIONS="2", HEPSUB_HEP_IDLE_TIMEOUT="1")
     first = await tcp.open(client)
     second = await tcp.open(client)
-    await until(lambda: client.app[COLLECTOR].stats.tcp_open == 2, "2 open connections")
+    for n, (_, writer) in enumerate((first, second)):
+        # A connection that delivered a packet is never closed to make room for a newcomer.
+        writer.write(build_hep3(sip_packet(f"45.4.0.{n}")))
+        await writer.drain()
+    await until(lambda: decoded(client, "tcp") == 2, "a packet on each connection")
     third_reader, _ = await tcp.open(client)
     async with asyncio.timeout(5):
         assert await third_reader.read() == b""  # refused over the cap

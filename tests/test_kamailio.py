@@ -2,7 +2,9 @@
 
 The receiving side here is a plain asyncio datagram endpoint, and the packets are checked
 against hep.md §1/§4 with a few lines of test-local parsing. When ``hepsub_apiban.hep.decode``
-exists, every packet also goes through it and the addresses it reports are checked.
+exists, every packet also goes through it and the addresses it reports are checked. The last tests
+configure siptrace's ``auth_key``: what it puts on the wire, and that the agent with
+``hep.auth_key`` lets in Kamailio with the right key and nothing from one with a wrong or no key.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from typing import Any
 
 import pytest
 
+from hepsub_apiban.keys import COLLECTOR, REFUSALS
+
+from .conftest import AgentFactory
 from .kamailio import HOST, SipExchange, free_udp_port, kamailio, kamailio_available, sip_exchange
+from .test_collector import Client, decoded, hep_agent, sightings, until
 
 _reason = kamailio_available()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"Kamailio not usable: {_reason}")
@@ -242,3 +248,76 @@ async def test_correlation_id_chunk_on_traced_requests(hep_sink: tuple[HepSink, 
         decoded = [decode(d.data, d.received_at) for d in datagrams]
         correlation = {getattr(p, "correlation_id", "absent") for p in decoded}
         assert correlation in ({f"corr-1@{HOST}".encode(), None}, {"absent"})
+
+
+# --- siptrace auth_key: what Kamailio sends, and what the agent lets in --------------------------
+
+SIPTRACE_KEY = "kamailio-SECRET-hep-key-91c2"
+
+
+@pytest.mark.parametrize(
+    ("hep_version", "key"), [(3, SIPTRACE_KEY), (3, ""), (2, SIPTRACE_KEY), (1, SIPTRACE_KEY)]
+)
+async def test_siptrace_auth_key_is_chunk_0x000e_of_every_hepv3_packet(
+    hep_sink: tuple[HepSink, int], hep_version: int, key: str
+) -> None:
+    """``modparam("siptrace", "auth_key", K)``: K's bytes as they are (no NUL) in 0x000e, on requests
+    and on sl replies alike; an empty K, no 0x000e chunk at all. HEPv1/v2 have nowhere to put it."""
+    sink, hep_port = hep_sink
+    async with kamailio(hep_port=hep_port, hep_version=hep_version, auth_key=key) as k:
+        await sip_exchange(k.sip_port, "REGISTER")
+        await sip_exchange(k.sip_port, "OPTIONS")
+        datagrams = await sink.wait_for(4)
+    for datagram in datagrams:
+        if hep_version == 3:
+            chunks = v3_chunks(datagram.data)
+            with_key = [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 14, 15]
+            assert [kind for kind, _ in chunks] == (with_key if key else [t for t in with_key if t != 14])
+            assert dict(chunks).get(14) == (key.encode() or None)
+        else:
+            assert SIPTRACE_KEY.encode() not in datagram.data
+
+
+async def scan_through_kamailio(
+    agent: AgentFactory, auth_key: str, hep_version: int = 3, **env: str
+) -> Client:
+    """An agent (UDP only, ``env``) fed by a Kamailio with ``auth_key``, after a 3-request scan:
+    3 requests and 3 replies, each either let in or refused."""
+    client = await hep_agent(agent, HEPSUB_HEP_TCP="", **env)
+    address = client.app[COLLECTOR].udp_address()
+    assert address is not None
+    refusals = client.app[REFUSALS]
+    async with kamailio(hep_port=address[1], hep_version=hep_version, auth_key=auth_key) as k:
+        for n, method in enumerate(["OPTIONS", "REGISTER", "INVITE"]):
+            await sip_exchange(k.sip_port, method, user_agent="keyed-scanner", call_id=f"key-{n}@{HOST}")
+        await until(lambda: decoded(client, "udp") + refusals.total("hep_udp") == 6, "6 packets")
+    return client
+
+
+async def test_agent_lets_in_kamailio_with_the_right_key(agent: AgentFactory) -> None:
+    client = await scan_through_kamailio(agent, SIPTRACE_KEY, HEPSUB_HEP_AUTH_KEY=SIPTRACE_KEY)
+    assert decoded(client, "udp") == 6
+    assert client.app[REFUSALS].total() == 0
+    seen = await sightings(client)
+    assert seen[HOST]["methods"] == {"OPTIONS": 1, "REGISTER": 1, "INVITE": 1, "200": 1, "401": 1, "403": 1}
+    assert seen[HOST]["user_agents"] == ["keyed-scanner"]
+
+
+@pytest.mark.parametrize(
+    ("kamailio_key", "hep_version", "reason"),
+    [
+        ("kamailio-SECRET-hep-key-91c3", 3, "wrong auth key"),
+        ("", 3, "no auth key"),  # an empty auth_key: Kamailio writes no 0x000e chunk at all
+        (SIPTRACE_KEY, 1, "HEPv1/v2 while hep.auth_key is set"),
+    ],
+    ids=["wrong-key", "empty-key", "hepv1-with-key"],
+)
+async def test_agent_refuses_kamailio_without_the_right_key(
+    agent: AgentFactory, kamailio_key: str, hep_version: int, reason: str
+) -> None:
+    client = await scan_through_kamailio(agent, kamailio_key, hep_version, HEPSUB_HEP_AUTH_KEY=SIPTRACE_KEY)
+    assert decoded(client, "udp") == 0
+    assert await sightings(client) == {}
+    assert dict(client.app[REFUSALS].counts) == {("hep_udp", reason): 6}
+    metrics = await (await client.get("/metrics")).text()
+    assert f'hepsub_apiban_refused_total{{channel="hep_udp",reason="{reason}"}} 6.0' in metrics
