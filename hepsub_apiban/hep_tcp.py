@@ -7,12 +7,15 @@ slot. So a connection must earn its slot:
   ``hep.max_connections_per_sender`` connections open, and find a free slot under
   ``hep.max_connections``. When every slot is taken, the oldest connection that has never
   delivered a packet is closed to make room; only when every open connection has delivered one is
-  the newcomer refused. A real sender proves itself with its first packet (milliseconds after
-  connecting) and is then never pushed out; a trickler lives at most ``hep.packet_timeout``.
-* While open: a complete packet is owed within ``hep.packet_timeout`` of connecting, and of the
-  first byte of every packet started; bytes that do not complete a packet do not move that
-  deadline, so a peer sending a byte every few seconds holds nothing. A connection with nothing
-  owed and nothing buffered closes after ``hep.idle_timeout`` without a packet.
+  the newcomer refused. A real sender proves itself with its first packet and is then never pushed
+  out; a trickler lives at most ``hep.packet_timeout``.
+* While open: a packet, once started, must be complete within ``hep.packet_timeout`` of its first
+  byte; bytes that do not complete it do not move that deadline, so a peer sending a byte every few
+  seconds holds nothing. A connection with nothing buffered closes after ``hep.idle_timeout``
+  without a packet. A fresh connection owes nothing until its first byte: heplify and captagent
+  connect at start and stay silent while the site is quiet, and closing them would lose the packet
+  they next write into the dead socket. A silent peer cannot hold slots either: at the cap it is the
+  first to make room, and per address it is bounded by the per-sender cap.
 
 Bookkeeping is O(1) per event: a set of open connections, an ordered dict of the unproven ones
 (oldest first), a count per sender, and one timer per connection that is moved only when its
@@ -181,8 +184,7 @@ class _Connection(asyncio.Protocol):
             self._closed = True
             transport.close()
             return
-        now = self._now()
-        self._idle_since = self._owed_since = now
+        self._idle_since = self._now()
         self._arm()
 
     def data_received(self, data: bytes) -> None:

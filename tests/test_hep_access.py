@@ -257,10 +257,10 @@ async def test_at_the_cap_the_oldest_connection_without_a_packet_makes_room(
 
 
 async def test_a_packet_is_owed_within_packet_timeout(agent: AgentFactory, tcp: Senders) -> None:
-    client = await hep_agent(agent, HEPSUB_HEP_PACKET_TIMEOUT="1")
+    client = await hep_agent(agent, HEPSUB_HEP_PACKET_TIMEOUT="1", HEPSUB_HEP_IDLE_TIMEOUT="5")
     packet = build_hep3(sip_packet("45.17.0.1"))
     started = time.monotonic()
-    silent, _ = await tcp.open(client)
+    silent, _ = await tcp.open(client)  # owes nothing before its first byte: only the idle timeout
     trickler, trickle = await tcp.open(client)
     worker, work = await tcp.open(client)
     work.write(packet)  # delivers at once, then starts a second packet and stalls
@@ -275,18 +275,22 @@ async def test_a_packet_is_owed_within_packet_timeout(agent: AgentFactory, tcp: 
 
     task = asyncio.create_task(dribble())
     try:
-        for reader in (silent, trickler, worker):
+        for reader in (trickler, worker):
             assert await closed_by_agent(reader, within=4)
     finally:
         task.cancel()
     elapsed = time.monotonic() - started
-    assert 0.9 < elapsed < 3.5, elapsed  # 1 s from connect, or from the first byte of the stalled packet
+    assert 0.9 < elapsed < 3.5, elapsed  # 1 s from the first byte of the unfinished packet
+    assert not silent.at_eof()
     assert decoded(client, "tcp") == 1
     stats = client.app[COLLECTOR].stats
-    assert (stats.tcp_packet_timeouts, stats.tcp_idle_closed, stats.tcp_open) == (3, 0, 0)
-    assert refused(client, "hep_tcp", "no complete packet in time") == 3
+    assert (stats.tcp_packet_timeouts, stats.tcp_idle_closed, stats.tcp_open) == (2, 0, 1)
+    assert refused(client, "hep_tcp", "no complete packet in time") == 2
     name = "hepsub_apiban_hep_tcp_closed_total"
-    assert await metric(client, name, reason="no complete packet in time") == 3
+    assert await metric(client, name, reason="no complete packet in time") == 2
+    assert await closed_by_agent(silent, within=5)  # the idle timeout, 5 s after it connected
+    assert 4.5 < time.monotonic() - started < 8.0
+    assert (stats.tcp_idle_closed, stats.tcp_open) == (1, 0)
 
 
 async def test_a_steady_sender_is_not_cut_off_by_the_packet_timeout(
