@@ -32,6 +32,7 @@ _tuple_new = tuple.__new__
 
 
 _VERDICT_LABEL = {True: "listed", False: "clean", None: "unknown"}
+_SETTLED = frozenset(("private", "allowlist"))  # decided by configuration: no later answer differs
 
 
 class Verdict(NamedTuple):
@@ -136,15 +137,16 @@ class LookupService:
             return Verdict(ip, cached.listed, "cache", cached.id, cached.last_reported)
         return None
 
-    def may_look_up(self, share: float) -> bool:
+    def may_look_up(self, share: float, starting: int = 0) -> bool:
         """Whether a lookup limited to ``share`` of the budget could go upstream now.
 
-        Checks already queued count as spent, so a burst of callers in one loop iteration cannot
-        all pass this test and then find the share gone.
+        Checks already queued count as spent, and so do the ``starting`` lookups the caller began
+        that have not reached this service yet: a burst of callers in one loop iteration cannot all
+        pass this test and then find the share gone.
         """
         if self._client is None:
             return False
-        return self._client.budget.headroom(self._reserve(share)) > len(self._queued)
+        return self._client.budget.headroom(self._reserve(share)) > len(self._queued) + starting
 
     def _reserve(self, share: float) -> int:
         """Requests of the window a lookup limited to ``share`` of the budget must leave to others."""
@@ -152,6 +154,20 @@ class LookupService:
             return 0
         requests = self._client.budget.limit.requests
         return requests - math.floor(share * requests + 1e-9)
+
+    def answer_again(self, address: Addr, previous: Verdict | None) -> Verdict | None:
+        """``answer_now`` for an address answered ``previous``ly, returning ``previous`` itself when
+        nothing can have changed: a non-routable or allow-listed address, or one the complete mirror
+        did not list and still does not (the capture asks again for every packet).
+        """
+        if previous is not None:
+            source = previous.source
+            if source in _SETTLED:
+                return previous
+            mirror = self.mirror
+            if source == "mirror" and previous.listed is False and mirror is not None:
+                return mirror.verdict(address.text) or previous
+        return self.answer_now(address)
 
     async def lookup(self, address: Addr, deadline: float, *, share: float = 1.0) -> Verdict:
         return (await self.lookup_many([address], deadline, share=share))[0]

@@ -150,9 +150,6 @@ def _bounded(value: str) -> str:
 
 
 _order_of = attrgetter("order")
-# Verdicts that configuration decides (non-routable, allow-listed): no later answer changes them,
-# so the packet path does not ask again (the SBC's private side is in every call).
-_SETTLED = frozenset(("private", "allowlist"))
 
 
 class Sightings:
@@ -176,6 +173,7 @@ class Sightings:
         self._sequence = count(1)
         self._listed = 0
         self._checks: set[asyncio.Task[None]] = set()
+        self._starting = 0  # check tasks created that have not asked the lookup service yet
         self.evicted = 0
         self.evicted_protected = 0  # only when the whole store is protected
         self.listed_packets = 0
@@ -291,20 +289,19 @@ class Sightings:
 
     def _judge(self, sighting: Sighting) -> None:
         before = sighting.verdict
-        if before is not None and before.source in _SETTLED:
-            return
-        verdict = self._lookups.answer_now(sighting.address)
+        # Every packet asks again (an address listed after it was first seen is flagged on its next
+        # packet); an answer that cannot have changed comes back as the same object, cheaply.
+        verdict = self._lookups.answer_again(sighting.address, before)
         if verdict is None:
             self._check_later(sighting)
             return
-        sighting.verdict = verdict
+        if verdict is not before:
+            sighting.verdict = verdict
+            if bool(verdict.listed) is not (before is not None and before.listed is True):
+                self._listed_changed(sighting, bool(verdict.listed))
         if verdict.listed:
             self.listed_packets += 1
-            if before is None or not before.listed:
-                self._listed_changed(sighting, True)
             self._log_listed(sighting)
-        elif before is not None and before.listed:
-            self._listed_changed(sighting, False)
 
     def _listed_changed(self, sighting: Sighting, listed: bool) -> None:
         self._listed += 1 if listed else -1
@@ -328,14 +325,16 @@ class Sightings:
         # captured addresses would take the budget the list pull and enrichment need.
         if self._lookups.mirror is not None or sighting.checked or len(self._checks) >= MAX_BACKGROUND_CHECKS:
             return
-        if not self._lookups.may_look_up(self._check_share):
+        if not self._lookups.may_look_up(self._check_share, self._starting):
             return  # the capture's share of the budget is spent: a later packet tries again
         sighting.checked = True
+        self._starting += 1
         task = asyncio.get_running_loop().create_task(self._check(sighting))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
     async def _check(self, sighting: Sighting) -> None:
+        self._starting -= 1  # the lookup below queues its request before it first waits
         verdict = await self._lookups.lookup(sighting.address, deadline=30.0, share=self._check_share)
         if verdict.listed is None:
             sighting.checked = False  # nothing learnt (share spent, APIBAN failing): try again later
@@ -344,7 +343,7 @@ class Sightings:
             return  # forgotten meanwhile; the verdict is in the lookup cache for its next packet
         before = sighting.verdict
         sighting.verdict = verdict
-        if bool(verdict.listed) != bool(before is not None and before.listed):
+        if bool(verdict.listed) is not (before is not None and before.listed is True):
             self._listed_changed(sighting, bool(verdict.listed))
         if verdict.listed:
             self._log_listed(sighting)
@@ -365,6 +364,10 @@ class Sightings:
             ", ".join(f'"{safe_text(ua, 100)}"' for ua in sighting.user_agents) or "none",
             safe_text(sighting.verdict.id, 40) if sighting.verdict else None,
         )
+
+    async def settle(self) -> None:
+        """Wait for the check-mode lookups under way (their verdicts land in the sightings)."""
+        await asyncio.gather(*self._checks, return_exceptions=True)
 
     async def close(self) -> None:
         for task in list(self._checks):
