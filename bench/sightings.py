@@ -3,9 +3,10 @@
     python bench/sightings.py [--flood 1000000] [--capacity 100000]
 
 The step after decoding and SIP extraction: ``Sightings.record`` for one SIP REGISTER (sender and
-receiver), mirror mode with 20,000 listed addresses. Three cases: a known unlisted sender, a known
-listed sender, and a flood where every packet comes from a new spoofed source into a full store
-(``--capacity``), after one listed sender was seen. Beside each, the floor a bare ``OrderedDict``
+receiver), mirror mode with 20,000 listed addresses. Four cases: a known unlisted sender to the
+site's public address, the same to a private address, a known listed sender, and a flood where every
+packet comes from a new spoofed source into a full store (``--capacity``), after one listed sender
+was seen. Beside each, the floor a bare ``OrderedDict``
 LRU needs for the same bookkeeping (probe + move to end; insert + evict), measured in the same run.
 The flood also reports whether the listed sender is still remembered and the growth of the
 process' peak RSS. Run it against another checkout with ``PYTHONPATH=<checkout>`` to compare.
@@ -30,7 +31,8 @@ from hepsub_apiban.mirror import Mirror
 from hepsub_apiban.sightings import Sightings
 from hepsub_apiban.sip import SipInfo, parse_sip
 
-DST = "198.51.100.1"
+DST = "80.2.2.2"  # the site's public SIP address (not in the listed sample)
+PRIVATE_DST = "192.168.1.10"  # its private side
 REGISTER = (
     f"REGISTER sip:{DST} SIP/2.0\r\nVia: SIP/2.0/UDP 45.0.0.1:5060;branch=z9hG4bK-1;rport\r\n"
     f"From: <sip:100@{DST}>;tag=1\r\nTo: <sip:100@{DST}>\r\nCall-ID: bench-1@45.0.0.1\r\n"
@@ -101,7 +103,9 @@ async def measure(args: argparse.Namespace) -> list[list[str]]:
     assert info is not None
     listed = public_ips(20_000, seed=11)
     steady = store(listed, args.capacity)
+    assert DST not in listed
     unlisted_cost = per_call(lambda: steady.record("45.33.2.1", DST, info, 1.0))
+    private_cost = per_call(lambda: steady.record("45.33.2.1", PRIVATE_DST, info, 1.0))
     listed_cost = per_call(lambda: steady.record(listed[0], DST, info, 1.0))
     repeat_floor = floor_repeat()
     sources = spoofed(args.flood)
@@ -112,9 +116,11 @@ async def measure(args: argparse.Namespace) -> list[list[str]]:
     flood_floor = floor_flood(sources, args.capacity)
     us = 1e6
     return [
-        ["known unlisted sender + receiver", f"{unlisted_cost * us:.2f} us", f"{repeat_floor * us:.2f} us",
-         f"{unlisted_cost / repeat_floor:.1f} x", "-"],
-        ["known listed sender + receiver", f"{listed_cost * us:.2f} us", f"{repeat_floor * us:.2f} us",
+        ["known unlisted sender + public receiver", f"{unlisted_cost * us:.2f} us",
+         f"{repeat_floor * us:.2f} us", f"{unlisted_cost / repeat_floor:.1f} x", "-"],
+        ["known unlisted sender + private receiver", f"{private_cost * us:.2f} us",
+         f"{repeat_floor * us:.2f} us", f"{private_cost / repeat_floor:.1f} x", "-"],
+        ["known listed sender + public receiver", f"{listed_cost * us:.2f} us", f"{repeat_floor * us:.2f} us",
          f"{listed_cost / repeat_floor:.1f} x", "-"],
         [f"flood: {args.flood:,} new spoofed senders, cap {args.capacity:,}", f"{flood_cost * us:.2f} us",
          f"{flood_floor * us:.2f} us", f"{flood_cost / flood_floor:.1f} x",

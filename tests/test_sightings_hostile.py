@@ -10,10 +10,12 @@ import pytest
 
 from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.app import Clocks
+from hepsub_apiban.config import RateLimit
 from hepsub_apiban.hep import build_hep3
 from hepsub_apiban.keys import APIBAN, LOOKUPS, SIGHTINGS
 from hepsub_apiban.lookups import LookupService
 from hepsub_apiban.mirror import ACTIVE_FOR, Mirror
+from hepsub_apiban.ratelimit import Budget
 from hepsub_apiban.sightings import OTHER_METHOD, SIP_METHODS, STATUS_CODES, Sightings
 from hepsub_apiban.sip import SipInfo
 
@@ -252,3 +254,16 @@ async def test_queued_background_checks_count_against_the_share(
     assert (await first).listed is False
     assert (budget.used(), apiban.fake.request_count()) == (5, 1)
     assert (lookups.may_look_up(0.5), lookups.may_look_up(0.0)) == (False, False)
+
+
+def test_a_reserve_leaves_part_of_the_window_to_others() -> None:
+    clock = ManualClock(0.0)
+    budget = Budget(RateLimit(11, 120.0), clock)
+    assert [budget.try_acquire(reserve=6) for _ in range(6)] == [True] * 5 + [False]
+    assert (budget.headroom(reserve=6), budget.headroom()) == (0, 6)
+    assert [budget.try_acquire() for _ in range(7)] == [True] * 6 + [False]
+    clock.advance(120)
+    budget.block_for(10)
+    assert (budget.headroom(), budget.try_acquire(reserve=6)) == (0, False)
+    clock.advance(10)
+    assert budget.headroom(reserve=6) == 5
