@@ -219,14 +219,19 @@ async def test_check_mode_flood_spends_only_its_share_of_the_budget(
     assert client.app[APIBAN].budget.used() == share + 1
 
 
+def spend(lookups: LookupService, requests: int) -> Budget:
+    """The lookups' APIBAN budget, with ``requests`` of its window spent by other callers."""
+    budget = lookups._client.budget  # type: ignore[union-attr]
+    assert all(budget.try_acquire() for _ in range(requests))
+    return budget
+
+
 async def test_homer_joining_a_queued_background_check_sends_it_with_its_budget(
     service: tuple[LookupService, ManualClock],  # noqa: F811
     apiban: ApibanPeer,
 ) -> None:
     lookups, _ = service
-    budget = lookups._client.budget  # type: ignore[union-attr]
-    for _ in range(5):
-        assert budget.try_acquire()  # the background share (5 of 11) is used up
+    spend(lookups, 5)  # the background share (5 of 11) is used up
     assert not lookups.may_look_up(0.5)
     alone = await lookups.lookup(ip("8.8.8.8"), 1.0, share=0.5)
     assert (alone.listed, apiban.fake.request_count()) == (None, 0)
@@ -243,9 +248,7 @@ async def test_queued_background_checks_count_against_the_share(
     apiban: ApibanPeer,
 ) -> None:
     lookups, _ = service
-    budget = lookups._client.budget  # type: ignore[union-attr]
-    for _ in range(4):
-        assert budget.try_acquire()
+    budget = spend(lookups, 4)
     assert lookups.may_look_up(0.5)  # one request of the share is left
     first = asyncio.ensure_future(lookups.lookup(ip("8.8.8.8"), 1.0, share=0.5))
     await asyncio.sleep(0)  # its check is queued, not sent yet
