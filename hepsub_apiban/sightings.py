@@ -8,7 +8,7 @@ Anyone who can reach the HEP port can forge packets, so the store is built to su
   ordinary one is left. Two LRU orders keep this O(1) per packet.
 - Everything kept per address is bounded: actions count into a fixed set of buckets (the SIP
   methods plus "other"; status codes that matter, else their class), and user agents, users and
-  Call-IDs are small samples of values cut to a few dozen bytes. One address' answer stays a few KB.
+  Call-IDs are small samples of values cut to 128 bytes. One address' answer stays a few KB.
 - In check mode a new address costs one ``/check`` in the background, never on the packet path,
   and those lookups may spend only ``sightings.check_share`` of the APIBAN budget, so the HOMER
   lookups keep the rest whatever the capture shows.
