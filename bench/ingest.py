@@ -1,14 +1,18 @@
 """HEP ingest over UDP: the agent's highest loss-free rate beside a bare uvloop receiver's, and memory
 under a flood of spoofed sources.
 
-    python bench/ingest.py [--seconds 2] [--rates 25000,50000,...] [--flood 1000000]
+    python bench/ingest.py [--seconds 2] [--rates 25000,50000,...] [--flood 1000000] [--flood-only]
 
 Both receivers run pinned to core 0 with a 4 MiB receive buffer; the sender runs pinned to core 1
 and offers HEP3 packets carrying SIP REGISTERs (about 480 bytes; source addresses drawn from 10,000,
 a fifth of them listed) at a fixed rate for a few seconds. The agent decodes each packet, parses the
 SIP and updates its sightings (mirror mode, 20,000 listed IPs loaded from a snapshot); the bare
 receiver only counts datagrams. A rate is loss-free when every packet offered was counted. Then the
-agent gets N packets from N distinct spoofed sources, and its RSS is read.
+agent gets one packet from each of 2,000 listed addresses, then N packets from N distinct spoofed
+sources at 40,000/s (``--flood-rate``); its RSS (current and peak) is read, and how many of the
+listed senders it still remembers. ``--flood-only`` skips the rate search. To measure another
+checkout, run this script from that checkout's directory: the agent it starts (``python -m``)
+imports the package from the current directory.
 """
 
 from __future__ import annotations
@@ -179,42 +183,59 @@ async def main(args: argparse.Namespace) -> None:
         agent = await asyncio.create_subprocess_exec(
             *pinned(SERVER_CORE, [PYTHON, "-m", "hepsub_apiban", "serve"]), env=env
         )
+        bare_best = agent_best = 0
+        bare_rows: list[list[str]] = []
+        agent_rows: list[list[str]] = []
         try:
             await _until_up(http_port, bare_port)
-            bare_best, bare_rows = await loss_free(
-                "bare uvloop", bare_port, lambda: bare_count(bare_port), rates, args.seconds, packets_file
+            if not args.flood_only:
+                bare_best, bare_rows = await loss_free(
+                    "bare uvloop", bare_port, lambda: bare_count(bare_port), rates, args.seconds, packets_file
+                )
+                agent_best, agent_rows = await loss_free(
+                    "agent", hep_port, lambda: agent_count(http_port), rates, args.seconds, packets_file
+                )
+            flood = await flood_memory(
+                agent.pid, hep_port, http_port, (args.flood, args.flood_rate), Path(tmp), listed[:2000]
             )
-            agent_best, agent_rows = await loss_free(
-                "agent", hep_port, lambda: agent_count(http_port), rates, args.seconds, packets_file
-            )
-            flood = await flood_memory(agent.pid, hep_port, http_port, args.flood, Path(tmp))
         finally:
             for process in (bare, agent):
                 process.terminate()
                 await process.wait()
     print(f"machine: {machine()}")
-    print(
-        f"HEP3/UDP on loopback, SIP REGISTER payloads; receivers on core {SERVER_CORE}, "
-        f"sender on core {LOAD_CORE}, {args.seconds:g} s per rate"
-    )
-    print(table(["receiver", "offered/s", "sent", "received", "lost"], bare_rows + agent_rows))
-    print(
-        table(
-            ["receiver", "highest loss-free rate", "agent / bare"],
-            [
-                ["bare uvloop", f"{bare_best:,}/s", "-"],
-                [
-                    "agent (decode + SIP + sightings)",
-                    f"{agent_best:,}/s",
-                    f"{agent_best / bare_best:.2f}" if bare_best else "-",
-                ],
-            ],
+    if not args.flood_only:
+        print(
+            f"HEP3/UDP on loopback, SIP REGISTER payloads; receivers on core {SERVER_CORE}, "
+            f"sender on core {LOAD_CORE}, {args.seconds:g} s per rate"
         )
-    )
-    print()
+        print(table(["receiver", "offered/s", "sent", "received", "lost"], bare_rows + agent_rows))
+        print(
+            table(
+                ["receiver", "highest loss-free rate", "agent / bare"],
+                [
+                    ["bare uvloop", f"{bare_best:,}/s", "-"],
+                    [
+                        "agent (decode + SIP + sightings)",
+                        f"{agent_best:,}/s",
+                        f"{agent_best / bare_best:.2f}" if bare_best else "-",
+                    ],
+                ],
+            )
+        )
+        print()
     print(
         table(
-            ["distinct spoofed sources sent", "sightings kept", "evicted", "RSS before", "RSS after"], [flood]
+            [
+                "distinct spoofed sources sent",
+                "counted",
+                "sightings kept",
+                "evicted",
+                "listed senders kept",
+                "RSS before",
+                "RSS after",
+                "peak RSS",
+            ],
+            [flood],
         )
     )
 
@@ -230,7 +251,28 @@ async def _until_up(http_port: int, bare_port: int) -> None:
     raise RuntimeError("receivers did not start")
 
 
-async def flood_memory(pid: int, hep_port: int, http_port: int, count: int, tmp: Path) -> list[str]:
+def listed_senders(http_port: int) -> set[str]:
+    url = f"http://127.0.0.1:{http_port}/api/v1/sightings?listed=true&limit=1000000"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return {s["ip"] for s in json.loads(response.read())["sightings"]}
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+async def flood_memory(
+    pid: int, hep_port: int, http_port: int, flood: tuple[int, float], tmp: Path, listed: list[str]
+) -> list[str]:
+    count, rate = flood
+    path = tmp / "listed.pickle"
+    path.write_bytes(pickle.dumps(sip_packets(listed)))  # one packet from each listed sender
+    await offer(hep_port, rate / 10, len(listed) / (rate / 10), path)
+    counted = await settle(lambda: agent_count(http_port))
+    seen_listed = listed_senders(http_port) & set(listed)
     before = rss_kib(pid)
     chunk = 100_000
     for start in range(0, count, chunk):
@@ -240,18 +282,22 @@ async def flood_memory(pid: int, hep_port: int, http_port: int, count: int, tmp:
         ]
         path = tmp / "flood.pickle"
         path.write_bytes(pickle.dumps(sip_packets(sources)))
-        await offer(hep_port, FLOOD_RATE, len(sources) / FLOOD_RATE, path)
-    await settle(lambda: agent_count(http_port))
+        await offer(hep_port, rate, len(sources) / rate, path)
+    counted = await settle(lambda: agent_count(http_port)) - counted
     hep = agent_status(http_port)["hep"]
     assert isinstance(hep, dict)
     after = rss_kib(pid)
     sightings = hep["sightings"]
+    kept_listed = listed_senders(http_port) & seen_listed
     return [
         f"{count:,}",
+        f"{counted:,}",
         f"{sightings['ips']:,} (cap {sightings['capacity']:,})",
         f"{sightings['evicted']:,}",
+        f"{len(kept_listed):,} of {len(seen_listed):,}",
         f"{before / 1024:.1f} MiB",
         f"{after / 1024:.1f} MiB",
+        f"{peak_rss_kib(pid) / 1024:.1f} MiB",
     ]
 
 
@@ -262,4 +308,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rates", default="25000,50000,75000,100000,150000,200000,250000")
     parser.add_argument("--flood", type=int, default=1_000_000)
+    parser.add_argument("--flood-rate", type=float, default=FLOOD_RATE)
+    parser.add_argument("--flood-only", action="store_true", help="skip the loss-free rate search")
     asyncio.run(main(parser.parse_args()))

@@ -229,8 +229,9 @@ class ApibanClient:
         self.last_error: UpstreamError | None = None
         self.last_success: float | None = None
 
-    async def check(self, ip: str) -> CheckAnswer:
-        status, raw = await self._get("check", f"check/{quote(ip, safe='')}")
+    async def check(self, ip: str, reserve: int = 0) -> CheckAnswer:
+        """``reserve``: requests of the window this check must leave to others (a background check)."""
+        status, raw = await self._get("check", f"check/{quote(ip, safe='')}", reserve)
         return self._judge("check", lambda: classify_check(ip, status, raw))
 
     async def banned(self, since: str | None = None) -> Page:
@@ -252,13 +253,16 @@ class ApibanClient:
         self.last_success = self._wall_clock()
         return result
 
-    async def _get(self, endpoint: str, path: str) -> tuple[int, bytes]:
+    async def _get(self, endpoint: str, path: str, reserve: int = 0) -> tuple[int, bytes]:
         # Never waits for the budget: lookups have a deadline, and the mirror sync waits on its
         # own (injectable) clock before it asks.
-        if not self.budget.try_acquire():
-            wait = self.budget.wait_time()
+        if not self.budget.try_acquire(reserve):
             exc: ApibanError = BudgetSpent(
-                f"APIBAN request budget ({self.budget.limit} s) is spent; next request in {wait:.0f} s"
+                f"APIBAN request budget ({self.budget.limit} s) is spent; next request in "
+                f"{self.budget.wait_time():.0f} s"
+                if reserve == 0
+                else f"the share of the APIBAN request budget ({self.budget.limit} s) for "
+                "lookups of captured addresses is spent"
             )
             self.requests[(endpoint, exc.outcome)] += 1
             raise exc

@@ -159,6 +159,7 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
         sightings = Sightings(
             app[LOOKUPS],
             capacity=settings.sightings.max,
+            check_share=settings.sightings.check_share,
             log_every=settings.apiban.poll_interval,
             clock=clocks.wall,
         )

@@ -4,11 +4,18 @@ Order of answers: non-routable and allow-listed addresses locally, then the APIB
 in memory (mirror mode, once loaded), then the verdict cache, then one ``/check`` request per
 address, shared by every concurrent caller. Upstream failures are never cached: they become
 ``listed: null`` for this answer only, and the caller's deadline bounds the wait.
+
+A caller may limit its lookups to a ``share`` of the APIBAN request budget (the sightings do, for
+addresses first seen in the capture): such a request goes out only while fewer than
+``floor(share x budget)`` requests were sent in the window, so the other callers (HOMER) always
+find the rest of the window unspent. When HOMER asks for an address whose limited check is queued
+but has not gone out yet, the check goes out as HOMER's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +32,7 @@ _tuple_new = tuple.__new__
 
 
 _VERDICT_LABEL = {True: "listed", False: "clean", None: "unknown"}
+_SETTLED = frozenset(("private", "allowlist"))  # decided by configuration: no later answer differs
 
 
 class Verdict(NamedTuple):
@@ -91,6 +99,8 @@ class LookupService:
             maxsize=cache.size, ttu=self._time_to_use, timer=clock
         )
         self._in_flight: dict[str, asyncio.Task[Verdict]] = {}
+        # Checks created but not yet started, with the requests of the window each must leave unspent.
+        self._queued: dict[str, int] = {}
         self.answers: Counter[tuple[str, str]] = Counter()  # (source, verdict) -> count, for metrics
 
     def _time_to_use(self, _key: str, verdict: Verdict, now: float) -> float:
@@ -127,23 +137,62 @@ class LookupService:
             return Verdict(ip, cached.listed, "cache", cached.id, cached.last_reported)
         return None
 
-    async def lookup(self, address: Addr, deadline: float) -> Verdict:
-        return (await self.lookup_many([address], deadline))[0]
+    def may_look_up(self, share: float, starting: int = 0) -> bool:
+        """Whether a lookup limited to ``share`` of the budget could go upstream now.
 
-    async def lookup_many(self, addresses: Sequence[Addr], deadline: float) -> list[Verdict]:
-        """Verdicts in the order given, within ``deadline`` seconds whatever APIBAN does."""
+        Checks already queued count as spent, and so do the ``starting`` lookups the caller began
+        that have not reached this service yet: a burst of callers in one loop iteration cannot all
+        pass this test and then find the share gone.
+        """
+        if self._client is None:
+            return False
+        return self._client.budget.headroom(self._reserve(share)) > len(self._queued) + starting
+
+    def _reserve(self, share: float) -> int:
+        """Requests of the window a lookup limited to ``share`` of the budget must leave to others."""
+        if share >= 1.0 or self._client is None:
+            return 0
+        requests = self._client.budget.limit.requests
+        return requests - math.floor(share * requests + 1e-9)
+
+    def answer_again(self, address: Addr, previous: Verdict | None) -> Verdict | None:
+        """``answer_now`` for an address answered ``previous``ly, returning ``previous`` itself when
+        nothing can have changed: a non-routable or allow-listed address, or one the complete mirror
+        did not list and still does not (the capture asks again for every packet).
+        """
+        if previous is not None:
+            source = previous.source
+            if source in _SETTLED:
+                return previous
+            mirror = self.mirror
+            if source == "mirror" and previous.listed is False and mirror is not None:
+                return mirror.verdict(address.text) or previous
+        return self.answer_now(address)
+
+    async def lookup(self, address: Addr, deadline: float, *, share: float = 1.0) -> Verdict:
+        return (await self.lookup_many([address], deadline, share=share))[0]
+
+    async def lookup_many(
+        self, addresses: Sequence[Addr], deadline: float, *, share: float = 1.0
+    ) -> list[Verdict]:
+        """Verdicts in the order given, within ``deadline`` seconds whatever APIBAN does.
+
+        ``share``: the part of the APIBAN budget these lookups may spend (1.0: all of it).
+        """
         answers = [self.answer_now(address) for address in addresses]
         if None in answers:
-            await self._fill_from_upstream(addresses, answers, deadline)
+            await self._fill_from_upstream(addresses, answers, deadline, self._reserve(share))
         result: list[Verdict] = answers  # type: ignore[assignment]  # no None left
         self.answers.update([(v.source, _VERDICT_LABEL[v.listed]) for v in result])
         return result
 
     async def _fill_from_upstream(
-        self, addresses: Sequence[Addr], answers: list[Verdict | None], deadline: float
+        self, addresses: Sequence[Addr], answers: list[Verdict | None], deadline: float, reserve: int
     ) -> None:
         pending = {
-            a.text: self._upstream(a.text) for a, v in zip(addresses, answers, strict=True) if v is None
+            a.text: self._upstream(a.text, reserve)
+            for a, v in zip(addresses, answers, strict=True)
+            if v is None
         }
         done, _ = await asyncio.wait(pending.values(), timeout=deadline)
         for index, address in enumerate(addresses):
@@ -154,19 +203,29 @@ class LookupService:
                     _outcome(task, address.text) if task in done else _late(address.text, deadline)
                 )
 
-    def _upstream(self, ip: str) -> asyncio.Task[Verdict]:
+    def _upstream(self, ip: str, reserve: int) -> asyncio.Task[Verdict]:
         task = self._in_flight.get(ip)
-        if task is None:
+        # A finished task whose callback has not run yet failed (a success is in the cache): ask again.
+        if task is None or task.done():
+            self._queued[ip] = reserve
             task = asyncio.create_task(self._check(ip), name=f"apiban-check-{ip}")
             self._in_flight[ip] = task
-            task.add_done_callback(lambda _: self._in_flight.pop(ip, None))
+            task.add_done_callback(lambda done: self._landed(ip, done))
+        elif reserve < self._queued.get(ip, reserve):
+            self._queued[ip] = reserve  # not sent yet: it goes out with the more urgent caller's budget
         return task
 
+    def _landed(self, ip: str, task: asyncio.Task[Verdict]) -> None:
+        if self._in_flight.get(ip) is task:
+            del self._in_flight[ip]
+            self._queued.pop(ip, None)  # a task cancelled before it started
+
     async def _check(self, ip: str) -> Verdict:
+        reserve = self._queued.pop(ip, 0)  # read as the request goes out: a joining caller may lower it
         if self._client is None:
             return Verdict(ip, None, "unavailable", reason="the APIBAN list is not loaded yet")
         try:
-            answer = await self._client.check(ip)
+            answer = await self._client.check(ip, reserve)
         except ApibanError as exc:
             return Verdict(ip, None, "unavailable", reason=str(exc))
         now = int(self._wall_clock())

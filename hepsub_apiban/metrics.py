@@ -154,6 +154,11 @@ class _AgentCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_sightings_evicted", "IPs forgotten to keep the sightings bounded", sightings.evicted
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_sightings_evicted_protected",
+            "Listed or flagged IPs forgotten because every remembered IP was protected",
+            sightings.evicted_protected,
+        )
 
     def _enrichment(self) -> Iterator[Metric]:
         stats = self._sources.enrichment

@@ -41,9 +41,17 @@ class Budget:
             wait = max(wait, self._sent[len(self._sent) - allowed] + self.limit.window - now)
         return wait
 
-    def try_acquire(self) -> bool:
-        """Spend one request if the window allows it, without waiting."""
-        if self.wait_time() > 0:
+    def headroom(self, reserve: int = 0) -> int:
+        """Requests that may be sent now while leaving ``reserve`` requests of the window unspent."""
+        now = self._clock()
+        self._forget_old(now)
+        if self._blocked_until > now:
+            return 0
+        return max(0, self.limit.requests - reserve - len(self._sent))
+
+    def try_acquire(self, reserve: int = 0) -> bool:
+        """Spend one request if the window allows it (leaving ``reserve`` unspent), without waiting."""
+        if self.headroom(reserve) <= 0:
             return False
         self._sent.append(self._clock())
         return True

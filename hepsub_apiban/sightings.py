@@ -1,22 +1,39 @@
 """Sightings: every IP seen in captured SIP traffic, what it did, and its APIBAN verdict.
 
-The store is bounded and evicts the least recently seen IP, so a flood of spoofed source
-addresses costs a fixed amount of memory. Every packet re-reads the verdict, which in mirror
-mode is a dict probe (an IP listed after it was first seen is flagged on its next packet); in
-check mode a new IP costs one budgeted ``/check`` in the background, never on the packet path.
+Anyone who can reach the HEP port can forge packets, so the store is built to survive them:
+
+- It is bounded (``sightings.max``) and forgets the least recently seen *unprotected* address
+  first. An address APIBAN lists (or that local detection flags) is protected: a flood of
+  one-packet spoofed sources washes out ordinary sightings, never a protected one while an
+  ordinary one is left. Two LRU orders keep this O(1) per packet.
+- Everything kept per address is bounded: actions count into a fixed set of buckets (the SIP
+  methods plus "other"; status codes that matter, else their class), and user agents, users and
+  Call-IDs are small samples of values cut to 128 bytes. One address' answer stays a few KB.
+- In check mode a new address costs one ``/check`` in the background, never on the packet path,
+  and those lookups may spend only ``sightings.check_share`` of the APIBAN budget, so the HOMER
+  lookups keep the rest whatever the capture shows.
+
+Every packet re-reads the verdict, which in mirror mode is a dict probe: an address listed after
+it was first seen is flagged (and protected) on its next packet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import count
+from operator import attrgetter
 from typing import Any
 
 from .addresses import Addr, parse_ip
+from .logs import safe_text
 from .lookups import LookupService, Verdict
 from .sip import SipInfo
 
@@ -25,7 +42,33 @@ log = logging.getLogger(__name__)
 CALL_ID_SAMPLE = 10
 USER_AGENT_SAMPLE = 5
 USER_SAMPLE = 10
+SAMPLE_BYTES = 128  # per sampled value (UTF-8); sip.py already cut it to 200 characters
 MAX_BACKGROUND_CHECKS = 64  # check mode: upstream lookups in flight for new IPs
+
+# What an address did, counted into a fixed set of buckets so that forged input cannot grow it.
+SIP_METHODS = (
+    "INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "PRACK",
+    "SUBSCRIBE", "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE",
+)  # fmt: skip
+OTHER_METHOD = "other"
+# Status codes worth telling apart (what a scanner gets back, call progress, failures); any other
+# valid code counts under its class ("4xx"), an invalid one under "?".
+STATUS_CODES = frozenset(
+    (100, 180, 181, 183, 200, 202, 401, 403, 404, 405, 407, 408, 480, 481, 483, 484, 486, 487, 488,
+     500, 503, 603)
+)  # fmt: skip
+# Keyed by the optional SipInfo fields so the packet path needs no None test.
+_METHOD_KEY: dict[str | None, str] = {method: method for method in SIP_METHODS}
+_STATUS_KEY: dict[int | None, str] = {
+    code: str(code) if code in STATUS_CODES else f"{code // 100}xx" for code in range(100, 700)
+}
+# C0/C1 controls, DEL and the Unicode line separators: kept out of samples (they would only
+# forge lines where a sample is shown, and each costs six bytes of JSON).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+# ``Counter()`` runs Python-level ``__init__``/``update``; an empty one needs neither, and one is
+# made for every new address (a flood of spoofed sources makes one per packet).
+_new_counter = partial(Counter.__new__, Counter)
 
 
 @dataclass(slots=True)
@@ -35,17 +78,25 @@ class Sighting:
     first_seen: float
     last_seen: float
     packets: int = 0
-    methods: Counter[str] = field(default_factory=Counter)
-    user_agents: list[str] = field(default_factory=list)
-    call_ids: list[str] = field(default_factory=list)
-    users: list[str] = field(default_factory=list)
+    methods: Counter[str] = field(default_factory=_new_counter)
+    # Tuples: the empty one is shared, and the garbage collector stops tracking tuples of strings.
+    user_agents: tuple[str, ...] = ()
+    call_ids: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
     verdict: Verdict | None = None
     logged_at: float | None = None  # when this IP was last logged as listed
-    checked: bool = False  # check mode: the one upstream lookup a new IP gets was started
+    checked: bool = False  # check mode: an upstream lookup for this IP is under way or done
+    flagged: bool = False  # found hostile locally (the detection work sets it via Sightings.flag)
+    order: int = 0  # when last touched, in the store's own sequence (for most-recent-first listings)
 
     @property
     def listed(self) -> bool | None:
         return None if self.verdict is None else self.verdict.listed
+
+    @property
+    def protected(self) -> bool:
+        """Kept while any unprotected sighting is left to forget."""
+        return self.flagged or (self.verdict is not None and self.verdict.listed is True)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -78,9 +129,27 @@ class Sighting:
         }
 
 
-def _sample(items: list[str], value: str | None, limit: int) -> None:
-    if value and len(items) < limit and value not in items:
-        items.append(value)
+def _sampled(items: tuple[str, ...], value: str | None, limit: int) -> tuple[str, ...]:
+    """``items`` with ``value`` added if the sample has room and does not hold it yet."""
+    if not value or len(items) >= limit or value in items:
+        return items
+    if len(value) > SAMPLE_BYTES or not (value.isascii() and value.isprintable()):
+        value = _bounded(value)
+        if value in items:  # a long or dirty value is stored cleaned: compare that
+            return items
+    return (*items, value)
+
+
+def _bounded(value: str) -> str:
+    """``value`` with control characters replaced and at most SAMPLE_BYTES of UTF-8."""
+    if value.isascii() and value.isprintable():
+        return value[:SAMPLE_BYTES]
+    value = _CONTROL.sub("\ufffd", value)
+    raw = value.encode("utf-8", "replace")
+    return value if len(raw) <= SAMPLE_BYTES else raw[:SAMPLE_BYTES].decode("utf-8", "ignore")
+
+
+_order_of = attrgetter("order")
 
 
 class Sightings:
@@ -89,104 +158,202 @@ class Sightings:
         lookups: LookupService,
         *,
         capacity: int = 100_000,
+        check_share: float = 0.5,
         log_every: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._lookups = lookups
         self.capacity = capacity
+        self._check_share = check_share
         self._log_every = log_every
         self._clock = clock
-        self._items: OrderedDict[str, Sighting] = OrderedDict()
+        # Least recently seen first in each; a sighting is in exactly one of them.
+        self._ordinary: OrderedDict[str, Sighting] = OrderedDict()
+        self._protected: OrderedDict[str, Sighting] = OrderedDict()
+        self._sequence = count(1)
+        self._listed = 0
         self._checks: set[asyncio.Task[None]] = set()
+        self._starting = 0  # check tasks created that have not asked the lookup service yet
         self.evicted = 0
+        self.evicted_protected = 0  # only when the whole store is protected
         self.listed_packets = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._ordinary) + len(self._protected)
 
     def get(self, ip: str) -> Sighting | None:
-        return self._items.get(ip)
+        found = self._ordinary.get(ip)
+        return found if found is not None else self._protected.get(ip)
 
     def values(self, listed: bool | None = None) -> Iterator[Sighting]:
         """Most recently seen first."""
-        for sighting in reversed(self._items.values()):
+        if listed is True:  # every listed sighting is protected
+            newest_first: Iterator[Sighting] = reversed(self._protected.values())
+        else:
+            newest_first = heapq.merge(
+                reversed(self._ordinary.values()),
+                reversed(self._protected.values()),
+                key=_order_of,
+                reverse=True,
+            )
+        for sighting in newest_first:
             if listed is None or sighting.listed is listed:
                 yield sighting
 
     def listed_count(self) -> int:
-        return sum(1 for s in self._items.values() if s.listed)
+        return self._listed
+
+    def protected_count(self) -> int:
+        return len(self._protected)
+
+    def flag(self, ip: str, flagged: bool = True) -> bool:
+        """Mark a remembered address as found hostile by local detection (kept like a listed one).
+
+        Returns False when the address is not remembered.
+        """
+        sighting = self.get(ip)
+        if sighting is None:
+            return False
+        sighting.flagged = flagged
+        self._place(sighting)
+        return True
 
     def record(self, src_ip: str, dst_ip: str, sip: SipInfo, seen_at: float) -> None:
         """One SIP packet: the sender and the receiver are both sightings; the sender acted."""
         sender = self._touch(src_ip, seen_at)
         if sender is not None:
-            # Requests count by method, responses by status code ("401" answers to a scanner).
-            action = sip.method if sip.is_request and sip.method else str(sip.status or "?")
-            sender.methods[action] += 1
-            _sample(sender.user_agents, sip.user_agent, USER_AGENT_SAMPLE)
-            if sip.is_request:
-                _sample(sender.users, sip.from_user, USER_SAMPLE)
-            _sample(sender.call_ids, sip.call_id, CALL_ID_SAMPLE)
-            self._judge(sender, sip)
+            methods = sender.methods
+            # (dict.get rather than Counter's += 1: a new key would run Counter.__missing__ in Python)
+            if sip.status is None:
+                action = _METHOD_KEY.get(sip.method, OTHER_METHOD)
+                methods[action] = methods.get(action, 0) + 1
+                sender.users = _sampled(sender.users, sip.from_user, USER_SAMPLE)
+            else:
+                # Responses count by status code ("401" answers to a scanner).
+                action = _STATUS_KEY.get(sip.status, "?")
+                methods[action] = methods.get(action, 0) + 1
+            sender.user_agents = _sampled(sender.user_agents, sip.user_agent, USER_AGENT_SAMPLE)
+            sender.call_ids = _sampled(sender.call_ids, sip.call_id, CALL_ID_SAMPLE)
+            self._judge(sender)
         receiver = self._touch(dst_ip, seen_at)
         if receiver is not None:
-            _sample(receiver.call_ids, sip.call_id, CALL_ID_SAMPLE)
-            self._judge(receiver, sip)
+            receiver.call_ids = _sampled(receiver.call_ids, sip.call_id, CALL_ID_SAMPLE)
+            self._judge(receiver)
 
     def _touch(self, ip: str, seen_at: float) -> Sighting | None:
-        sighting = self._items.get(ip)  # the decoder's text is canonical in all but odd cases
-        if sighting is None:
-            address = parse_ip(ip)
-            if address is None:
-                return None
-            sighting = self._items.get(address.text)
-            if sighting is None:
-                return self._add(address, seen_at)
-        self._items.move_to_end(sighting.ip)
-        sighting.last_seen = max(sighting.last_seen, seen_at)
+        # The decoder's text is canonical in all but odd cases, so the first probe usually hits.
+        sighting = self._ordinary.get(ip)
+        if sighting is not None:
+            self._ordinary.move_to_end(ip)
+        else:
+            sighting = self._protected.get(ip)
+            if sighting is not None:
+                self._protected.move_to_end(ip)
+            else:
+                sighting = self._first_seen(ip, seen_at)
+                if sighting is None:
+                    return None
+        sighting.order = next(self._sequence)
+        if seen_at > sighting.last_seen:
+            sighting.last_seen = seen_at
         sighting.packets += 1
         return sighting
 
-    def _add(self, address: Addr, seen_at: float) -> Sighting:
-        sighting = Sighting(address.text, address, seen_at, seen_at, packets=1)
-        self._items[address.text] = sighting
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-            self.evicted += 1
+    def _first_seen(self, ip: str, seen_at: float) -> Sighting | None:
+        """A new sighting, or the one of an address first written another way (``::ffff:a.b.c.d``)."""
+        address = parse_ip(ip)
+        if address is None:
+            return None
+        key = address.text
+        if key != ip:
+            for items in (self._ordinary, self._protected):
+                sighting = items.get(key)
+                if sighting is not None:
+                    items.move_to_end(key)
+                    return sighting
+        if len(self._ordinary) + len(self._protected) >= self.capacity:
+            self._evict()
+        sighting = Sighting(key, address, seen_at, seen_at)
+        self._ordinary[key] = sighting
         return sighting
 
-    def _judge(self, sighting: Sighting, sip: SipInfo) -> None:
-        verdict = self._lookups.answer_now(sighting.address)
+    def _evict(self) -> None:
+        if self._ordinary:
+            self._ordinary.popitem(last=False)
+        else:
+            _, sighting = self._protected.popitem(last=False)
+            self.evicted_protected += 1
+            if sighting.listed:
+                self._listed -= 1
+        self.evicted += 1
+
+    def _judge(self, sighting: Sighting) -> None:
+        before = sighting.verdict
+        # Every packet asks again (an address listed after it was first seen is flagged on its next
+        # packet); an answer that cannot have changed comes back as the same object, cheaply.
+        verdict = self._lookups.answer_again(sighting.address, before)
         if verdict is None:
             self._check_later(sighting)
             return
-        sighting.verdict = verdict
+        if verdict is not before:
+            sighting.verdict = verdict
+            if bool(verdict.listed) is not (before is not None and before.listed is True):
+                self._listed_changed(sighting, bool(verdict.listed))
         if verdict.listed:
             self.listed_packets += 1
             self._log_listed(sighting)
+
+    def _listed_changed(self, sighting: Sighting, listed: bool) -> None:
+        self._listed += 1 if listed else -1
+        self._place(sighting)
+
+    def _place(self, sighting: Sighting) -> None:
+        """Move a sighting to the order its protection says, as the most recent there."""
+        key = sighting.ip
+        source, target = (
+            (self._ordinary, self._protected) if sighting.protected else (self._protected, self._ordinary)
+        )
+        if source.pop(key, None) is sighting:
+            sighting.order = next(self._sequence)  # keeps each order sorted for values()
+            target[key] = sighting
+
+    def _stored(self, sighting: Sighting) -> bool:
+        return self.get(sighting.ip) is sighting
 
     def _check_later(self, sighting: Sighting) -> None:
         # In mirror mode the list is on its way (the packet path re-reads it); per-IP checks of
         # captured addresses would take the budget the list pull and enrichment need.
         if self._lookups.mirror is not None or sighting.checked or len(self._checks) >= MAX_BACKGROUND_CHECKS:
             return
+        if not self._lookups.may_look_up(self._check_share, self._starting):
+            return  # the capture's share of the budget is spent: a later packet tries again
         sighting.checked = True
+        self._starting += 1
         task = asyncio.get_running_loop().create_task(self._check(sighting))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
     async def _check(self, sighting: Sighting) -> None:
-        verdict = await self._lookups.lookup(sighting.address, deadline=30.0)
-        if verdict.listed is not None:
-            sighting.verdict = verdict
-            if verdict.listed:
-                self._log_listed(sighting)
+        self._starting -= 1  # the lookup below queues its request before it first waits
+        verdict = await self._lookups.lookup(sighting.address, deadline=30.0, share=self._check_share)
+        if verdict.listed is None:
+            sighting.checked = False  # nothing learnt (share spent, APIBAN failing): try again later
+            return
+        if not self._stored(sighting):
+            return  # forgotten meanwhile; the verdict is in the lookup cache for its next packet
+        before = sighting.verdict
+        sighting.verdict = verdict
+        if bool(verdict.listed) is not (before is not None and before.listed is True):
+            self._listed_changed(sighting, bool(verdict.listed))
+        if verdict.listed:
+            self._log_listed(sighting)
 
     def _log_listed(self, sighting: Sighting) -> None:
         now = self._clock()
         if sighting.logged_at is not None and now - sighting.logged_at < self._log_every:
             return
         sighting.logged_at = now
+        # Method keys are from a fixed set; user agents and the ID came from the network.
         methods = ", ".join(f"{m} x{n}" for m, n in sighting.methods.most_common(5))
         log.warning(
             "APIBAN-listed %s in captured SIP: %d packet%s (%s), user agents %s, ID %s",
@@ -194,9 +361,13 @@ class Sightings:
             sighting.packets,
             "" if sighting.packets == 1 else "s",
             methods or "responses only",
-            sighting.user_agents or "none",
-            sighting.verdict.id if sighting.verdict else None,
+            ", ".join(f'"{safe_text(ua, 100)}"' for ua in sighting.user_agents) or "none",
+            safe_text(sighting.verdict.id, 40) if sighting.verdict else None,
         )
+
+    async def settle(self) -> None:
+        """Wait for the check-mode lookups under way (their verdicts land in the sightings)."""
+        await asyncio.gather(*self._checks, return_exceptions=True)
 
     async def close(self) -> None:
         for task in list(self._checks):

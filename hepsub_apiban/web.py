@@ -279,6 +279,8 @@ def _hep_status(app: web.Application) -> dict[str, Any]:
             "listed_packets": sightings.listed_packets,
             "evicted": sightings.evicted,
             "capacity": sightings.capacity,
+            "protected": sightings.protected_count(),
+            "evicted_protected": sightings.evicted_protected,
         },
     }
 
