@@ -36,10 +36,11 @@ MAPPING_HINT = (
 )
 NO_CALL_ID_NOTE = 'no Call-ID in the request ("sid" or "callid"); the HOMER tab needs one'
 
+MAX_BRACKETS = 10_000  # lists and objects in a body, at most; see parse_request
 MAX_DATA_KEYS = 64  # keys of "data" examined besides the Call-IDs (a mapping has a handful)
 # Values looked at per Call-ID or address allowed (homer-app repeats an IP under source_ip and
 # dst_ip); past that the rest is only counted, so junk cannot buy parsing time.
-VALUES_PER_LIMIT = 4
+VALUES_PER_LIMIT = 2
 MAX_CALL_ID_CHARS = 256  # a longer Call-ID is answered under its first 256 characters
 MAX_ECHO_CHARS = 100  # mapping keys and ignored values are echoed cut to this length
 MAX_FIELDS = 8  # mapping keys named per IP
@@ -82,6 +83,15 @@ class EnrichmentRequest:
 
 
 def parse_request(raw: bytes, limits: EnrichmentSettings = DEFAULT_LIMITS) -> EnrichmentRequest:
+    # Counted on the bytes, before decoding: 1 MiB holds 350,000 empty lists, and decoding that
+    # many containers takes 20 to 90 ms (the garbage collector runs hundreds of times). A "[" or
+    # "{" inside a string counts too: an upper bound is all this needs.
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets > MAX_BRACKETS:
+        raise BadEnrichmentRequest(
+            f'request body has {brackets:,} "[" and "{{" characters, more than {MAX_BRACKETS:,}; '
+            "homer-app sends one object and one list per mapping key"
+        )
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -138,9 +148,8 @@ class _Tally:
         try:
             self.values.update(values)
         except TypeError:
-            hashable = [
-                v for v in values if not isinstance(v, (list, dict))
-            ]  # a tuple is faster than list | dict
+            # The fastest test there is (isinstance takes twice as long): 350,000 fit in 1 MiB.
+            hashable = [v for v in values if v.__class__ is not list and v.__class__ is not dict]
             self.values.update(hashable)
             self.unhashable += len(values) - len(hashable)
 

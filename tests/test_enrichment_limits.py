@@ -16,8 +16,10 @@ import pytest
 from hepsub_apiban.config import EnrichmentSettings
 from hepsub_apiban.enrichment import (
     LEFT_OUT_ROOM,
+    MAX_BRACKETS,
     MAX_CALL_ID_CHARS,
     MAX_DATA_KEYS,
+    VALUES_PER_LIMIT,
     EnrichmentRequest,
     build_answer,
     parse_request,
@@ -175,6 +177,33 @@ async def test_a_low_answer_cap_through_the_environment_is_honoured(agent: Agent
     assert len(raw) <= 16384
     assert answer["leg-0"]["t_sec"] == FROM_MS // 1000
     assert "enrichment.max_answer_bytes = 16,384" in answer["leg-0"]["left_out"]["answer_size"]
+
+
+async def test_a_body_of_many_lists_is_refused_before_decoding(agent: AgentFactory) -> None:
+    # 1 MiB of "[]" decodes into 350,000 lists: 20 to 90 ms of the event loop. homer-app's body
+    # has a handful of brackets, so the body gets the same answer as one that is not JSON.
+    client = await agent()
+    payload = body(["c@d"], source_ip=[[]] * 340_000)
+    assert len(payload) <= ONE_MIB
+    status, _, answer, _ = await post(client, payload)
+    assert status == 200
+    assert answer == {
+        "error": 'request body has 340,004 "[" and "{" characters, more than 10,000; '
+        "homer-app sends one object and one list per mapping key"
+    }
+
+
+def test_the_most_lists_a_body_may_hold_are_examined() -> None:
+    lists = MAX_BRACKETS - 4  # and the body's object, data's object, the sid and source_ip lists
+    request = parse_request(body(["c@d"], source_ip=[[]] * lists + ["10.0.0.1"]))
+    assert request.call_ids == ["c@d"]
+    assert request.ignored == {"source_ip": ["(a list of 0 items)"] * 5}
+    _, answer = answer_of(request)
+    examined = VALUES_PER_LIMIT * 500
+    assert answer["c@d"]["left_out"] == {
+        "addresses": f"{lists - examined + 1:,} further values not examined (enrichment.max_addresses = 500)",
+        "ignored": f"{examined:,} values are not IP addresses; 5 of them shown in ignored",
+    }
 
 
 # --------------------------------------------------------------------------- linear work
