@@ -204,7 +204,8 @@ class _Parser:
     def add_values(self, key: str, values: list[object]) -> None:
         # The hot loop of every enrichment: locals only, one parse and one dict probe per value.
         request, room = self.request, self._value_room
-        fields, addresses, limit = request.fields, request.addresses, request.limits.max_addresses
+        fields, addresses = request.fields, request.addresses
+        free = request.limits.max_addresses - len(addresses)  # new addresses still allowed
         head = values if len(values) <= room else values[:room]
         self._value_room -= len(head)
         rest = iter(head)
@@ -216,10 +217,11 @@ class _Parser:
             text = address.text
             seen_in = fields.get(text)
             if seen_in is None:
-                if len(addresses) >= limit:
+                if not free:
                     self._value_room = 0
                     self._more_values.add([value, *rest])
                     break
+                free -= 1
                 addresses.append(address)
                 fields[text] = [key]
             elif key not in seen_in and len(seen_in) < MAX_FIELDS:
