@@ -203,7 +203,7 @@ def env_for(
 
 async def in_process(
     args: argparse.Namespace, bodies: dict[str, bytes], state: Path
-) -> dict[str, list[float]]:
+) -> dict[str, tuple[list[float], int]]:
     settings = load_settings(None, env_for(args, state, "http://127.0.0.1:9", free_port(), 0))
     logging.getLogger("hepsub_apiban").setLevel(logging.ERROR)  # not one warning per listed sighting
     app = create_app(settings)
@@ -214,22 +214,22 @@ async def in_process(
         for ip in sighted(args.max_addresses):
             for info in sip_infos(ip):
                 store.record(ip, HEP_TARGET, info, time.time())
-        times: dict[str, list[float]] = {}
+        times: dict[str, tuple[list[float], int]] = {}
         for name, raw in bodies.items():
             response, outcome = await answer_enrichment(app, raw)  # warm-up, and the check
-            check_answer(name, response.body, outcome, args)
+            answer_bytes = check_answer(name, response.body, outcome)
             runs = []
             for _ in range(args.repeat):
                 started = time.perf_counter()
                 await answer_enrichment(app, raw)
                 runs.append(time.perf_counter() - started)
-            times[name] = runs
+            times[name] = (runs, answer_bytes)
         return times
     finally:
         await runner.cleanup()
 
 
-def check_answer(name: str, body: object, outcome: str, args: argparse.Namespace) -> None:
+def check_answer(name: str, body: object, outcome: str) -> int:
     """The benchmark measures real answers: 200 JSON within the cap, with sightings where due."""
     assert isinstance(body, bytes), name
     assert outcome == ("bad_request" if "refused" in name else "ok"), (name, outcome)
@@ -240,6 +240,7 @@ def check_answer(name: str, body: object, outcome: str, args: argparse.Namespace
         assert answer[ipv4(0)]["seen"]["user_agents"] == USER_AGENTS, name
         assert len(answer[ipv4(0)]["seen"]["methods"]) >= 15, name
         assert answer["call-1@bench"]["listed"], name
+    return len(body)
 
 
 # --------------------------------------------------------------------------- through a server
@@ -370,12 +371,13 @@ async def main(args: argparse.Namespace) -> None:
     )
     rows = []
     for name, raw in bodies.items():
-        runs = local[name]
+        runs, answer_bytes = local[name]
         walls, worst = served[name]
         rows.append(
             [
                 name,
                 f"{len(raw):,}",
+                f"{answer_bytes:,}",
                 f"{statistics.median(runs) * 1e3:.2f} / {max(runs) * 1e3:.2f}",
                 f"{statistics.median(walls) * 1e3:.1f} / {max(walls) * 1e3:.1f}",
                 f"{worst * 1e3:.1f}",
@@ -384,6 +386,7 @@ async def main(args: argparse.Namespace) -> None:
     headers = [
         "body",
         "bytes",
+        "answer bytes",
         f"in process ms, median / max of {args.repeat}",
         f"POST ms, median / max of {args.posts}",
         "slowest /healthz during the POSTs, ms",
