@@ -391,6 +391,25 @@ def test_no_call_id_still_gets_a_bounded_answer_with_its_notes() -> None:
     assert set(answer) == {"summary", "note", "left_out", *private_ips(5)}
 
 
+def test_a_small_request_with_a_large_answer_is_fitted_to_the_cap() -> None:
+    # 40 addresses are few enough to be serialised whole; with their sightings that is about
+    # 56 KB, past the cap, so the answer is built again member by member.
+    limits = EnrichmentSettings(max_answer_bytes=16384)
+    ips = private_ips(40)
+    request = parse_request(body(["a@x"], source_ip=ips), limits)
+    _, answer = answer_of(request, {ip: seen() for ip in ips})
+    assert len(orjson.dumps({ip: seen() for ip in ips})) > 50_000
+    detailed = [ip for ip in ips if ip in answer]
+    listed = [v.ip for v in verdicts_for(request) if v.listed]
+    assert 0 < len(detailed) < len(listed)
+    assert detailed == listed[: len(detailed)]  # listed addresses have the first claim
+    assert answer["a@x"]["checked"] == ips
+    assert answer["a@x"]["left_out"] == {
+        "answer_size": "to stay within enrichment.max_answer_bytes = 16,384, left out: "
+        f"the details of {40 - len(detailed)} of 40 addresses"
+    }
+
+
 def test_whole_and_fitted_answers_agree_when_nothing_is_cut() -> None:
     # A small answer is serialised whole; past WHOLE_ANSWER_ITEMS it is assembled member by
     # member. Both must give the same object when the cap is not reached.
