@@ -118,13 +118,20 @@ async def _enrich(request: web.Request) -> tuple[web.Response, str]:
         raw = await read_body(request, request.app[SETTINGS].agent.body_timeout)
     except BodyError as exc:  # homer-app gets its 200 whatever the body's fate
         return json_response({"error": exc.message}), "bad_request"
+    return await answer_enrichment(request.app, raw)
+
+
+async def answer_enrichment(app: web.Application, raw: bytes) -> tuple[web.Response, str]:
+    """The answer to a body already read: the part of a request that holds the event loop
+    (bounded by the enrichment.* settings; bench/enrichment_limits.py times it)."""
+    settings = app[SETTINGS]
     try:
-        parsed = parse_request(raw)
+        parsed = parse_request(raw, settings.enrichment)
     except BadEnrichmentRequest as exc:
         return json_response({"error": str(exc)}), "bad_request"
-    deadline = request.app[SETTINGS].agent.deadline
-    verdicts = await request.app[LOOKUPS].lookup_many(parsed.addresses, deadline)
-    return json_response(build_answer(parsed, verdicts, _seen(request.app, parsed.fields))), "ok"
+    verdicts = await app[LOOKUPS].lookup_many(parsed.addresses, settings.agent.deadline)
+    answer = build_answer(parsed, verdicts, _seen(app, parsed.fields))
+    return web.Response(body=answer, content_type="application/json"), "ok"
 
 
 def _seen(app: web.Application, ips: Iterable[str]) -> dict[str, dict[str, Any]] | None:
