@@ -27,6 +27,7 @@ from hepsub_apiban.enrichment import (
 )
 from hepsub_apiban.keys import SIGHTINGS
 from hepsub_apiban.lookups import Verdict
+from hepsub_apiban.sightings import SAMPLE_BYTES
 from hepsub_apiban.sip import SipInfo
 
 from .conftest import AgentFactory, ApibanPeer
@@ -148,7 +149,8 @@ async def test_the_answer_cap_leaves_out_details_and_says_so(agent: AgentFactory
     assert all(answer[call_id]["t_sec"] == FROM_MS // 1000 for call_id in call_ids)
     detailed = [ip for ip in ips if ip in answer]
     assert 0 < len(detailed) < 500
-    assert answer[detailed[0]]["seen"]["user_agents"] == ["scanner-0-" + "x" * 190]
+    # The sighting keeps a sample cut to SAMPLE_BYTES; the answer shows it whole.
+    assert answer[detailed[0]]["seen"]["user_agents"] == [("scanner-0-" + "x" * 190)[:SAMPLE_BYTES]]
     assert first["left_out"] == {
         "answer_size": "to stay within enrichment.max_answer_bytes = 65,536, left out: "
         f"the details of {500 - len(detailed)} of 500 addresses"
