@@ -11,6 +11,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -72,12 +73,12 @@ class Sources:
 
 
 def _labelled_counter(
-    name: str, documentation: str, labels: list[str], counts: Mapping[tuple[str, str], int]
+    name: str, documentation: str, labels: list[str], counts: Mapping[Any, int]
 ) -> CounterMetricFamily:
-    """A counter family from a Counter keyed by label-value pairs, in a stable order."""
+    """A counter family from a Counter keyed by one label value, or by a tuple of them, in a stable order."""
     family = CounterMetricFamily(name, documentation, labels=labels)
     for values, count in sorted(counts.items()):
-        family.add_metric(list(values), count)
+        family.add_metric([str(v) for v in values] if isinstance(values, tuple) else [str(values)], count)
     return family
 
 
@@ -110,24 +111,18 @@ class _AgentCollector(Collector):
         if collector is None or sightings is None:
             return
         stats = collector.stats
-        packets = CounterMetricFamily(
-            f"{PREFIX}_hep_packets", "HEP packets decoded", labels=["transport", "version"]
+        yield _labelled_counter(
+            f"{PREFIX}_hep_packets", "HEP packets decoded", ["transport", "version"], stats.by_version
         )
-        for (transport, version), count in sorted(stats.by_version.items()):
-            packets.add_metric([transport, str(version)], count)
-        yield packets
-        bad = CounterMetricFamily(
-            f"{PREFIX}_hep_bad_packets", "HEP packets dropped as malformed", labels=["reason"]
+        yield _labelled_counter(
+            f"{PREFIX}_hep_bad_packets", "HEP packets dropped as malformed", ["reason"], stats.bad
         )
-        for reason, count in sorted(stats.bad.items()):
-            bad.add_metric([reason], count)
-        yield bad
-        non_sip = CounterMetricFamily(
-            f"{PREFIX}_hep_non_sip_packets", "HEP packets of other protocol types", labels=["proto_type"]
+        yield _labelled_counter(
+            f"{PREFIX}_hep_non_sip_packets",
+            "HEP packets of other protocol types",
+            ["proto_type"],
+            stats.non_sip,
         )
-        for proto, count in sorted(stats.non_sip.items()):
-            non_sip.add_metric([str(proto)], count)
-        yield non_sip
         drops = collector.kernel_drops()
         if drops is not None:
             yield CounterMetricFamily(
@@ -162,14 +157,12 @@ class _AgentCollector(Collector):
 
     def _enrichment(self) -> Iterator[Metric]:
         stats = self._sources.enrichment
-        outcomes = CounterMetricFamily(
+        yield _labelled_counter(
             f"{PREFIX}_enrichment_requests",
             "HOMER enrichment requests answered, by outcome",
-            labels=["outcome"],
+            ["outcome"],
+            stats.outcomes,
         )
-        for outcome, count in sorted(stats.outcomes.items()):
-            outcomes.add_metric([outcome], count)
-        yield outcomes
         yield stats.latency.family(
             f"{PREFIX}_enrichment_seconds", "Time to answer a HOMER enrichment request"
         )
@@ -256,14 +249,12 @@ class _AgentCollector(Collector):
                 sync.status.next_sync,
             )
         yield CounterMetricFamily(f"{PREFIX}_mirror_pages", "APIBAN list pages received", sync.status.pages)
-        dropped = CounterMetricFamily(
+        yield _labelled_counter(
             f"{PREFIX}_mirror_dropped",
             "APIBAN entries not held, by reason (not_an_address, non_routable)",
-            labels=["reason"],
+            ["reason"],
+            mirror.dropped,
         )
-        for reason, count in sorted(mirror.dropped.items()):
-            dropped.add_metric([reason], count)
-        yield dropped
         yield CounterMetricFamily(
             f"{PREFIX}_mirror_full_pulls_rejected",
             "Full pulls not accepted because they reported under half of the last complete one",
