@@ -26,7 +26,7 @@ import aiohttp
 
 from .addresses import canonical
 from .config import ApibanSettings
-from .jsonutil import loads_object
+from .jsonutil import BodyTooLarge, loads_object, read_capped
 from .logs import Redactor, safe_text
 from .ratelimit import Budget
 
@@ -271,8 +271,8 @@ class ApibanClient:
                 f"{self._base}/{path}", timeout=self._timeout, allow_redirects=False
             ) as response:
                 return response.status, await read_capped(response, MAX_BODY_BYTES)
-        except BadAnswer as too_big:
-            error: ApibanError = too_big
+        except BodyTooLarge as too_big:
+            error: ApibanError = BadAnswer(f"APIBAN sent {too_big}")
         except TimeoutError:
             error = Transient(f"APIBAN did not answer within {self._timeout_s:g} s")
         except aiohttp.ClientError as exc:
@@ -290,17 +290,3 @@ class ApibanClient:
 
     def requests_sent(self) -> int:
         return sum(n for (_, outcome), n in self.requests.items() if outcome != BudgetSpent.outcome)
-
-
-async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, or ``BadAnswer`` as soon as it passes ``limit`` bytes (decoded, so a compressed
-    bomb is cut too). Leaving the response context then closes the connection unread."""
-    declared = response.content_length
-    if declared is not None and declared > limit:
-        raise BadAnswer(f"APIBAN sent a {declared:,}-byte body; answers are at most {limit:,} bytes")
-    body = bytearray()
-    async for chunk in response.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BadAnswer(f"APIBAN sent a body of more than {limit:,} bytes")
-    return bytes(body)

@@ -21,13 +21,16 @@ import aiohttp
 import orjson
 
 from .config import Settings
-from .jsonutil import loads_object
-from .logs import Redactor
+from .jsonutil import BodyTooLarge, loads_object, read_capped
+from .logs import Redactor, safe_text
 from .timing import Sleep
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
+# homer-app answers a subscribe with a few hundred bytes of JSON; anything far larger is not it.
+MAX_ANSWER_BYTES = 64 * 1024
+MAX_MESSAGE_CHARS = 300  # of homer-app's reason, in the log and the status page
 
 
 @dataclass(slots=True)
@@ -120,9 +123,11 @@ class Registrar:
             async with self._session.post(
                 url, data=orjson.dumps(self.body()), headers=headers, timeout=self._timeout
             ) as response:
-                status, raw = response.status, await response.read()
+                status, raw = response.status, await read_capped(response, MAX_ANSWER_BYTES)
         except TimeoutError:
             return self._failed(None, f"homer-app at {self._homer.url} did not answer in time")
+        except BodyTooLarge as exc:
+            return self._failed(None, f"homer-app at {self._homer.url} sent {exc}")
         except aiohttp.ClientError as exc:
             return self._failed(None, f"cannot reach homer-app at {self._homer.url}: {exc}")
         if status == 201:
@@ -193,8 +198,8 @@ class Registrar:
         url = f"{self._homer.url}/api/v3/agent/subscribe/{self.uuid}"
         try:
             async with self._session.delete(url, headers=headers, timeout=self._timeout) as response:
-                status, raw = response.status, await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                status, raw = response.status, await read_capped(response, MAX_ANSWER_BYTES)
+        except (TimeoutError, aiohttp.ClientError, BodyTooLarge) as exc:
             log.warning("could not unregister from HOMER: %s", self._redact(str(exc) or type(exc).__name__))
             return False
         if status != 200:
@@ -214,8 +219,9 @@ class Registrar:
             async with self._session.post(
                 f"{self._homer.url}/api/v3/auth", json=credentials, timeout=self._timeout
             ) as response:
-                body = orjson.loads(await response.read()) if response.status == 201 else None
-        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
+                ok = response.status == 201
+                body = orjson.loads(await read_capped(response, MAX_ANSWER_BYTES)) if ok else None
+        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, BodyTooLarge):
             body = None
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
@@ -225,11 +231,12 @@ class Registrar:
 
 
 def _message(raw: bytes) -> str:
+    """homer-app's reason, fit for the log and the status page: escaped and cut short."""
     body = loads_object(raw)
     if body is None:
-        return raw[:200].decode("utf-8", "replace").strip()
+        return safe_text(raw[:MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip(), MAX_MESSAGE_CHARS)
     message = body.get("message")
-    return message if isinstance(message, str) else ""
+    return safe_text(message, MAX_MESSAGE_CHARS) if isinstance(message, str) else ""
 
 
 def _expire_ts(raw: bytes) -> float | None:

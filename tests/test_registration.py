@@ -193,3 +193,23 @@ def test_backoff_never_waits_past_the_refresh_interval(failures: int, tmp_path: 
     registrar.status.failures = failures
     assert registrar.next_delay(False) == min(9.0, 60.0, 2.0 ** (failures - 1))
     assert registrar.next_delay(True) == 9.0
+
+
+async def test_a_hostile_homer_message_is_escaped_and_cut_short(
+    agent: AgentFactory, aiohttp_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever answers at homer.url (a proxy, anything on the way) cannot forge log lines or
+    fill the status page with its reason."""
+    clock = ManualClock()
+    homer, url = await start_homer(aiohttp_server, clock)
+    homer.fail_next = 1
+    homer.fail_message = "db down\n2026-11-29 ERROR forged line\x1b[2J" + "x" * 50_000
+    client = await agent(Clocks(wall=clock, sleep=clock.sleep), **homer_env(url))
+    await clock.next_sleep()
+    registration = (await (await client.get("/api/v1/status")).json())["registration"]
+    message = registration["last_message"]
+    assert message.startswith("db down\\x0a2026-11-29 ERROR forged line\\x1b[2J")
+    assert len(message) < 400
+    logged = [r.getMessage() for r in caplog.records if r.name == "hepsub_apiban.registration"]
+    assert logged
+    assert all("\n" not in line and "\x1b" not in line and len(line) < 600 for line in logged)
