@@ -49,6 +49,9 @@ MAX_FIELDS = 8  # mapping keys named per IP
 IGNORED_KEYS = 10  # the ignored sample: mapping keys shown ...
 IGNORED_PER_KEY = 5  # ... and values shown per key
 SUMMARY_IPS = 10  # IPs named in the summary sentence, then "and N more"
+# IPs each further Call-ID's object names in its listed and checked (the interface gives every
+# Call-ID both lists); the first Call-ID's object has them whole.
+POINTER_IPS = 10
 SUMMARY_KEYS = 3  # mapping keys named in the summary sentence
 SUMMARY_KEY_CHARS = 32
 # 9999-12-31T23:59:59.999Z: a "fromts" past it is not a time (and would not fit orjson's int64).
@@ -360,9 +363,16 @@ def _call_core(request: EnrichmentRequest, call: _Call) -> dict[str, Any]:
 
 
 def _pointer(request: EnrichmentRequest, call: _Call) -> dict[str, Any]:
-    """Every further Call-ID's object: what the HOMER tab reads, counts only, and where the rest is."""
-    summary = _summary(request, call.checked, call.listed, call.unknown, names=0)
-    return {"t_sec": call.t_sec, "summary": summary, "details": f"see {request.call_ids[0]}"}
+    """Every further Call-ID's object: what the HOMER tab reads, the lists' first POINTER_IPS
+    addresses, and where the whole object is. Its size does not grow with the addresses, so the
+    answer grows by a small object per Call-ID, never by Call-IDs times addresses."""
+    return {
+        "t_sec": call.t_sec,
+        "summary": _summary(request, call.checked, call.listed, call.unknown, names=0),
+        "listed": call.listed[:POINTER_IPS],
+        "checked": call.checked[:POINTER_IPS],
+        "details": f"see {request.call_ids[0]}",
+    }
 
 
 def _no_call_id(call: _Call, left_out: dict[str, str]) -> dict[str, Any]:

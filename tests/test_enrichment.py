@@ -87,10 +87,12 @@ async def test_fixture_2_two_calls_loopback_and_ipv6(agent: AgentFactory, apiban
     assert status == 200
     first, second = answer["leg-a@example.com"], answer["leg-b@example.com"]
     assert first["listed"] == ["2a01:4f8::5"]
-    # Only the first Call-ID carries the call's lists; the others say where they are.
+    # Only the first Call-ID carries the call's whole object; the others, short lists and where it is.
     assert second == {
         "t_sec": first["t_sec"],
         "summary": "APIBAN lists 1 of 3 addresses",
+        "listed": ["2a01:4f8::5"],
+        "checked": ["127.0.0.1", "2a01:4f8::5", "2001:db8::5"],
         "details": "see leg-a@example.com",
     }
     assert answer["127.0.0.1"]["source"] == "private"

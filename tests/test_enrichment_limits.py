@@ -19,6 +19,7 @@ from hepsub_apiban.enrichment import (
     MAX_BRACKETS,
     MAX_CALL_ID_CHARS,
     MAX_DATA_KEYS,
+    POINTER_IPS,
     VALUES_PER_LIMIT,
     EnrichmentRequest,
     build_answer,
@@ -124,6 +125,8 @@ async def test_a_1_mb_body_of_many_call_ids_and_ips_gets_a_bounded_answer(
         assert answer[call_id] == {
             "t_sec": FROM_MS // 1000,
             "summary": "APIBAN lists none of 500 addresses; not every value was examined (see left_out)",
+            "listed": [],
+            "checked": ips[:POINTER_IPS],  # the first ten; the first Call-ID has them all
             "details": f"see {call_ids[0]}",
         }
     assert call_ids[100] not in answer
@@ -292,9 +295,9 @@ def test_the_answer_grows_by_a_small_object_per_call_id() -> None:
         return len(raw)
 
     assert size(1, 300) > 300 * 1000  # 300 addresses with their sightings
-    few = (size(100, 30) - size(1, 30)) / 99
+    few = (size(100, 70) - size(1, 70)) / 99  # past WHOLE_ANSWER_ITEMS, as 300 is: built alike
     many = (size(100, 300) - size(1, 300)) / 99
-    assert many < 160  # the pointer object: t_sec, a summary of counts, where the details are
+    assert many < 160 + 2 * POINTER_IPS * len('"10.0.0.100",')  # t_sec, a summary, short lists
     assert many - few <= 3  # only the digits of the counts differ
 
 
@@ -424,12 +427,17 @@ def test_whole_and_fitted_answers_agree_when_nothing_is_cut() -> None:
         count = len(parsed.addresses)
         assert answer["a@x"]["checked"] == ips[:count]
         listed = sum(1 for verdict in verdicts_for(parsed) if verdict.listed)
-        assert answer["10.0.0.3"] == {  # a Call-ID that looks like an IP keeps the Call-ID's object
-            "t_sec": FROM_MS // 1000,
-            "summary": f"APIBAN lists {listed} of {count} addresses; {count // 5} unknown "
-            "(APIBAN unavailable)",
-            "details": "see a@x",
-        }
+        assert (
+            answer["10.0.0.3"]
+            == {  # a Call-ID that looks like an IP keeps the Call-ID's object
+                "t_sec": FROM_MS // 1000,
+                "summary": f"APIBAN lists {listed} of {count} addresses; {count // 5} unknown "
+                "(APIBAN unavailable)",
+                "listed": answer["a@x"]["listed"][:POINTER_IPS],
+                "checked": ips[:POINTER_IPS],
+                "details": "see a@x",
+            }
+        )
         assert answer["b@x"] == answer["10.0.0.3"]
         assert answer["10.0.0.1"] == {
             **verdicts_for(request)[0].to_json(),
