@@ -5,7 +5,7 @@
 Each body is as large as agent.max_body_bytes lets through (1 MiB) and is built to cost the most
 of one kind of work: distinct Call-IDs; distinct IPv4 or IPv6 addresses (the first
 enrichment.max_addresses of them with HEP sightings at the sightings store's bounds: 20 method
-keys, 5 user agents of 200 characters, so each address's detail is at its largest); Call-IDs and
+keys, 5 user agents as long as it keeps them, so each address's detail is at its largest); Call-IDs and
 addresses together; strings that fail the slowest way to parse as addresses; numbers; lists (the
 10,000 a body may hold, and 350,000, which are refused); as many keys as fit under "data".
 homer-app's 10-IP body is the baseline.
@@ -47,6 +47,7 @@ from hepsub_apiban.app import create_app
 from hepsub_apiban.config import load_settings
 from hepsub_apiban.hep import HepPacket, build_hep3
 from hepsub_apiban.keys import SIGHTINGS
+from hepsub_apiban.sightings import SAMPLE_BYTES
 from hepsub_apiban.sip import SipInfo
 from hepsub_apiban.web import answer_enrichment
 
@@ -56,7 +57,7 @@ FROM_MS = 1669986139000
 METHODS = ["INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "PRACK", "SUBSCRIBE", "NOTIFY"]
 METHODS += ["PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE"]
 STATUSES = [100, 180, 200, 401, 403, 404]  # responses count by status: 20 keys with the methods
-USER_AGENTS = [f"scanner-{n} " + "x" * 189 for n in range(5)]  # 200 characters each
+USER_AGENTS = [f"scanner-{n} " + "x" * (SAMPLE_BYTES - 10) for n in range(5)]  # as long as kept
 HEP_TARGET = "198.51.100.1"
 
 PROBE = """
