@@ -19,7 +19,7 @@ import orjson
 MASK = "***"
 # C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: any of them
 # in a logged value could forge a line or drive a terminal.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -36,7 +36,7 @@ def safe_text(value: object, limit: int = 200) -> str:
     cut = len(text) - limit
     if cut > 0:
         text = text[:limit]
-    text = _UNSAFE.sub(_escape, text)
+    text = UNSAFE_CHARACTERS.sub(_escape, text)
     return f"{text}...({cut:,} more)" if cut > 0 else text
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from operator import attrgetter
 from typing import Any
 
 from .addresses import Addr, parse_ip
-from .logs import safe_text
+from .logs import UNSAFE_CHARACTERS, safe_text
 from .lookups import LookupService, Verdict
 from .sip import SipInfo
 
@@ -62,9 +61,6 @@ _METHOD_KEY: dict[str | None, str] = {method: method for method in SIP_METHODS}
 _STATUS_KEY: dict[int | None, str] = {
     code: str(code) if code in STATUS_CODES else f"{code // 100}xx" for code in range(100, 700)
 }
-# C0/C1 controls, DEL and the Unicode line separators: kept out of samples (they would only
-# forge lines where a sample is shown, and each costs six bytes of JSON).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # ``Counter()`` runs Python-level ``__init__``/``update``; an empty one needs neither, and one is
 # made for every new address (a flood of spoofed sources makes one per packet).
@@ -144,7 +140,9 @@ def _bounded(value: str) -> str:
     """``value`` with control characters replaced and at most SAMPLE_BYTES of UTF-8."""
     if value.isascii() and value.isprintable():
         return value[:SAMPLE_BYTES]
-    value = _CONTROL.sub("\ufffd", value)
+    # Kept out of samples: they would only forge lines where a sample is shown, and each costs
+    # six bytes of JSON.
+    value = UNSAFE_CHARACTERS.sub("\ufffd", value)
     raw = value.encode("utf-8", "replace")
     return value if len(raw) <= SAMPLE_BYTES else raw[:SAMPLE_BYTES].decode("utf-8", "ignore")
 
@@ -296,16 +294,18 @@ class Sightings:
             self._check_later(sighting)
             return
         if verdict is not before:
-            sighting.verdict = verdict
-            if bool(verdict.listed) is not (before is not None and before.listed is True):
-                self._listed_changed(sighting, bool(verdict.listed))
+            self._take_verdict(sighting, verdict)
         if verdict.listed:
             self.listed_packets += 1
             self._log_listed(sighting)
 
-    def _listed_changed(self, sighting: Sighting, listed: bool) -> None:
-        self._listed += 1 if listed else -1
-        self._place(sighting)
+    def _take_verdict(self, sighting: Sighting, verdict: Verdict) -> None:
+        """Set a new verdict; a change of listed moves the sighting between the two orders."""
+        was_listed = sighting.listed is True
+        sighting.verdict = verdict
+        if bool(verdict.listed) is not was_listed:
+            self._listed += -1 if was_listed else 1
+            self._place(sighting)
 
     def _place(self, sighting: Sighting) -> None:
         """Move a sighting to the order its protection says, as the most recent there."""
@@ -341,10 +341,7 @@ class Sightings:
             return
         if not self._stored(sighting):
             return  # forgotten meanwhile; the verdict is in the lookup cache for its next packet
-        before = sighting.verdict
-        sighting.verdict = verdict
-        if bool(verdict.listed) is not (before is not None and before.listed is True):
-            self._listed_changed(sighting, bool(verdict.listed))
+        self._take_verdict(sighting, verdict)
         if verdict.listed:
             self._log_listed(sighting)
 
