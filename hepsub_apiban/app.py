@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,11 +25,15 @@ from .addresses import NetworkSet
 from .apiban import ApibanClient
 from .collector import HepCollector
 from .config import Settings
+from .detection import Detector
+from .detections import Detections
 from .httpserver import handler_args, quiet_bad_requests
 from .keys import (
     AGENT_UUID,
     APIBAN,
     COLLECTOR,
+    DETECTIONS,
+    DETECTOR,
     HTTP_SESSION,
     LOOKUPS,
     METRICS,
@@ -54,6 +59,7 @@ from .timing import Sleep
 from .web import allow_from, json_errors, setup_routes
 
 USER_AGENT = f"hepsub-apiban/{__version__}"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +88,7 @@ def create_app(
     app[REFUSALS] = Refusals(clock=clocks.monotonic)
     app[METRICS].sources.refusals = app[REFUSALS]
     app[STARTED_AT] = clocks.wall()
-    if settings.apiban.mode == "mirror" or not settings.agent.uuid:
+    if settings.apiban.mode == "mirror" or not settings.agent.uuid or settings.detect.enabled:
         # Before anything starts: a state dir that cannot take a write (full disk included) is a
         # one-line error naming state.dir, not a traceback half-way through the start.
         ensure_state_dir(settings.state.dir)
@@ -163,17 +169,81 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
             log_every=settings.apiban.poll_interval,
             clock=clocks.wall,
         )
-        collector = HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS])
+        detector = _detection(app, sightings, clocks) if settings.detect.enabled else None
+        collector = HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector)
         app[SIGHTINGS] = sightings
         app[COLLECTOR] = collector
         app[METRICS].sources.sightings = sightings
         app[METRICS].sources.collector = collector
+        upkeep = asyncio.create_task(_detection_upkeep(app, clocks), name="detection-upkeep")
         await collector.start()
         yield
         await collector.stop()
+        upkeep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upkeep
+        _save_detections(app)
         await sightings.close()
 
     return context
+
+
+DETECTIONS_FILE = "detections.json"
+UPKEEP_EVERY = 10.0  # seconds between expiring detections, forgetting idle counters and saving
+
+
+def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> Detector:
+    """The detector and its book; a saved book comes back with its remaining durations."""
+    settings = app[SETTINGS]
+    sync = app.get(MIRROR_SYNC)
+    # Served detections take their IDs from the mirror's sequence, so site clients see one list.
+    new_serial = sync.mirror.new_serial if sync is not None else _serials()
+    book = Detections(settings.detect, new_serial, clock=clocks.wall, on_change=sightings.flag)
+    authenticated = book.load(settings.state.dir / DETECTIONS_FILE)
+    if sync is not None:
+        highest = max((d.serial or 0 for d in book.active()), default=-1)
+        sync.mirror.next_serial = max(sync.mirror.next_serial, highest + 1)
+    detector = Detector(settings.detect, book.report, allow=NetworkSet(settings.allow.cidrs))
+    detector.restore_authenticated(authenticated, clocks.wall())
+    app[DETECTIONS] = book
+    app[DETECTOR] = detector
+    app[METRICS].sources.detections = book
+    app[METRICS].sources.detector = detector
+    return detector
+
+
+def _serials() -> Callable[[float], int]:
+    """Check mode has no mirror: the same numbering (milliseconds, always increasing) on its own."""
+    last = -1
+
+    def new_serial(now: float) -> int:
+        nonlocal last
+        last = max(last + 1, int(now * 1000))
+        return last
+
+    return new_serial
+
+
+async def _detection_upkeep(app: web.Application, clocks: Clocks) -> None:
+    # Real time, not clocks.sleep: housekeeping only (readers compare each detection's end with
+    # the clock themselves), and the injected sleep belongs to the sync loop tests drive.
+    while DETECTIONS in app:
+        await asyncio.sleep(UPKEEP_EVERY)
+        now = clocks.wall()
+        app[DETECTIONS].expire(now)
+        app[DETECTOR].forget_idle(now)
+        if app[DETECTIONS].dirty:
+            _save_detections(app)
+
+
+def _save_detections(app: web.Application) -> None:
+    book = app.get(DETECTIONS)
+    if book is None:
+        return
+    try:
+        book.save(app[SETTINGS].state.dir / DETECTIONS_FILE, app[DETECTOR].authenticated())
+    except OSError as exc:
+        log.warning("Detections not saved to %s: %s", app[SETTINGS].state.dir, exc.strerror)
 
 
 def _mirror_sync(app: web.Application, client: ApibanClient, clocks: Clocks) -> MirrorSync:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .access import Refusals, SourceFilter
 from .config import Address, ConfigError, HepSettings
+from .detection import Detector
 from .hep import BadPacket, HepPacket, decode
 from .hep_tcp import CHANNEL as TCP_CHANNEL
 from .hep_tcp import NOT_ALLOWED, HepTcpListener, TcpStats
@@ -73,8 +74,10 @@ class HepCollector:
         settings: HepSettings,
         clock: Callable[[], float] = time.time,
         refusals: Refusals | None = None,
+        detector: Detector | None = None,
     ) -> None:
         self._sightings = sightings
+        self._detector = detector
         self._settings = settings
         self._clock = clock
         self.refusals = refusals if refusals is not None else Refusals()
@@ -86,7 +89,7 @@ class HepCollector:
 
     # ---------------------------------------------------------------- packets
 
-    def handle(self, result: HepPacket | BadPacket, transport: str) -> None:
+    def handle(self, result: HepPacket | BadPacket, transport: str, sender: str = "") -> None:
         if isinstance(result, BadPacket):
             self.stats.bad[result.reason] += 1
             return
@@ -100,6 +103,12 @@ class HepCollector:
             self.stats.unparsable_sip += 1
             return
         self._sightings.record(result.src_ip, result.dst_ip, sip, result.ts_sec + result.ts_usec / 1e6)
+        detector = self._detector
+        if detector is not None:
+            # The receive time, not the packet's own: a sender's clock cannot stretch a detection.
+            if sender and not detector.is_local(sender):
+                detector.hep_sender(sender)
+            detector.observe(result.src_ip, result.dst_ip, sip, result.ip_proto, self._clock())
 
     def receive(self, result: HepPacket | BadPacket, transport: str, peer: str) -> bool:
         """``handle`` behind the key check; False (and counted) when the packet was refused."""
@@ -108,7 +117,7 @@ class HepCollector:
             if reason:
                 self.refusals.refuse(CHANNELS[transport], reason, peer)
                 return False
-        self.handle(result, transport)
+        self.handle(result, transport, peer)
         return True
 
     # ---------------------------------------------------------------- listeners
@@ -187,7 +196,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._clock = clock
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self._collector.handle(decode(data, self._clock()), "udp")
+        self._collector.handle(decode(data, self._clock()), "udp", str(addr[0]))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("HEP UDP socket error: %s", exc)

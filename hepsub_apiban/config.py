@@ -12,7 +12,7 @@ import ipaddress
 import tomllib
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,6 +132,57 @@ class SiteSettings:
     auth_failure_limit: RateLimit = RateLimit(10, 60.0)
 
 
+RULES = (
+    "scanner_ua",
+    "auth_failure",
+    "user_enumeration",
+    "extension_scan",
+    "request_flood",
+    "toll_fraud",
+    "unanswered_invites",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSettings:
+    """One detection rule: it fires at the ``threshold``-th event within ``window`` seconds (or at
+    ``slow_threshold`` within ``slow_window``: the second, slower trigger some rules have)."""
+
+    action: str = "serve"  # flag: shown only; serve: also listed to the site
+    simulate: bool = False  # log and count, neither flag nor serve
+    duration: float = 3600.0  # seconds of a first detection; repeats escalate
+    threshold: int = 3
+    window: float = 60.0
+    slow_threshold: int = 0  # 0: the rule has no second trigger
+    slow_window: float = 0.0
+    prefixes: tuple[str, ...] = ()  # toll_fraud: dialled prefixes that count
+
+
+# detection.md §5, with "more than N" written as the event that fires (N + 1).
+DEFAULT_RULES: dict[str, RuleSettings] = {
+    "scanner_ua": RuleSettings("serve", False, 3600, 3, 60),
+    "auth_failure": RuleSettings("serve", False, 4 * 3600, 6, 10, 21, 600),
+    "user_enumeration": RuleSettings("serve", False, 4 * 3600, 5, 60, 25, 300),
+    "extension_scan": RuleSettings("serve", False, 3600, 20, 120, 5, 60),
+    "request_flood": RuleSettings("flag", False, 3600, 101, 60),
+    "toll_fraud": RuleSettings("serve", False, 24 * 3600, 3, 600),
+    "unanswered_invites": RuleSettings("flag", False, 3600, 30, 300),
+}
+RULE_FIELDS = ("action", "simulate", "duration", "threshold", "window", "slow_threshold", "slow_window")
+
+
+@dataclass(frozen=True, slots=True)
+class DetectSettings:
+    enabled: bool = True
+    own: tuple[IPNetwork, ...] = ()
+    max_tracked: int = 100_000
+    max_new_served: int = 30  # per minute: the circuit breaker
+    rules: Mapping[str, RuleSettings] = field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def rule(self, name: str) -> RuleSettings:
+        return self.rules[name]
+
+
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = "info"
@@ -150,6 +201,7 @@ class Settings:
     site: SiteSettings = SiteSettings()
     log: LogSettings = LogSettings()
     sightings: SightingsSettings = SightingsSettings()
+    detect: DetectSettings = DetectSettings()
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, an error or a status page."""
@@ -337,6 +389,34 @@ class Key:
         return "HEPSUB_" + self.name.replace(".", "_").upper()
 
 
+def _rule_keys() -> list[Key]:
+    keys = []
+    for rule in RULES:
+        default = DEFAULT_RULES[rule]
+        keys += [
+            Key(f"detect.{rule}.action", _choice("flag", "serve"), "flag (shown) or serve (also listed)"),
+            Key(f"detect.{rule}.simulate", _bool, "log and count only, neither flag nor serve"),
+            Key(f"detect.{rule}.duration", _float_between(60, 7 * 86400), "seconds of a first detection"),
+            Key(f"detect.{rule}.threshold", _int_between(1, 100_000), "the event that fires the rule"),
+            Key(f"detect.{rule}.window", _float_between(1, 86400), "seconds the threshold counts over"),
+        ]
+        if default.slow_threshold:
+            keys += [
+                Key(f"detect.{rule}.slow_threshold", _int_between(1, 100_000), "second trigger: event count"),
+                Key(f"detect.{rule}.slow_window", _float_between(1, 86400), "second trigger: seconds"),
+            ]
+    keys.append(Key("detect.toll_fraud.prefixes", _prefixes, "dialled prefixes that count (empty: rule off)"))
+    return keys
+
+
+def _prefixes(raw: object) -> tuple[str, ...]:
+    prefixes = tuple(_list(raw))
+    for prefix in prefixes:
+        if not prefix.lstrip("+").isdigit() or len(prefix) > 20:
+            raise ValueError(f"each prefix must be digits (a leading + allowed), got {prefix!r}")
+    return prefixes
+
+
 KEYS: tuple[Key, ...] = (
     Key("agent.bind", _str, "HTTP listen address"),
     Key("agent.port", _int_between(1, 65535), "HTTP listen port, also registered with HOMER"),
@@ -424,6 +504,11 @@ KEYS: tuple[Key, ...] = (
         _rate_limit,
         "wrong site keys per client address: REQUESTS/SECONDS; past it, 429 to that address",
     ),
+    Key("detect.enabled", _bool, "local attacker detection from the HEP stream"),
+    Key("detect.own", _cidrs, "CIDRs of the site's own proxies, SBCs, PBXs: never detected"),
+    Key("detect.max_tracked", _int_between(100, 10_000_000), "remote addresses whose counters are kept"),
+    Key("detect.max_new_served", _int_between(1, 100_000), "new served detections per minute (breaker)"),
+    *_rule_keys(),
     Key("log.level", _log_level, "debug, info, warning or error"),
     Key("log.format", _choice("text", "json"), "text, or json: one JSON object per line"),
 )
@@ -458,12 +543,23 @@ def _read_file(path: Path) -> dict[str, tuple[object, str]]:
     for section, table in document.items():
         if not isinstance(table, dict):
             raise ConfigError(section, "must be a [section] table", str(path))
-        for name, value in table.items():
-            key = f"{section}.{name}"
+        for key, value in _flatten(section, table):
             if key not in KEYS_BY_NAME:
                 raise ConfigError(key, "is not a known setting", str(path))
             values[key] = (value, str(path))
     return values
+
+
+def _flatten(prefix: str, table: Mapping[str, object]) -> list[tuple[str, object]]:
+    """``[detect.scanner_ua] action = ...`` gives ``detect.scanner_ua.action``."""
+    items: list[tuple[str, object]] = []
+    for name, value in table.items():
+        key = f"{prefix}.{name}"
+        if isinstance(value, dict) and prefix == "detect":
+            items += _flatten(key, value)
+        else:
+            items.append((key, value))
+    return items
 
 
 def _legacy_env(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
@@ -486,7 +582,7 @@ def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
             raise ConfigError(
                 name, _without_secret(str(exc), value) if key.secret else str(exc), origin
             ) from None
-        section, attr = name.split(".")
+        section, attr = name.split(".", 1)
         sections.setdefault(section, {})[attr] = converted
     settings = Settings(
         agent=AgentSettings(**sections.get("agent", {})),
@@ -499,9 +595,20 @@ def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
         site=SiteSettings(**sections.get("site", {})),
         log=LogSettings(**sections.get("log", {})),
         sightings=SightingsSettings(**sections.get("sightings", {})),
+        detect=_detect_settings(sections.get("detect", {})),
     )
     _check_consistency(settings)
     return settings
+
+
+def _detect_settings(values: Mapping[str, Any]) -> DetectSettings:
+    rules = {}
+    for rule in RULES:
+        prefix = rule + "."
+        fields = {name[len(prefix) :]: value for name, value in values.items() if name.startswith(prefix)}
+        rules[rule] = replace(DEFAULT_RULES[rule], **fields)
+    general = {name: value for name, value in values.items() if "." not in name}
+    return DetectSettings(**general, rules=rules)
 
 
 def _without_secret(message: str, value: object) -> str:

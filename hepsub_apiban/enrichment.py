@@ -18,7 +18,7 @@ is left out. Whatever was left out, and which limit did it, is said in a ``left_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -274,12 +274,14 @@ class _Call(NamedTuple):
     listed: list[str]
     unknown: list[str]
     summary: str
+    detected: list[str]  # detected here by the agent's own rules (local detection)
 
 
 def build_answer(
     request: EnrichmentRequest,
     verdicts: Sequence[Verdict],
     extra: Mapping[str, Mapping[str, Any]] | None = None,
+    detected: Collection[str] = (),
 ) -> bytes:
     """The JSON answer for homer-app, at most ``request.limits.max_answer_bytes`` long.
 
@@ -287,7 +289,7 @@ def build_answer(
     sightings) to its verdict object. A small request is serialised whole; a large one piece by
     piece, and what does not fit is left out and said so.
     """
-    call = _call(request, verdicts)
+    call = _call(request, verdicts, detected)
     if len(verdicts) + len(request.call_ids) <= WHOLE_ANSWER_ITEMS:
         raw = orjson.dumps(_whole_answer(request, verdicts, extra, call))
         if len(raw) <= request.limits.max_answer_bytes:
@@ -295,13 +297,14 @@ def build_answer(
     return _fitted_answer(request, verdicts, extra, call)
 
 
-def _call(request: EnrichmentRequest, verdicts: Sequence[Verdict]) -> _Call:
+def _call(request: EnrichmentRequest, verdicts: Sequence[Verdict], detected: Collection[str] = ()) -> _Call:
     checked = [v.ip for v in verdicts]
     listed = [v.ip for v in verdicts if v.listed]
     unknown = [v.ip for v in verdicts if v.listed is None]
+    local = [ip for ip in checked if ip in detected] if detected else []
     t_sec = request.from_ms // 1000 if request.from_ms is not None else None
-    summary = _summary(request, checked, listed, unknown)
-    return _tuple_new(_Call, (t_sec, checked, listed, unknown, summary))  # see addresses._tuple_new
+    summary = _summary(request, checked, listed, unknown, local)
+    return _tuple_new(_Call, (t_sec, checked, listed, unknown, summary, local))  # see addresses._tuple_new
 
 
 def _whole_answer(
@@ -346,6 +349,8 @@ def _first_call(request: EnrichmentRequest, call: _Call, left_out: dict[str, str
     body = _call_core(request, call)
     body["listed"] = call.listed
     body["checked"] = call.checked
+    if call.detected:
+        body["detected"] = call.detected
     if call.unknown:
         body["unknown"] = call.unknown
     if request.ignored:
@@ -368,7 +373,7 @@ def _pointer(request: EnrichmentRequest, call: _Call) -> dict[str, Any]:
     answer grows by a small object per Call-ID, never by Call-IDs times addresses."""
     return {
         "t_sec": call.t_sec,
-        "summary": _summary(request, call.checked, call.listed, call.unknown, names=0),
+        "summary": _summary(request, call.checked, call.listed, call.unknown, call.detected, names=0),
         "listed": call.listed[:POINTER_IPS],
         "checked": call.checked[:POINTER_IPS],
         "details": f"see {request.call_ids[0]}",
@@ -425,6 +430,7 @@ def _summary(
     checked: list[str],
     listed: list[str],
     unknown: list[str],
+    detected: list[str],
     names: int = SUMMARY_IPS,
 ) -> str:
     """One line for the HOMER user, naming at most ``names`` listed and unknown IPs."""
@@ -440,6 +446,9 @@ def _summary(
         text += f": {_some(listed, names)}" if names else ""
     else:
         text = f"APIBAN lists none of {total}"
+    if detected:
+        text += f"; detected here: {len(detected)}"
+        text += f" ({_some(detected, names)})" if names else ""
     if unknown:
         text += f"; {len(unknown)} unknown (APIBAN unavailable)"
         text += f": {_some(unknown, names)}" if names else ""

@@ -13,6 +13,8 @@ from .access import Refusals
 from .apiban import ApibanClient
 from .collector import HepCollector
 from .config import Settings
+from .detection import Detector
+from .detections import Detections
 from .logs import Redactor
 from .lookups import LookupService
 from .metrics import Metrics
@@ -35,3 +37,5 @@ SIGHTINGS = web.AppKey("sightings", Sightings)
 COLLECTOR = web.AppKey("collector", HepCollector)
 SITE_API = web.AppKey("site_api", SiteApi)
 REFUSALS = web.AppKey("refusals", Refusals)
+DETECTOR = web.AppKey("detector", Detector)
+DETECTIONS = web.AppKey("detections", Detections)

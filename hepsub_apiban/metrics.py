@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector
 from .access import Refusals
 from .apiban import ApibanClient
 from .collector import HepCollector
+from .detection import Detector, rule_name
+from .detections import Detections
 from .lookups import LookupService
 from .mirror import MirrorSync
 from .registration import Registrar
@@ -69,6 +71,8 @@ class Sources:
     sightings: Sightings | None = None
     collector: HepCollector | None = None
     refusals: Refusals | None = None
+    detections: Detections | None = None
+    detector: Detector | None = None
     enrichment: EnrichmentStats = field(default_factory=EnrichmentStats)
 
 
@@ -94,6 +98,39 @@ class _AgentCollector(Collector):
         yield from self._enrichment()
         yield from self._hep()
         yield from self._refusals()
+        yield from self._detections()
+
+    def _detections(self) -> Iterator[Metric]:
+        book, detector = self._sources.detections, self._sources.detector
+        if book is None or detector is None:
+            return
+        findings = {(rule_name(rule), outcome): n for (rule, outcome), n in book.stats.findings.items()}
+        yield _labelled_counter(
+            f"{PREFIX}_detections",
+            "Times a detection rule fired, by rule and outcome (serve, flag, simulated)",
+            ["rule", "action"],
+            findings,
+        )
+        active = GaugeMetricFamily(
+            f"{PREFIX}_detections_active", "Addresses detected locally now, by action", labels=["action"]
+        )
+        counts = book.counts()
+        for action in ("serve", "flag"):
+            active.add_metric([action], counts[action])
+        yield active
+        yield CounterMetricFamily(
+            f"{PREFIX}_detection_breaker_trips",
+            "Detections flagged instead of served because detect.max_new_served was reached",
+            book.stats.breaker_trips,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_detection_tracked", "Remote addresses whose counters are kept", detector.tracked()
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_detection_exempted",
+            "Findings dropped because the address authenticated in the last 24 h",
+            detector.stats.exempted,
+        )
 
     def _refusals(self) -> Iterator[Metric]:
         refusals = self._sources.refusals

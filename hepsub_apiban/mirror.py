@@ -133,7 +133,7 @@ class Mirror:
                 ip = address.text
                 self.entries[ip] = Verdict(ip, True, "mirror", entry_id, reported)
                 if renumber_known or ip not in self.serials:
-                    self.serials[ip] = self._new_serial(now)
+                    self.serials[ip] = self.new_serial(now)
                 count += 1
         self._order = None
         return count
@@ -147,7 +147,7 @@ class Mirror:
             return None
         return address
 
-    def _new_serial(self, now: float) -> int:
+    def new_serial(self, now: float) -> int:
         serial = max(self.next_serial, int(now * 1000))
         self.next_serial = serial + 1
         return serial
@@ -282,7 +282,7 @@ def _load_entries(mirror: Mirror, entries: list[Any], *, with_serial: bool, late
             continue
         mirror.entries[verdict.ip] = verdict
         # A version 1 snapshot has no serials: number its entries in stored order.
-        mirror.serials[verdict.ip] = serial if serial is not None else mirror._new_serial(0)
+        mirror.serials[verdict.ip] = serial if serial is not None else mirror.new_serial(0)
 
 
 def _cursor(value: object, now: float) -> str:

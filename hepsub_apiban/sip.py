@@ -1,4 +1,6 @@
-"""Just enough SIP parsing for sightings: method or status, Call-ID, From/To user, User-Agent, bottom Via.
+"""Just enough SIP parsing for sightings and detection: method or status, Call-ID, CSeq, From/To and
+request-URI users, From display name, User-Agent, bottom Via, and the digest nonces (the one a
+server challenged with, the one a client's credentials were computed on).
 
 Captured payloads are whatever went over the wire: truncated, folded, compact header names,
 ``\\n`` instead of ``\\r\\n``, binary junk. Nothing here raises on bad input; a field that cannot
@@ -12,12 +14,16 @@ from typing import NamedTuple
 
 # RFC 3261 §7.3.3 compact forms of the headers we read.
 _COMPACT = {b"i": b"call-id", b"f": b"from", b"t": b"to", b"v": b"via"}
-_WANTED = frozenset({b"call-id", b"from", b"to", b"via", b"user-agent", b"cseq"})
+_CREDENTIALS = (b"authorization", b"proxy-authorization")
+_CHALLENGES = (b"www-authenticate", b"proxy-authenticate")
+_WANTED = frozenset({b"call-id", b"from", b"to", b"via", b"user-agent", b"cseq", *_CREDENTIALS, *_CHALLENGES})
 _FIRST_LETTERS = frozenset(
     bytes([c]) for name in (*_WANTED, *_COMPACT) for c in (name[0], name[:1].upper()[0])
 )
 # The user part exists only before an "@" (sip:host:5060 has none); tel: URIs are all user.
 _USER = re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE)
+_NONCE = re.compile(rb'nonce\s*=\s*"?([^",\s]{1,128})', re.IGNORECASE)
+_DISPLAY_NAME = re.compile(rb'^\s*"([^"]{0,200})"|^\s*([^<"]{1,200}?)\s*<')
 _VIA_PARAM = re.compile(rb";\s*(received|rport)\s*=\s*([^;,\s]+)", re.IGNORECASE)
 MAX_FIELD = 200  # a scanner can send a 60 KiB User-Agent; sightings keep a bounded sample
 
@@ -33,6 +39,11 @@ class SipInfo(NamedTuple):
     user_agent: str | None = None
     via_received: str | None = None  # bottom Via: the originating UA as its first hop saw it
     via_rport: int | None = None
+    cseq: int | None = None  # the CSeq number: with Call-ID and method, names the transaction
+    request_user: str | None = None  # user part of the request-URI (what a scanner walks)
+    from_name: str | None = None  # From display name ("sipvicious")
+    credentials: bool = False  # the request carries Authorization or Proxy-Authorization
+    nonce: str | None = None  # the nonce those credentials were computed on, or a challenge's nonce
 
     @property
     def is_request(self) -> bool:
@@ -47,18 +58,26 @@ def parse_sip(payload: bytes) -> SipInfo | None:
     if method is None and status is None:
         return None
     headers = _headers(lines[1:])
-    cseq_method = _cseq_method(headers.get(b"cseq"))
+    cseq, cseq_method = _cseq(headers.get(b"cseq"))
     vias = headers.get(b"via", [])
     received, rport = _bottom_via(vias)
+    sender = _first(headers.get(b"from"))
+    credentials = _first(headers.get(_CREDENTIALS[0]) or headers.get(_CREDENTIALS[1]))
+    challenge = _first(headers.get(_CHALLENGES[0]) or headers.get(_CHALLENGES[1]))
     return SipInfo(
         method=method or cseq_method,
         status=status,
         call_id=_text(_first(headers.get(b"call-id"))),
-        from_user=_user(_first(headers.get(b"from"))),
+        from_user=_user(sender),
         to_user=_user(_first(headers.get(b"to"))),
         user_agent=_text(_first(headers.get(b"user-agent"))),
         via_received=received,
         via_rport=rport,
+        cseq=cseq,
+        request_user=_user(lines[0]) if status is None else None,
+        from_name=_display_name(sender),
+        credentials=credentials is not None,
+        nonce=_nonce(credentials if status is None else challenge),
     )
 
 
@@ -115,11 +134,26 @@ def _user(value: bytes | None) -> str | None:
     return _text(found.group(1) or found.group(2)) if found else None
 
 
-def _cseq_method(values: list[bytes] | None) -> str | None:
+def _cseq(values: list[bytes] | None) -> tuple[int | None, str | None]:
     parts = (_first(values) or b"").split()
-    if len(parts) == 2 and parts[1].isalpha():
-        return parts[1].decode("ascii").upper()
-    return None
+    if len(parts) != 2 or not parts[1].isalpha():
+        return None, None
+    number = int(parts[0]) if parts[0].isdigit() and len(parts[0]) <= 10 else None
+    return number, parts[1].decode("ascii").upper()
+
+
+def _display_name(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    found = _DISPLAY_NAME.match(value)
+    return _text(found.group(1) or found.group(2)) if found else None
+
+
+def _nonce(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    found = _NONCE.search(value)
+    return found.group(1).decode("ascii", "replace") if found else None
 
 
 def _bottom_via(values: list[bytes]) -> tuple[str | None, int | None]:

@@ -21,6 +21,9 @@ from aiohttp.typedefs import Handler, Middleware
 from . import __version__
 from .access import SourceFilter
 from .addresses import parse_ip
+from .config import RULES
+from .detection import rule_name
+from .detections import Detection
 from .enrichment import BadEnrichmentRequest, build_answer, parse_request
 from .httpserver import BodyError, read_body
 from .jsonutil import json_response
@@ -28,6 +31,8 @@ from .keys import (
     AGENT_UUID,
     APIBAN,
     COLLECTOR,
+    DETECTIONS,
+    DETECTOR,
     LOOKUPS,
     METRICS,
     MIRROR_SYNC,
@@ -39,6 +44,7 @@ from .keys import (
 )
 from .logs import safe_text
 from .lookups import Verdict
+from .sightings import Sighting
 from .site_api import SITE_PATHS
 
 log = logging.getLogger(__name__)
@@ -130,17 +136,73 @@ async def answer_enrichment(app: web.Application, raw: bytes) -> tuple[web.Respo
     except BadEnrichmentRequest as exc:
         return json_response({"error": str(exc)}), "bad_request"
     verdicts = await app[LOOKUPS].lookup_many(parsed.addresses, settings.agent.deadline)
-    answer = build_answer(parsed, verdicts, _seen(app, parsed.fields))
+    extra = _seen(app, parsed.fields)
+    detected = _detected(app, parsed.fields, extra)
+    answer = build_answer(parsed, verdicts, extra or None, detected)
     return web.Response(body=answer, content_type="application/json"), "ok"
 
 
-def _seen(app: web.Application, ips: Iterable[str]) -> dict[str, dict[str, Any]] | None:
+def _seen(app: web.Application, ips: Iterable[str]) -> dict[str, dict[str, Any]]:
     """What the HEP capture saw of the call's IPs, added to their verdicts."""
     sightings = app[SIGHTINGS]
     if not len(sightings):
-        return None
+        return {}
     known = {ip: sightings.get(ip) for ip in ips}
-    return {ip: s.summary() for ip, s in known.items() if s is not None} or None
+    return {ip: s.summary() for ip, s in known.items() if s is not None}
+
+
+def _detected(app: web.Application, ips: Iterable[str], extra: dict[str, dict[str, Any]]) -> set[str]:
+    """The call's IPs detected here: each verdict gets its detection (added to ``extra``)."""
+    book = app.get(DETECTIONS)
+    if book is None or not len(book):
+        return set()
+    now = time.time()
+    found = set()
+    for ip in ips:
+        detection = book.get(ip, now)
+        if detection is not None:
+            found.add(ip)
+            extra.setdefault(ip, {})["detected"] = detection_for_people(detection)
+    return found
+
+
+def detection_for_people(detection: Detection) -> dict[str, Any]:
+    """A detection as the HOMER tab shows it: rules, times in UTC, evidence in words."""
+    body = detection.to_json()
+    body["since"] = utc_text(detection.since)
+    body["until"] = utc_text(detection.until)
+    del body["ip"]
+    return body
+
+
+def utc_text(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+async def detections_list(request: web.Request) -> web.Response:
+    book = request.app.get(DETECTIONS)
+    query = request.query
+    rule = query.get("rule", "").replace("-", "_")
+    action = query.get("action", "")
+    since_text = query.get("since", "0")
+    if rule and rule not in RULES:
+        return error_response(f"rule must be one of {', '.join(rule_name(r) for r in RULES)}", 400)
+    if action not in ("", "serve", "flag"):
+        return error_response("action must be serve or flag", 400)
+    if not _LIMIT.fullmatch(since_text):
+        return error_response("since must be unix seconds", 400)
+    since = int(since_text)
+    chosen = (
+        []
+        if book is None
+        else [
+            d
+            for d in book.active()
+            if (not rule or rule in d.rules) and (not action or d.action == action) and d.since >= since
+        ]
+    )
+    chosen.sort(key=lambda d: d.since, reverse=True)
+    return json_response({"detections": [d.to_json() for d in chosen], "enabled": book is not None})
 
 
 async def sightings_list(request: web.Request) -> web.Response:
@@ -158,8 +220,17 @@ async def sightings_list(request: web.Request) -> web.Response:
         if listed_text is None
         else (s for s in sightings.values() if s.listed is filters[listed_text])
     )
-    items = [s.to_json() for _, s in zip(range(limit), chosen, strict=False)]
+    items = [_sighting_json(request.app, s) for _, s in zip(range(limit), chosen, strict=False)]
     return json_response({"sightings": items, "total": len(sightings)})
+
+
+def _sighting_json(app: web.Application, sighting: Sighting) -> dict[str, Any]:
+    body = sighting.to_json()
+    book = app.get(DETECTIONS)
+    detection = book.get(sighting.ip) if book is not None and sighting.flagged else None
+    if detection is not None:
+        body["detected"] = detection.to_json()
+    return body
 
 
 async def check_one(request: web.Request) -> web.Response:
@@ -234,6 +305,7 @@ async def status(request: web.Request) -> web.Response:
         "mirror": _mirror_status(request.app),
         "hep": _hep_status(request.app),
         "refusals": app[REFUSALS].to_json(),
+        "detection": _detection_status(app),
         "lookups": {
             "ready": lookups.ready,
             "cache_entries": lookups.cache_size(),
@@ -252,6 +324,24 @@ async def status(request: web.Request) -> web.Response:
         },
     }
     return json_response(body)
+
+
+def _detection_status(app: web.Application) -> dict[str, Any]:
+    book, detector = app.get(DETECTIONS), app.get(DETECTOR)
+    if book is None or detector is None:
+        return {"enabled": False}
+    counts = book.counts()
+    return {
+        "enabled": True,
+        "active": {"serve": counts["serve"], "flag": counts["flag"]},
+        "findings": {
+            f"{rule_name(rule)}/{outcome}": n for (rule, outcome), n in sorted(book.stats.findings.items())
+        },
+        "breaker_trips": book.stats.breaker_trips,
+        "tracked": detector.tracked(),
+        "exempted": detector.stats.exempted,
+        "retransmissions": detector.stats.retransmissions,
+    }
 
 
 def _hep_status(app: web.Application) -> dict[str, Any]:
@@ -342,3 +432,4 @@ def setup_routes(app: web.Application, enrichment_path: str) -> None:
     app.router.add_get("/api/v1/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/sightings", sightings_list)
+    app.router.add_get("/api/v1/detections", detections_list)

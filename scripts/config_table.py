@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hepsub_apiban.config import KEYS, LEGACY_ENV, Settings
+from hepsub_apiban.config import KEYS, LEGACY_ENV, RULES, Settings
 
 # What an empty default means, or where it differs; shown after the value.
 DEFAULT_NOTES = {
@@ -22,7 +22,10 @@ EXTRA_LEGACY = {"homer.url": "`HOMER_IP` + `HOMER_PORT`"}
 
 
 def default_of(name: str, settings: Settings) -> object:
-    section, attr = name.split(".")
+    section, attr = name.split(".", 1)
+    if section == "detect" and "." in attr:
+        rule, attr = attr.split(".")
+        return getattr(settings.detect.rules[rule], attr)
     return getattr(getattr(settings, section), attr)
 
 
@@ -53,6 +56,10 @@ def env_names(name: str, env: str) -> str:
 def table(settings: Settings) -> list[str]:
     lines = ["| key | env | default | meaning |", "|---|---|---|---|"]
     for key in KEYS:
+        if key.name.count(".") == 2:  # detect.RULE.*: the rule table below
+            if key.name.endswith(".action") and key.name.startswith(f"detect.{RULES[0]}."):
+                lines.append(RULE_ROW)
+            continue
         value = show(default_of(key.name, settings))
         shown = " ".join(
             part for part in (f"`{value}`" if value else "", DEFAULT_NOTES.get(key.name, "")) if part
@@ -61,8 +68,32 @@ def table(settings: Settings) -> list[str]:
     return lines
 
 
+RULE_ROW = (
+    "| `detect.RULE.action`, `.simulate`, `.duration`, `.threshold`, `.window` "
+    "(`.slow_threshold`, `.slow_window`; `detect.toll_fraud.prefixes`) "
+    "| `HEPSUB_DETECT_RULE_ACTION`, ... | see below | each detection rule: flag or serve, "
+    "simulate (log and count only), first duration in seconds, when it fires |"
+)
+
+
+def rule_table(settings: Settings) -> list[str]:
+    lines = [
+        "| RULE | action | simulate | duration (s) | threshold / window (s) | slow_threshold / slow_window (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in RULES:
+        rule = settings.detect.rules[name]
+        slow = f"{rule.slow_threshold} / {rule.slow_window:g}" if rule.slow_threshold else ""
+        lines.append(
+            f"| `{name}` | `{rule.action}` | `{show(rule.simulate)}` | {rule.duration:g} "
+            f"| {rule.threshold} / {rule.window:g} | {slow} |"
+        )
+    return lines
+
+
 def main() -> None:
-    print("\n".join(table(Settings())))
+    settings = Settings()
+    print("\n".join([*table(settings), "", *rule_table(settings)]))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def test_heplify_hep3_fixture_response() -> None:
         from_user=None,
         to_user=None,
         user_agent=None,
+        cseq=215834489,
     )
 
 
@@ -67,12 +68,14 @@ def test_scanner_register_with_compact_headers_and_bottom_via() -> None:
         user_agent="friendly-scanner",
         via_received="1.2.3.4",
         via_rport=40000,
+        cseq=1,
+        from_name="100",
     )
 
 
 def test_response_takes_its_method_from_cseq() -> None:
     info = parse_sip(b"SIP/2.0 401 Unauthorized\r\nCSeq: 7 register\r\nCall-ID: a\r\n\r\n")
-    assert info == SipInfo(method="REGISTER", status=401, call_id="a")
+    assert info == SipInfo(method="REGISTER", status=401, call_id="a", cseq=7)
     assert not info.is_request
 
 
@@ -94,3 +97,28 @@ def test_not_sip(payload: bytes) -> None:
 def test_never_raises(payload: bytes) -> None:
     parse_sip(payload)
     parse_sip(b"INVITE sip:a SIP/2.0\r\n" + payload)
+
+
+def test_credentials_and_their_nonce_and_the_challenge_nonce() -> None:
+    request = parse_sip(
+        b"REGISTER sip:1000@198.51.100.1 SIP/2.0\r\n"
+        b'From: "sipvicious" <sip:1000@198.51.100.1>;tag=1\r\n'
+        b"CSeq: 12 REGISTER\r\n"
+        b'Proxy-Authorization: Digest username="1000", realm="x", nonce="Zq1+/ab", response="f"\r\n\r\n'
+    )
+    assert request is not None
+    assert (request.request_user, request.from_name, request.credentials, request.nonce) == (
+        "1000",
+        "sipvicious",
+        True,
+        "Zq1+/ab",
+    )
+    challenge = parse_sip(
+        b"SIP/2.0 401 Unauthorized\r\nCSeq: 12 REGISTER\r\n"
+        b'WWW-Authenticate: Digest realm="x", nonce="Zq1+/ab", algorithm=MD5\r\n\r\n'
+    )
+    assert challenge is not None
+    assert (challenge.credentials, challenge.nonce, challenge.request_user) == (False, "Zq1+/ab", None)
+    plain = parse_sip(b"OPTIONS sip:100@x SIP/2.0\r\nFrom: <sip:sipsak@x>\r\nCSeq: 99999999999 OPTIONS\r\n\r\n")
+    assert plain is not None
+    assert (plain.credentials, plain.nonce, plain.from_name, plain.cseq) == (False, None, None, None)
