@@ -1,18 +1,32 @@
-"""HEP ingest over UDP: the agent's highest loss-free rate beside a bare uvloop receiver's, and memory
-under a flood of spoofed sources.
+"""HEP ingest over UDP: the agent's highest loss-free rate with local detection off and on (beside a
+bare uvloop receiver's), and memory under a flood of spoofed sources.
 
-    python bench/ingest.py [--seconds 2] [--rates 25000,50000,...] [--flood 1000000] [--flood-only]
+    python bench/ingest.py [--seconds 2] [--rates 20000,30000,...] [--flood 1000000] [--flood-rate 25000]
+                           [--flood-only] [--no-flood] [--profile DIR]
 
-Both receivers run pinned to core 0 with a 4 MiB receive buffer; the sender runs pinned to core 1
-and offers HEP3 packets carrying SIP REGISTERs (about 480 bytes; source addresses drawn from 10,000,
-a fifth of them listed) at a fixed rate for a few seconds. The agent decodes each packet, parses the
-SIP and updates its sightings (mirror mode, 20,000 listed IPs loaded from a snapshot); the bare
-receiver only counts datagrams. A rate is loss-free when every packet offered was counted. Then the
-agent gets one packet from each of 2,000 listed addresses, then N packets from N distinct spoofed
-sources at 40,000/s (``--flood-rate``); its RSS (current and peak) is read, and how many of the
-listed senders it still remembers. ``--flood-only`` skips the rate search. To measure another
-checkout, run this script from that checkout's directory: the agent it starts (``python -m``)
-imports the package from the current directory.
+Three receivers run pinned to core 0 with a 4 MiB receive buffer: a bare uvloop receiver that only
+counts datagrams, and two agents (``serve``, mirror mode, 20,000 listed IPs loaded from a snapshot)
+that differ in one setting, ``detect.enabled`` false and true. The sender runs pinned to core 1 and
+offers HEP3 packets at a fixed rate for a few seconds; the rates go up, and at each rate every
+receiver that has not lost a packet yet gets the same traffic in turn (so the machine's noise falls
+on both agents alike). A rate is loss-free when every packet offered was counted. Beside it, the
+agents' CPU time per packet (user + system, from /proc) at every rate.
+
+The traffic is what a capture agent at a registrar sees (``site_traffic``): 10,000 phones (a fifth
+of them listed by APIBAN) each REGISTER, are challenged 401 by the server, REGISTER again with
+credentials computed on that nonce and get 200; one phone in ten also places a call (INVITE, 407,
+ACK, INVITE with credentials, 100, 180, 200, ACK, BYE, 200); and 20 scanners (``friendly-scanner``)
+send OPTIONS to 100 extensions each, answered 404. Requests and replies are interleaved the way
+concurrent transactions arrive, so the detector matches every reply to its request, learns the
+server, exempts the phones that authenticated and detects the scanners.
+
+Then each agent gets one packet from each of 2,000 listed addresses, then N packets (REGISTER,
+``friendly-scanner``) from N distinct spoofed routable sources at ``--flood-rate``; its RSS is read
+along the way, with how many addresses its sightings and its detector keep, and how many of the
+listed senders it still remembers. ``--profile DIR`` runs the agents under cProfile and writes
+``DIR/detect-off.prof`` and ``DIR/detect-on.prof`` when they stop. To measure another checkout,
+run this script from that checkout's directory: the agents it starts (``python -m``) import the
+package from the current directory.
 """
 
 from __future__ import annotations
@@ -22,11 +36,15 @@ import asyncio
 import json
 import os
 import pickle
+import random
 import socket
+import struct
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
@@ -35,7 +53,11 @@ from hepsub_apiban.hep import HepPacket, build_hep3
 
 SERVER_CORE, LOAD_CORE = 0, 1
 RCVBUF = 4 * 1024 * 1024
-FLOOD_RATE = 40_000  # below the loss-free rate, so every spoofed source arrives
+FLOOD_RATE = 25_000  # below the loss-free rate with detection on, so every spoofed source arrives
+SERVER = "45.77.1.10"  # the site's registrar: routable, as a real one is
+DOMAIN = "sip.example.net"
+PHONES, CALLERS, SCANNERS, SCANNED = 10_000, 1_000, 20, 100
+INTERLEAVE = 64  # transactions in flight at once
 
 BARE_RECEIVER = """
 import socket, sys, uvloop, asyncio
@@ -56,6 +78,21 @@ async def main():
     await asyncio.get_running_loop().create_datagram_endpoint(Counter, sock=sock)
     await asyncio.Event().wait()
 uvloop.run(main())
+"""
+
+# The agent under cProfile, stopped by SIGTERM so the profile is written (--profile).
+PROFILED_AGENT = """
+import cProfile, signal, sys
+from hepsub_apiban.__main__ import main
+profile = cProfile.Profile()
+def stop(*_):
+    profile.disable()
+    profile.dump_stats(sys.argv[1])
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+sys.argv = ["hepsub-apiban", "serve"]
+profile.enable()
+main()
 """
 
 # The sender: a tight loop on a connected socket, paced per millisecond. Runs as its own process.
@@ -80,7 +117,44 @@ print(sent, time.perf_counter() - start)
 """
 
 
+# ---------------------------------------------------------------- traffic
+
+
+_HEAD = struct.Struct("!4sH")
+_FIXED = struct.Struct("!HHHB HHHB HHH4s HHH4s HHHH HHHH HHHI HHHI HHHB HHHI HHH")
+_FIXED_SIZE = _FIXED.size - 6  # the chunks before the payload's header
+
+
+def hep(src: str, dst: str, payload: str, n: int) -> bytes:
+    """A HEP3 packet as ``build_hep3`` writes it (IPv4, UDP, SIP), without construct's per-packet cost:
+    a million of them are built for the flood. ``test_fast_hep`` below checks that both agree."""
+    body = payload.encode()
+    chunks = _FIXED.pack(
+        *(0, 1, 7, 2),
+        *(0, 2, 7, 17),
+        *(0, 3, 10, socket.inet_aton(src)),
+        *(0, 4, 10, socket.inet_aton(dst)),
+        *(0, 7, 8, 5060),
+        *(0, 8, 8, 5060),
+        *(0, 9, 10, 1_800_000_000),
+        *(0, 10, 10, n % 1_000_000),
+        *(0, 11, 7, 1),
+        *(0, 12, 10, 2001),
+        *(0, 15, 6 + len(body)),
+    )
+    return _HEAD.pack(b"HEP3", _HEAD.size + len(chunks) + len(body)) + chunks + body
+
+
+def test_fast_hep() -> None:
+    packet = HepPacket(
+        3, 2, 17, "1.2.3.4", SERVER, 5060, 5060, 1_800_000_000, 7, 1, 2001, b"OPTIONS x SIP/2.0"
+    )
+    if hep(packet.src_ip, packet.dst_ip, packet.payload.decode(), 7) != build_hep3(packet):
+        raise AssertionError("bench/ingest.py's HEP3 builder no longer matches build_hep3")
+
+
 def sip_packets(sources: list[str], dst: str = "198.51.100.1") -> list[bytes]:
+    """One REGISTER from each source (``friendly-scanner``): the flood and the listed senders."""
     packets = []
     for n, src in enumerate(sources):
         payload = (
@@ -88,10 +162,145 @@ def sip_packets(sources: list[str], dst: str = "198.51.100.1") -> list[bytes]:
             f"From: <sip:{100 + n % 900}@{dst}>;tag={n}\r\nTo: <sip:{100 + n % 900}@{dst}>\r\n"
             f"Call-ID: bench-{n}@{src}\r\nCSeq: 1 REGISTER\r\nUser-Agent: friendly-scanner\r\n"
             "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-        ).encode()
-        packet = HepPacket(3, 2, 17, src, dst, 5060, 5060, 1_800_000_000, n % 1_000_000, 1, 2001, payload)
-        packets.append(build_hep3(packet))
+        )
+        packets.append(hep(src, dst, payload, n))
     return packets
+
+
+@dataclass
+class Dialog:
+    """One exchange between a remote and the server: (direction, SIP message) in order."""
+
+    remote: str
+    messages: list[tuple[bool, str]] = field(default_factory=list)  # (from the remote, payload)
+
+    def request(self, text: str) -> None:
+        self.messages.append((True, text))
+
+    def reply(self, text: str) -> None:
+        self.messages.append((False, text))
+
+
+def _request(method: str, uri: str, remote: str, user: str, call_id: str, cseq: int, extra: str = "") -> str:
+    to = f"sip:{user}@{DOMAIN}" if method == "REGISTER" else uri
+    body = ""
+    if method == "INVITE":
+        extra += "Content-Type: application/sdp\r\n"
+        body = (
+            f"v=0\r\no={user} 2890844526 2890844526 IN IP4 {remote}\r\ns=-\r\nc=IN IP4 {remote}\r\n"
+            "t=0 0\r\nm=audio 49170 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
+            "a=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n"
+        )
+    return (
+        f"{method} {uri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {remote}:5060;branch=z9hG4bK{call_id[:8]}{cseq};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:{user}@{DOMAIN}>;tag={call_id[:6]}\r\nTo: <{to}>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:{user}@{remote}:5060>\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n{body}"
+    )
+
+
+def _reply(status: str, method: str, remote: str, user: str, call_id: str, cseq: int, extra: str = "") -> str:
+    return (
+        f"SIP/2.0 {status}\r\nVia: SIP/2.0/UDP {remote}:5060;branch=z9hG4bK{call_id[:8]}{cseq};"
+        f"rport=5060;received={remote}\r\nFrom: <sip:{user}@{DOMAIN}>;tag={call_id[:6]}\r\n"
+        f"To: <sip:{user}@{DOMAIN}>;tag=srv{cseq}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n"
+        f"Server: kamailio (5.7.4 (x86_64/linux))\r\n{extra}Content-Length: 0\r\n\r\n"
+    )
+
+
+def _digest(header: str, realm_nonce: str, user: str = "", uri: str = "") -> str:
+    """A challenge (``WWW-Authenticate``...) or, with ``user``, credentials computed on its nonce."""
+    if not user:
+        return f'{header}: Digest realm="{DOMAIN}", {realm_nonce}, algorithm=MD5\r\n'
+    return (
+        f'{header}: Digest username="{user}", realm="{DOMAIN}", {realm_nonce}, uri="{uri}", '
+        'response="6629fae49393a05397450978507c4ef1", algorithm=MD5\r\n'
+    )
+
+
+PHONE_AGENT = "User-Agent: Yealink SIP-T46U 66.86.0.15\r\n"
+
+
+def registration(phone: str, user: str, n: int) -> Dialog:
+    """REGISTER, 401 with a nonce, REGISTER with credentials on that nonce, 200."""
+    uri, call_id, nonce = f"sip:{DOMAIN}", f"reg{n:08x}a4c2e9@{phone}", f'nonce="{n:08x}5f2b1a7c"'
+    dialog = Dialog(phone)
+    dialog.request(_request("REGISTER", uri, phone, user, call_id, 1, PHONE_AGENT + "Expires: 3600\r\n"))
+    dialog.reply(
+        _reply("401 Unauthorized", "REGISTER", phone, user, call_id, 1, _digest("WWW-Authenticate", nonce))
+    )
+    signed = PHONE_AGENT + "Expires: 3600\r\n" + _digest("Authorization", nonce, user, uri)
+    dialog.request(_request("REGISTER", uri, phone, user, call_id, 2, signed))
+    contact = f"Contact: <sip:{user}@{phone}:5060>;expires=3600\r\n"
+    dialog.reply(_reply("200 OK", "REGISTER", phone, user, call_id, 2, contact))
+    return dialog
+
+
+def call(phone: str, user: str, n: int) -> Dialog:
+    """INVITE, 407, ACK, INVITE with credentials, 100, 180, 200, ACK, BYE, 200."""
+    uri, call_id, nonce = f"sip:+4930{n:07d}@{DOMAIN}", f"call{n:08x}77d1@{phone}", f'nonce="{n:08x}c0ffee11"'
+    dialog = Dialog(phone)
+    dialog.request(_request("INVITE", uri, phone, user, call_id, 1, PHONE_AGENT))
+    challenge = _digest("Proxy-Authenticate", nonce)
+    dialog.reply(_reply("407 Proxy Authentication Required", "INVITE", phone, user, call_id, 1, challenge))
+    dialog.request(_request("ACK", uri, phone, user, call_id, 1))
+    signed = PHONE_AGENT + _digest("Proxy-Authorization", nonce, user, uri)
+    dialog.request(_request("INVITE", uri, phone, user, call_id, 2, signed))
+    for status in ("100 Trying", "180 Ringing", "200 OK"):
+        dialog.reply(_reply(status, "INVITE", phone, user, call_id, 2))
+    dialog.request(_request("ACK", uri, phone, user, call_id, 2))
+    dialog.request(_request("BYE", uri, phone, user, call_id, 3))
+    dialog.reply(_reply("200 OK", "BYE", phone, user, call_id, 3))
+    return dialog
+
+
+def scan(scanner: str, n: int) -> list[Dialog]:
+    """OPTIONS from ``friendly-scanner`` to ``SCANNED`` extensions, each answered 404."""
+    dialogs = []
+    for extension in range(100, 100 + SCANNED):
+        uri, call_id, user = f"sip:{extension}@{SERVER}", f"{n:04x}{extension:06d}scan", str(extension)
+        dialog = Dialog(scanner)
+        dialog.request(
+            _request("OPTIONS", uri, scanner, user, call_id, 1, "User-Agent: friendly-scanner\r\n")
+        )
+        dialog.reply(_reply("404 Not Found", "OPTIONS", scanner, user, call_id, 1))
+        dialogs.append(dialog)
+    return dialogs
+
+
+def site_traffic(phones: list[str], scanners: list[str], seed: int = 7) -> list[bytes]:
+    """Registrations, calls and scans, ``INTERLEAVE`` transactions in flight at a time."""
+    dialogs = [registration(phone, str(1000 + n), n) for n, phone in enumerate(phones)]
+    dialogs += [call(phone, str(1000 + n), n) for n, phone in enumerate(phones[:CALLERS])]
+    for n, scanner in enumerate(scanners):
+        dialogs += scan(scanner, n)
+    random.Random(seed).shuffle(dialogs)
+    packets: list[bytes] = []
+    for start in range(0, len(dialogs), INTERLEAVE):
+        group = dialogs[start : start + INTERLEAVE]
+        for step in range(max(len(d.messages) for d in group)):
+            for dialog in group:
+                if step < len(dialog.messages):
+                    outbound, text = dialog.messages[step]
+                    src, dst = (dialog.remote, SERVER) if outbound else (SERVER, dialog.remote)
+                    packets.append(hep(src, dst, text, len(packets)))
+    return packets
+
+
+# ---------------------------------------------------------------- receivers
+
+
+@dataclass
+class Receiver:
+    name: str
+    port: int
+    count: Callable[[], int]
+    pid: int | None = None  # an agent's, for its CPU time and RSS
+    http_port: int = 0
+    best: int = 0
+    lost: bool = False
+    cpu_per_packet: dict[int, float] = field(default_factory=dict)  # rate -> us
 
 
 async def offer(port: int, rate: float, seconds: float, packets_file: Path) -> int:
@@ -127,9 +336,14 @@ def agent_count(http_port: int) -> int:
     return int(hep["packets"].get("udp", 0)) + bad
 
 
-async def settle(read: object, previous: int = -1) -> int:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def settle(read: Callable[[], int], previous: int = -1) -> int:
     """The count once it stops moving (the receiver drained its socket)."""
-    assert callable(read)
     for _ in range(50):
         await asyncio.sleep(0.2)
         current = int(read())
@@ -140,111 +354,191 @@ async def settle(read: object, previous: int = -1) -> int:
 
 
 async def loss_free(
-    name: str, port: int, read: object, rates: list[int], seconds: float, packets: Path
-) -> tuple[int, list[list[str]]]:
-    best, rows = 0, []
+    receivers: list[Receiver], rates: list[int], seconds: float, packets: Path
+) -> list[list[str]]:
+    """Rates up; at each, every receiver that has lost nothing yet gets the same traffic in turn."""
+    rows = []
     for rate in rates:
-        before = await settle(read)
-        sent = await offer(port, rate, seconds, packets)
-        received = await settle(read) - before
-        lost = sent - received
-        rows.append([name, f"{rate:,}", f"{sent:,}", f"{received:,}", f"{lost / sent * 100:.2f} %"])
-        if lost > 0:
-            break
-        best = rate
-    return best, rows
+        for receiver in receivers:
+            if receiver.lost:
+                continue
+            before = await settle(receiver.count)
+            cpu_before = cpu_seconds(receiver.pid) if receiver.pid else 0.0
+            sent = await offer(receiver.port, rate, seconds, packets)
+            received = await settle(receiver.count) - before
+            cpu = ""
+            if receiver.pid:
+                used = (cpu_seconds(receiver.pid) - cpu_before) / max(received, 1) * 1e6
+                receiver.cpu_per_packet[rate] = used
+                cpu = f"{used:.1f} us"
+            lost = sent - received
+            rows.append(
+                [receiver.name, f"{rate:,}", f"{sent:,}", f"{received:,}", f"{lost / sent * 100:.2f} %", cpu]
+            )
+            if lost > 0:
+                receiver.lost = True
+            else:
+                receiver.best = rate
+    return rows
+
+
+def agent_env(http_port: int, hep_port: int, state: Path, detect: bool) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HEPSUB_APIBAN_URL": "http://127.0.0.1:9",
+        "HEPSUB_APIBAN_KEY": BENCH_KEY,
+        "HEPSUB_STATE_DIR": str(state),
+        "HEPSUB_AGENT_BIND": "127.0.0.1",
+        "HEPSUB_AGENT_PORT": str(http_port),
+        "HEPSUB_HEP_UDP": f"127.0.0.1:{hep_port}",
+        "HEPSUB_HEP_TCP": "",
+        "HEPSUB_HEP_RCVBUF": str(RCVBUF),
+        "HEPSUB_LOG_LEVEL": "error",
+        "HEPSUB_DETECT_ENABLED": "true" if detect else "false",
+    }
 
 
 async def main(args: argparse.Namespace) -> None:
+    test_fast_hep()
     rates = [int(r) for r in args.rates.split(",")]
     listed = public_ips(20_000, seed=11)
-    sources = listed[:2000] + public_ips(8000, seed=12)
+    phones = listed[:2000] + public_ips(PHONES - 2000, seed=12)
+    scanners = public_ips(SCANNERS, seed=13)
+    processes: list[asyncio.subprocess.Process] = []
+    profiles: Path | None = args.profile
     with tempfile.TemporaryDirectory(prefix="hepsub-bench-") as tmp:
         packets_file = Path(tmp) / "packets.pickle"
-        packets_file.write_bytes(pickle.dumps(sip_packets(sources)))
-        bare_port, hep_port, http_port = free_port(), free_port(), free_port()
-        state = Path(tmp) / "state"
-        write_snapshot(state, "http://127.0.0.1:9", listed, time.time())
-        env = {
-            **os.environ,
-            "HEPSUB_APIBAN_URL": "http://127.0.0.1:9",
-            "HEPSUB_APIBAN_KEY": BENCH_KEY,
-            "HEPSUB_STATE_DIR": str(state),
-            "HEPSUB_AGENT_BIND": "127.0.0.1",
-            "HEPSUB_AGENT_PORT": str(http_port),
-            "HEPSUB_HEP_UDP": f"127.0.0.1:{hep_port}",
-            "HEPSUB_HEP_TCP": "",
-            "HEPSUB_HEP_RCVBUF": str(RCVBUF),
-            "HEPSUB_LOG_LEVEL": "error",
-        }
-        bare = await asyncio.create_subprocess_exec(
-            *pinned(SERVER_CORE, [PYTHON, "-c", BARE_RECEIVER, str(bare_port), str(RCVBUF)])
-        )
-        agent = await asyncio.create_subprocess_exec(
-            *pinned(SERVER_CORE, [PYTHON, "-m", "hepsub_apiban", "serve"]), env=env
-        )
-        bare_best = agent_best = 0
-        bare_rows: list[list[str]] = []
-        agent_rows: list[list[str]] = []
-        try:
-            await _until_up(http_port, bare_port)
-            if not args.flood_only:
-                bare_best, bare_rows = await loss_free(
-                    "bare uvloop", bare_port, lambda: bare_count(bare_port), rates, args.seconds, packets_file
-                )
-                agent_best, agent_rows = await loss_free(
-                    "agent", hep_port, lambda: agent_count(http_port), rates, args.seconds, packets_file
-                )
-            flood = await flood_memory(
-                agent.pid, hep_port, http_port, (args.flood, args.flood_rate), Path(tmp), listed[:2000]
+        traffic = site_traffic(phones, scanners)
+        packets_file.write_bytes(pickle.dumps(traffic))
+        bare_port = free_port()
+        receivers = [Receiver("bare uvloop", bare_port, lambda: bare_count(bare_port))]
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                *pinned(SERVER_CORE, [PYTHON, "-c", BARE_RECEIVER, str(bare_port), str(RCVBUF)])
             )
+        )
+        for detect in (False, True):
+            hep_port, http_port = free_port(), free_port()
+            state = Path(tmp) / f"state-{detect}"
+            write_snapshot(state, "http://127.0.0.1:9", listed, time.time())
+            name = "detect-on" if detect else "detect-off"
+            argv = [PYTHON, "-m", "hepsub_apiban", "serve"]
+            if profiles is not None:
+                argv = [PYTHON, "-c", PROFILED_AGENT, str(profiles / f"{name}.prof")]
+            process = await asyncio.create_subprocess_exec(
+                *pinned(SERVER_CORE, argv), env=agent_env(http_port, hep_port, state, detect)
+            )
+            processes.append(process)
+            receivers.append(
+                Receiver(
+                    f"agent, detection {'on' if detect else 'off'}",
+                    hep_port,
+                    lambda port=http_port: agent_count(port),  # type: ignore[misc]
+                    process.pid,
+                    http_port,
+                )
+            )
+        rows: list[list[str]] = []
+        floods: list[list[str]] = []
+        detection: dict[str, object] = {}
+        try:
+            await _until_up(receivers)
+            if not args.flood_only:
+                rows = await loss_free(receivers, rates, args.seconds, packets_file)
+                status = agent_status(receivers[2].http_port)["detection"]
+                assert isinstance(status, dict)
+                detection = status
+            if not args.no_flood:
+                files = write_flood(Path(tmp), args.flood, listed[:2000])
+                for receiver in receivers[1:]:
+                    floods.append(await flood_memory(receiver, files, args.flood_rate))
         finally:
-            for process in (bare, agent):
+            for process in processes:
                 process.terminate()
                 await process.wait()
     print(f"machine: {machine()}")
     if not args.flood_only:
+        print_rates(args, receivers, rows, len(traffic), detection)
+    if floods:
         print(
-            f"HEP3/UDP on loopback, SIP REGISTER payloads; receivers on core {SERVER_CORE}, "
-            f"sender on core {LOAD_CORE}, {args.seconds:g} s per rate"
+            f"flood: one REGISTER from each of 2,000 listed addresses, then {args.flood:,} from as many "
+            f"spoofed routable sources at {args.flood_rate:,.0f}/s"
         )
-        print(table(["receiver", "offered/s", "sent", "received", "lost"], bare_rows + agent_rows))
         print(
             table(
-                ["receiver", "highest loss-free rate", "agent / bare"],
                 [
-                    ["bare uvloop", f"{bare_best:,}/s", "-"],
-                    [
-                        "agent (decode + SIP + sightings)",
-                        f"{agent_best:,}/s",
-                        f"{agent_best / bare_best:.2f}" if bare_best else "-",
-                    ],
+                    "agent",
+                    "counted",
+                    "sightings kept",
+                    "detector tracks",
+                    "listed senders kept",
+                    "RSS before",
+                    *[f"RSS after {n:,}" for n in flood_marks(args.flood)],
+                    "peak RSS",
                 ],
+                floods,
             )
         )
-        print()
+
+
+def print_rates(
+    args: argparse.Namespace,
+    receivers: list[Receiver],
+    rows: list[list[str]],
+    cycle: int,
+    detection: dict[str, object],
+) -> None:
+    print(
+        f"HEP3/UDP on loopback, a registrar's traffic ({cycle:,} packets in the cycle); receivers on core "
+        f"{SERVER_CORE}, sender on core {LOAD_CORE}, {args.seconds:g} s per rate"
+    )
+    print(table(["receiver", "offered/s", "sent", "received", "lost", "agent CPU per packet"], rows))
+    bare, off, on = receivers
+    common = [
+        rate for rate in on.cpu_per_packet if rate in off.cpu_per_packet and rate <= min(on.best, off.best)
+    ]
+    summary = [
+        ["bare uvloop", f"{bare.best:,}/s", "-", "-"],
+        ["agent, detection off", f"{off.best:,}/s", "1.00", _cpu(off, common)],
+        [
+            "agent, detection on",
+            f"{on.best:,}/s",
+            f"{on.best / off.best:.2f}" if off.best else "-",
+            _cpu(on, common),
+        ],
+    ]
     print(
         table(
             [
-                "distinct spoofed sources sent",
-                "counted",
-                "sightings kept",
-                "evicted",
-                "listed senders kept",
-                "RSS before",
-                "RSS after",
-                "peak RSS",
+                "receiver",
+                "highest loss-free rate",
+                "/ detection off",
+                "CPU per packet (median, both loss-free)",
             ],
-            [flood],
+            summary,
         )
     )
+    if common:
+        ratio = _median([off.cpu_per_packet[r] / on.cpu_per_packet[r] for r in common])
+        print(f"CPU per packet, detection off / on (median over {len(common)} rates): {ratio:.2f}")
+    print(f"detector after the rates: {json.dumps(detection)}")
+    print()
 
 
-async def _until_up(http_port: int, bare_port: int) -> None:
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1 :][:2]) / 2
+
+
+def _cpu(receiver: Receiver, rates: list[int]) -> str:
+    return f"{_median([receiver.cpu_per_packet[r] for r in rates]):.1f} us" if rates else "-"
+
+
+async def _until_up(receivers: list[Receiver]) -> None:
     for _ in range(100):
         try:
-            agent_status(http_port)
-            bare_count(bare_port)
+            for receiver in receivers:
+                receiver.count()
             return
         except OSError:
             await asyncio.sleep(0.1)
@@ -252,7 +546,8 @@ async def _until_up(http_port: int, bare_port: int) -> None:
 
 
 def listed_senders(http_port: int) -> set[str]:
-    url = f"http://127.0.0.1:{http_port}/api/v1/sightings?listed=true&limit=1000000"
+    # 10,000: the most one answer holds (the flood asks about 2,000)
+    url = f"http://127.0.0.1:{http_port}/api/v1/sightings?listed=true&limit=10000"
     with urllib.request.urlopen(url, timeout=30) as response:
         return {s["ip"] for s in json.loads(response.read())["sightings"]}
 
@@ -264,40 +559,57 @@ def peak_rss_kib(pid: int) -> int:
     raise RuntimeError("no VmHWM")
 
 
-async def flood_memory(
-    pid: int, hep_port: int, http_port: int, flood: tuple[int, float], tmp: Path, listed: list[str]
-) -> list[str]:
-    count, rate = flood
-    path = tmp / "listed.pickle"
-    path.write_bytes(pickle.dumps(sip_packets(listed)))  # one packet from each listed sender
-    await offer(hep_port, rate / 10, len(listed) / (rate / 10), path)
-    counted = await settle(lambda: agent_count(http_port))
-    seen_listed = listed_senders(http_port) & set(listed)
-    before = rss_kib(pid)
-    chunk = 100_000
-    for start in range(0, count, chunk):
-        sources = [
-            socket.inet_ntoa((0x2D000000 + start + i).to_bytes(4, "big"))
-            for i in range(min(chunk, count - start))
-        ]
-        path = tmp / "flood.pickle"
-        path.write_bytes(pickle.dumps(sip_packets(sources)))
-        await offer(hep_port, rate, len(sources) / rate, path)
-    counted = await settle(lambda: agent_count(http_port)) - counted
-    hep = agent_status(http_port)["hep"]
+CHUNK = 100_000
+
+
+def flood_marks(count: int) -> list[int]:
+    """Where RSS is read during the flood: after the first chunk, half way, at the end."""
+    return sorted({mark for mark in (CHUNK, count // 2 // CHUNK * CHUNK, count) if 0 < mark <= count})
+
+
+def write_flood(tmp: Path, count: int, listed: list[str]) -> list[tuple[Path, int]]:
+    """The listed senders' packets, then the flood in chunks of ``CHUNK`` distinct sources."""
+    files = [(tmp / "listed.pickle", len(listed))]
+    files[0][0].write_bytes(pickle.dumps(sip_packets(listed)))
+    for start in range(0, count, CHUNK):
+        size = min(CHUNK, count - start)
+        sources = [socket.inet_ntoa((0x2D000000 + start + i).to_bytes(4, "big")) for i in range(size)]
+        files.append((tmp / f"flood-{start}.pickle", size))
+        files[-1][0].write_bytes(pickle.dumps(sip_packets(sources)))
+    return files
+
+
+async def flood_memory(receiver: Receiver, files: list[tuple[Path, int]], rate: float) -> list[str]:
+    assert receiver.pid is not None
+    http_port, (listed_file, listed), chunks = receiver.http_port, files[0], files[1:]
+    await offer(receiver.port, rate / 10, listed / (rate / 10), listed_file)
+    counted = await settle(receiver.count)
+    seen_listed = listed_senders(http_port)
+    before = rss_kib(receiver.pid)
+    marks, rss, done = flood_marks(sum(size for _, size in chunks)), [], 0
+    for path, size in chunks:
+        await offer(receiver.port, rate, size / rate, path)
+        done += size
+        if done in marks:
+            await settle(receiver.count)
+            rss.append(f"{rss_kib(receiver.pid) / 1024:.1f} MiB")
+    counted = await settle(receiver.count) - counted
+    status = agent_status(http_port)
+    hep, detection = status["hep"], status["detection"]
     assert isinstance(hep, dict)
-    after = rss_kib(pid)
+    assert isinstance(detection, dict)
     sightings = hep["sightings"]
     kept_listed = listed_senders(http_port) & seen_listed
+    tracked = f"{detection['tracked']:,}" if detection.get("enabled") else "(off)"
     return [
-        f"{count:,}",
+        receiver.name,
         f"{counted:,}",
         f"{sightings['ips']:,} (cap {sightings['capacity']:,})",
-        f"{sightings['evicted']:,}",
+        tracked,
         f"{len(kept_listed):,} of {len(seen_listed):,}",
         f"{before / 1024:.1f} MiB",
-        f"{after / 1024:.1f} MiB",
-        f"{peak_rss_kib(pid) / 1024:.1f} MiB",
+        *rss,
+        f"{peak_rss_kib(receiver.pid) / 1024:.1f} MiB",
     ]
 
 
@@ -306,8 +618,17 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--rates", default="25000,50000,75000,100000,150000,200000,250000")
+    parser.add_argument(
+        "--rates", default="20000,25000,30000,35000,40000,45000,50000,55000,60000,70000,80000"
+    )
     parser.add_argument("--flood", type=int, default=1_000_000)
     parser.add_argument("--flood-rate", type=float, default=FLOOD_RATE)
     parser.add_argument("--flood-only", action="store_true", help="skip the loss-free rate search")
+    parser.add_argument("--no-flood", action="store_true", help="skip the spoofed flood")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=lambda text: Path(text).resolve(),
+        help="run the agents under cProfile, profiles written to DIR",
+    )
     asyncio.run(main(parser.parse_args()))
