@@ -535,3 +535,23 @@ def test_default_rules_are_the_documented_numbers() -> None:
         load_settings(None, {"HEPSUB_DETECT_AUTH_FAILURE_ACTION": "flag"}).detect.rules["auth_failure"].action
         == "flag"
     )
+
+
+def test_a_served_detection_extended_by_ten_minutes_gets_a_new_id() -> None:
+    site = make_site()
+    for extension in range(25):
+        site.exchange(ATTACKER, "REGISTER", str(extension), 404, ua="friendly-scanner")
+    first = site.book.get(ATTACKER)
+    assert first is not None
+    serial, until = first.serial, first.until
+    site.clock.now += 300  # the scan goes on: extended by 5 minutes, same ID
+    for extension in range(25, 30):
+        site.exchange(ATTACKER, "REGISTER", str(extension), 404, ua="friendly-scanner")
+    assert (first.serial, first.until) == (serial, until + 300)
+    site.clock.now += 300  # 10 minutes past the end clients were told: handed out again
+    for extension in range(30, 35):
+        site.exchange(ATTACKER, "REGISTER", str(extension), 404, ua="friendly-scanner")
+    assert first.serial is not None
+    assert serial is not None
+    assert first.serial > serial
+    assert first.until == until + 600
