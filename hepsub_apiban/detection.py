@@ -104,6 +104,9 @@ class Distinct:
             seen.popitem(last=False)
         return len(seen)
 
+    def discard(self, value: str) -> None:
+        self._seen.pop(value, None)
+
     def values(self) -> list[str]:
         return list(self._seen)
 
@@ -309,9 +312,12 @@ class Detector:
         if pending is None:
             return  # a retransmitted reply, or one to a request we never saw
         if status < 200:
-            pending.progress = pending.progress or status in (180, 183)
+            if status in (180, 183) and not pending.progress:
+                self._rang(remote, pending)
             return
         del remote.pending[key]
+        if status < 300 and pending.method == "INVITE" and not pending.progress:
+            self._rang(remote, pending)
         if status in CHALLENGES:
             self._challenged(remote, server_ip, sip.nonce)
         if 200 <= status < 300:
@@ -324,6 +330,14 @@ class Detector:
             self._user_failure(remote, pending, status, now)
         if pending.method == "INVITE":
             self._invite_refused(remote, pending, status, now)
+
+    @staticmethod
+    def _rang(remote: Remote, pending: Pending) -> None:
+        """A call that rang or connected: a real call, not a probe, so its user is no scan target."""
+        pending.progress = True
+        users = remote.counters.get("scan:users")
+        if isinstance(users, Distinct) and pending.user:
+            users.discard(pending.user)
 
     def _challenged(self, remote: Remote, server_ip: str, nonce: str | None) -> None:
         if server_ip not in self._local and self._trackable(server_ip):

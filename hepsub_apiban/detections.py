@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 REPEAT_WINDOW = 7 * 86400.0
 REPEAT_FACTOR = 4
 MAX_DURATION = 7 * 86400.0
+REANNOUNCE_AFTER = 600.0  # a served detection extended by this much is handed out again
 LOG_EVERY = 3600.0  # one log line per address and rule per hour
 BREAKER_WINDOW = 60.0
 MAX_HISTORY = 8  # detection starts kept per address (more cannot lengthen the cap)
@@ -63,6 +64,7 @@ class Detection:
     serial: int | None = None  # its ID in the site API and the decision stream, once served
     held_back: str | None = None  # why a rule that serves only flagged it
     repeats: int = 0  # earlier detections within REPEAT_WINDOW
+    announced_until: float = 0.0  # the end blocklist clients were told with the current serial
 
     @property
     def action(self) -> str:
@@ -136,6 +138,11 @@ class Detections:
             detection = self._start(finding.ip, now)
         duration = self._duration(rule.duration, detection.repeats)
         detection.until = max(detection.until, now + duration)
+        if detection.served and detection.until - detection.announced_until >= REANNOUNCE_AFTER:
+            # Clients that take a duration (CrowdSec bouncers, ipset timeouts) would unblock at
+            # the end they were told: a new serial hands them the detection again.
+            detection.serial = self._new_serial(now)
+            detection.announced_until = detection.until
         detection.rules.pop(finding.rule, None)
         detection.rules[finding.rule] = finding.evidence
         if finding.proof is not None:
@@ -201,6 +208,7 @@ class Detections:
         detection.served = True
         detection.held_back = None
         detection.serial = self._new_serial(now)
+        detection.announced_until = detection.until
 
     def _describe(self, detection: Detection) -> str:
         until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(detection.until))
@@ -337,6 +345,7 @@ def _detection_json(detection: Detection) -> dict[str, Any]:
         "serial": detection.serial,
         "held_back": detection.held_back,
         "repeats": detection.repeats,
+        "announced_until": detection.announced_until,
     }
 
 
@@ -392,6 +401,7 @@ def _detection_from(item: object, settings: DetectSettings, now: float) -> Detec
         serial=serial if served else None,
         held_back=_text(item.get("held_back")),
         repeats=repeats,
+        announced_until=_time(item.get("announced_until", 0.0), now, MAX_DURATION),
     )
 
 

@@ -50,6 +50,7 @@ from .site_api import SITE_PATHS
 log = logging.getLogger(__name__)
 MAX_CHECK_IPS = 1000
 MAX_SIGHTINGS_LIMIT = 10_000  # one answer stays a few MB, built in tens of ms
+_UNIX_SECONDS = re.compile("[0-9]{1,12}")
 _LIMIT = re.compile("[0-9]{1,5}")  # ASCII digits only: int() also takes "١٢" and "1_000"
 
 
@@ -189,7 +190,7 @@ async def detections_list(request: web.Request) -> web.Response:
         return error_response(f"rule must be one of {', '.join(rule_name(r) for r in RULES)}", 400)
     if action not in ("", "serve", "flag"):
         return error_response("action must be serve or flag", 400)
-    if not _LIMIT.fullmatch(since_text):
+    if not _UNIX_SECONDS.fullmatch(since_text):
         return error_response("since must be unix seconds", 400)
     since = int(since_text)
     chosen = (

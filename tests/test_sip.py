@@ -119,6 +119,8 @@ def test_credentials_and_their_nonce_and_the_challenge_nonce() -> None:
     )
     assert challenge is not None
     assert (challenge.credentials, challenge.nonce, challenge.request_user) == (False, "Zq1+/ab", None)
-    plain = parse_sip(b"OPTIONS sip:100@x SIP/2.0\r\nFrom: <sip:sipsak@x>\r\nCSeq: 99999999999 OPTIONS\r\n\r\n")
+    plain = parse_sip(
+        b"OPTIONS sip:100@x SIP/2.0\r\nFrom: <sip:sipsak@x>\r\nCSeq: 99999999999 OPTIONS\r\n\r\n"
+    )
     assert plain is not None
     assert (plain.credentials, plain.nonce, plain.from_name, plain.cseq) == (False, None, None, None)
