@@ -22,7 +22,7 @@ applies the serving safeguards.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,6 +38,7 @@ MAX_LOCAL = 4096  # learned servers and HEP senders
 MAX_EXEMPT = 100_000  # addresses that authenticated in the last day
 AUTH_EXEMPTION = 86400.0
 SWEEP_EVERY = 1024  # packets between sweeps of idle remotes
+MAX_SIGNATURE_ANSWERS = 4096  # User-Agents and display names whose signature test is remembered
 
 SCANNER_SIGNATURE = re.compile(
     r"friendly-scanner|sipvicious|sipcli|pplsip|vaxsipuseragent|sundayddr|sipscan|\bsmap\b", re.IGNORECASE
@@ -71,20 +72,35 @@ def rule_name(rule: str) -> str:
 
 
 class Events:
-    """The times of the last ``size`` events: the threshold-th within the window fires."""
+    """The times of the last ``size`` events: the threshold-th within the window fires.
 
-    __slots__ = ("_times",)
+    A ring in a list, not a ``deque(maxlen=size)``: a deque takes 760 bytes however few events it
+    holds, and every tracked remote has two or three of these (a spoofed flood fills
+    ``detect.max_tracked`` remotes with one event each)."""
+
+    __slots__ = ("_next", "_size", "_times")
 
     def __init__(self, size: int) -> None:
-        self._times: deque[float] = deque(maxlen=size)
+        self._times: list[float] = []
+        self._size = size
+        self._next = 0  # once full: where the oldest time is, and the next one goes
 
     def add(self, now: float, window: float) -> bool:
         times = self._times
-        times.append(now)
-        return len(times) == times.maxlen and now - times[0] < window
+        if len(times) < self._size:
+            times.append(now)
+            return len(times) == self._size and now - times[0] < window
+        position = self._next
+        times[position] = now
+        position += 1
+        if position == self._size:
+            position = 0
+        self._next = position
+        return now - times[position] < window
 
     def clear(self) -> None:
-        self._times.clear()
+        self._times = []
+        self._next = 0
 
 
 class Distinct:
@@ -100,7 +116,10 @@ class Distinct:
         seen = self._seen
         seen.pop(value, None)
         seen[value] = now
-        while seen and (len(seen) > self._size or next(iter(seen.values())) <= now - window):
+        if len(seen) > self._size:
+            seen.popitem(last=False)
+        horizon = now - window
+        while seen and next(iter(seen.values())) <= horizon:
             seen.popitem(last=False)
         return len(seen)
 
@@ -189,6 +208,7 @@ class Detector:
         self._local: OrderedDict[str, None] = OrderedDict()  # HEP senders and learned servers
         self._authenticated: OrderedDict[str, float] = OrderedDict()  # ip -> last success
         self._prefixes = _prefixes(settings.rules[TOLL_FRAUD].prefixes)
+        self._signatures: dict[str, bool] = {}  # User-Agent or display name -> scanner signature
         self._since_sweep = 0
         self.stats = DetectorStats()
 
@@ -215,18 +235,22 @@ class Detector:
     def _trackable(self, ip: str) -> bool:
         never = self._never.get(ip)
         if never is None:
-            address = parse_ip(ip)
-            never = (
-                address is None
-                or address.text != ip
-                or is_non_routable(address)
-                or address in self._own
-                or address in self._allow
-            )
-            if len(self._never) >= self._settings.max_tracked:
-                self._never.clear()
-            self._never[ip] = never
+            never = self._judge(ip, parse_ip(ip))
         return not never and ip not in self._local
+
+    def _judge(self, ip: str, address: Addr | None) -> bool:
+        """Whether ``ip`` is never to be tracked (remembered, so the next packet asks a dict)."""
+        never = (
+            address is None
+            or address.text != ip
+            or is_non_routable(address)
+            or address in self._own
+            or address in self._allow
+        )
+        if len(self._never) >= self._settings.max_tracked:
+            self._never.clear()
+        self._never[ip] = never
+        return never
 
     def _remote(self, ip: str, now: float) -> Remote | None:
         remote = self._remotes.get(ip)
@@ -234,9 +258,12 @@ class Detector:
             self._remotes.move_to_end(ip)
             remote.last = now
             return remote
-        if not self._trackable(ip):
+        never = self._never.get(ip)
+        if never or ip in self._local:
             return None
-        address = parse_ip(ip)
+        address = parse_ip(ip)  # once: a new address is judged on the same parse
+        if never is None and self._judge(ip, address):
+            return None
         assert address is not None
         if len(self._remotes) >= self._settings.max_tracked:
             self._remotes.popitem(last=False)
@@ -282,7 +309,7 @@ class Detector:
         remote.pending[key] = Pending(now, method, user, sip.credentials)
         if len(remote.pending) > MAX_PENDING:
             self._timed_out(remote, remote.pending.popitem(last=False)[1], now)
-        if _scanner(sip):
+        if self._scanner(sip):
             remote.user_agent = sip.user_agent or sip.from_name or sip.from_user
             self._count(remote, SCANNER_UA, now, f'requests from scanner "{remote.user_agent}"')
         if method in SCANNED_METHODS:
@@ -381,6 +408,24 @@ class Detector:
         if status not in CHALLENGES and not pending.progress:
             self._count(remote, UNANSWERED_INVITES, now, UNANSWERED)
 
+    def _scanner(self, sip: SipInfo) -> bool:
+        if sip.user_agent is not None and self._signature(sip.user_agent):
+            return True
+        if sip.from_name is not None and self._signature(sip.from_name):
+            return True
+        return sip.from_user in SCANNER_FROM_USERS
+
+    def _signature(self, text: str) -> bool:
+        # A site's phones send a handful of User-Agents over and over, and the case-insensitive
+        # search costs 2-3 us per packet: each text's answer is remembered (bounded).
+        found = self._signatures.get(text)
+        if found is None:
+            found = SCANNER_SIGNATURE.search(text) is not None
+            if len(self._signatures) >= MAX_SIGNATURE_ANSWERS:
+                self._signatures.clear()
+            self._signatures[text] = found
+        return found
+
     def _timed_out(self, remote: Remote, pending: Pending, now: float) -> None:
         if pending.method == "INVITE" and not pending.progress:
             self._count(remote, UNANSWERED_INVITES, now, UNANSWERED)
@@ -448,14 +493,6 @@ class Detector:
                 break
             remotes.popitem(last=False)
             self.stats.idle_forgotten += 1
-
-
-def _scanner(sip: SipInfo) -> bool:
-    if sip.user_agent is not None and SCANNER_SIGNATURE.search(sip.user_agent):
-        return True
-    if sip.from_name is not None and SCANNER_SIGNATURE.search(sip.from_name):
-        return True
-    return sip.from_user in SCANNER_FROM_USERS
 
 
 def _prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
