@@ -1,15 +1,17 @@
 """``hepsub-apiban demo``: the whole chain on loopback, with no key, no HOMER and no network.
 
 It starts the built-in APIBAN-compatible feed with sample data and the HOMER-like registry
-(the same fakes the tests use), then the real agent; waits for the agent to register; asks
-the registry to call the agent exactly as homer-app does when a user opens a call; prints
-what the HOMER tab would show; and shuts down (the agent unregisters).
+(the same fakes the tests use), then the real agent; waits for the agent to register; replays a
+short capture into its HEP collector, in which the agent's own rules detect an attacker APIBAN
+does not list; asks the registry to call the agent exactly as homer-app does when a user opens a
+call; prints what the HOMER tab would show; and shuts down (the agent unregisters).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sys
 import tempfile
@@ -23,10 +25,12 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Settings, load_settings
+from .detection import rule_name
+from .detections import Detection
 from .fakes.apiban import FakeApiban
 from .fakes.homer import FakeHomer
 from .hep import HepPacket, build_hep3
-from .keys import AGENT_UUID, COLLECTOR, LOOKUPS, MIRROR_SYNC, SIGHTINGS
+from .keys import AGENT_UUID, COLLECTOR, DETECTIONS, LOOKUPS, MIRROR_SYNC, SIGHTINGS
 from .logs import Redactor, setup_logging
 from .replay import send
 
@@ -37,7 +41,15 @@ DEMO_USER, DEMO_PASSWORD = "admin", "sipcapture"
 # for attackers in this demo only.
 SAMPLE_LISTED = [f"1.2.3.{n}" for n in range(240, 252)] + [f"5.188.10.{n}" for n in range(1, 9)]
 CALL_ID = "a84b4c76e66710@pc33.example.com"
-CALL_IPS = ["192.168.1.10", "1.2.3.251", "9.9.9.9", "5.188.10.4", "2a01:4f8::5"]
+PROXY = "198.51.100.1"  # the site's edge proxy, where the capture was taken
+# A global address the sample feed does not list: the capture's extension scan comes from it, and
+# the agent's own rules find it (scanner-ua, user-enumeration, extension-scan) and serve it.
+ATTACKER = "1.2.3.77"
+SCANNED = [str(extension) for extension in range(200, 220)]  # detect.extension_scan.threshold: 20
+CALL_IPS = ["192.168.1.10", "1.2.3.251", ATTACKER, "5.188.10.4", "2a01:4f8::5"]
+# Loggers whose per-address WARNING lines (an APIBAN-listed sighting, a detection) the demo tells
+# in its own words on stdout; their errors still show.
+NARRATED_LOGGERS = ("hepsub_apiban.sightings", "hepsub_apiban.detections")
 
 
 def run_demo(keep_running: bool = False, out: TextIO = sys.stdout) -> int:
@@ -47,6 +59,8 @@ def run_demo(keep_running: bool = False, out: TextIO = sys.stdout) -> int:
 async def _demo(keep_running: bool, out: TextIO) -> int:
     redactor = Redactor([DEMO_KEY, DEMO_TOKEN, DEMO_PASSWORD])
     setup_logging("warning", redactor)
+    for name in NARRATED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     feed = FakeApiban(keys=[DEMO_KEY])
     feed.add_many(SAMPLE_LISTED)
     registry = FakeHomer(tokens=[DEMO_TOKEN], users={DEMO_USER: DEMO_PASSWORD}, seed_dummy=True)
@@ -129,25 +143,35 @@ async def _until(condition: Callable[[], bool]) -> bool:
 
 
 def _capture() -> list[bytes]:
-    """A few seconds of what a capture agent sees at an edge proxy (198.51.100.1, port 5060):
-    a REGISTER brute force and a toll-fraud INVITE from listed scanners, and clean customer traffic."""
-    proxy = "198.51.100.1"
+    """A few seconds of what a capture agent sees at an edge proxy (``PROXY``, port 5060): a
+    REGISTER brute force and a toll-fraud INVITE from listed scanners, an extension scan from
+    ``ATTACKER`` (OPTIONS from friendly-scanner to 20 extensions, each answered 404 by the proxy:
+    the replies are what tell the detector the extensions do not exist), and clean customer traffic."""
     traffic = [("1.2.3.251", "REGISTER", "friendly-scanner", f"10{n}") for n in range(12)]
     traffic += [("5.188.10.4", "INVITE", "sipcli/v1.8", "00972595000000")] * 3
     traffic += [("9.9.9.9", "OPTIONS", "Asterisk PBX 20.5.0", "ping")] * 4
     traffic += [("2a01:4f8::5", "REGISTER", "Yealink SIP-T46U", "alice")] * 2
+    traffic += [(ATTACKER, "OPTIONS", "friendly-scanner", extension) for extension in SCANNED]
     packets = []
     for n, (src, method, agent, user) in enumerate(traffic):
-        payload = (
-            f"{method} sip:{user}@{proxy} SIP/2.0\r\nVia: SIP/2.0/UDP {src}:5060;branch=z9hG4bK{n};rport\r\n"
-            f"From: <sip:{user}@{proxy}>;tag={n}\r\nTo: <sip:{user}@{proxy}>\r\nCall-ID: demo-{n}@{src}\r\n"
-            f"CSeq: 1 {method}\r\nUser-Agent: {agent}\r\nContent-Length: 0\r\n\r\n"
-        ).encode()
-        family = 10 if ":" in src else 2
-        dst = "2001:db8::1" if family == 10 else proxy
-        packet = HepPacket(3, family, 17, src, dst, 5060, 5060, int(time.time()), n, 1, 2001, payload)
-        packets.append(build_hep3(packet))
+        dialog = (
+            f"From: <sip:{user}@{PROXY}>;tag={n}\r\nTo: <sip:{user}@{PROXY}>\r\nCall-ID: demo-{n}@{src}\r\n"
+            f"CSeq: 1 {method}\r\n"
+        )
+        via = f"Via: SIP/2.0/UDP {src}:5060;branch=z9hG4bK{n};rport"
+        request = f"{method} sip:{user}@{PROXY} SIP/2.0\r\n{via}\r\n{dialog}User-Agent: {agent}\r\n"
+        dst = "2001:db8::1" if ":" in src else PROXY
+        packets.append(_hep(src, dst, request, n))
+        if src == ATTACKER:
+            reply = f"SIP/2.0 404 Not Found\r\n{via}=5060;received={src}\r\n{dialog}Server: edge-proxy\r\n"
+            packets.append(_hep(dst, src, reply, n))
     return packets
+
+
+def _hep(src: str, dst: str, message: str, n: int) -> bytes:
+    family = 10 if ":" in src else 2
+    payload = f"{message}Content-Length: 0\r\n\r\n".encode()
+    return build_hep3(HepPacket(3, family, 17, src, dst, 5060, 5060, int(time.time()), n, 1, 2001, payload))
 
 
 async def _replay_capture(app: web.Application, out: TextIO) -> bool:
@@ -165,8 +189,23 @@ async def _replay_capture(app: web.Application, out: TextIO) -> bool:
         agents = ", ".join(sighting.user_agents)
         _say(out, f"  listed by APIBAN:     {sighting.ip:<12} {methods}  ({agents})")
     clean = [s.ip for s in app[SIGHTINGS].values(listed=False)]
-    _say(out, f"  not listed:           {', '.join(clean)}\n")
+    _say(out, f"  not listed:           {', '.join(clean)}")
+    book = app.get(DETECTIONS)
+    detections = sorted(book.active(), key=lambda d: (not d.served, d.ip)) if book is not None else []
+    for detection in detections:
+        _say(out, f"  detected here:        {detection.ip:<12} {_detection_line(detection)}")
+    if detections:
+        _say(out, "  (the agent also logs each as a WARNING line, once an hour per address and rule)")
+    _say(out, "")
     return True
+
+
+def _detection_line(detection: Detection) -> str:
+    rules = ", ".join(rule_name(rule) for rule in detection.rules)
+    if detection.served:
+        # The ID continues the mirror's sequence: site clients pulling /banned get it next.
+        return f"{rules} -> served ({detection.proof}), site API ID {detection.serial}"
+    return f"{rules} -> flagged, not served: {detection.held_back}"
 
 
 async def _enrich(registry: FakeHomer, agent_uuid: str, out: TextIO) -> None:

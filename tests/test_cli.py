@@ -414,9 +414,26 @@ async def test_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert "APIBAN lists 2 of 5 addresses: 1.2.3.251, 5.188.10.4" in result.stdout
     assert CALL in result.stdout
     assert "APIBAN list held:       20 entries, 2 requests to the feed" in result.stdout
-    assert "HEP replayed:           21 SIP packets" in result.stdout
+    assert "HEP replayed:           61 SIP packets" in result.stdout
     listed = [line.split()[3] for line in result.stdout.splitlines() if "listed by APIBAN:" in line]
     assert sorted(listed) == ["1.2.3.251", "5.188.10.4"]
+    # The capture's extension scan from an address APIBAN does not list: found and served here.
+    lines = result.stdout.splitlines()
+    detected = {line.split()[2]: line for line in lines if line.startswith("  detected here:")}
+    assert sorted(detected) == ["1.2.3.251", "1.2.3.77", "5.188.10.4"]
+    assert "extension-scan" in detected["1.2.3.77"]
+    assert "-> served (two different rules fired)" in detected["1.2.3.77"]
+    assert "-> flagged, not served" in detected["1.2.3.251"]
+    answer = orjson.loads(
+        result.stdout.split("what the HEPSUB:apiban tab shows:\n", 1)[1].split("\n}\n", 1)[0] + "}"
+    )
+    attacker = answer["1.2.3.77"]
+    assert attacker["listed"] is False
+    assert attacker["detected"]["action"] == "serve"
+    assert set(attacker["detected"]["rules"]) == {"scanner-ua", "extension-scan", "user-enumeration"}
+    assert answer[CALL]["detected"] == ["1.2.3.251", "1.2.3.77", "5.188.10.4"]
+    assert "detected here: 3 (1.2.3.251, 1.2.3.77, 5.188.10.4)" in answer[CALL]["summary"]
+    assert "WARNING" not in result.stderr  # the demo tells detections itself, calmly
 
 
 async def test_version(tmp_path: Path) -> None:
