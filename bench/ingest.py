@@ -1,16 +1,18 @@
 """HEP ingest over UDP: the agent's highest loss-free rate with local detection off and on (beside a
 bare uvloop receiver's), and memory under a flood of spoofed sources.
 
-    python bench/ingest.py [--seconds 2] [--rates 20000,30000,...] [--flood 1000000] [--flood-rate 25000]
-                           [--flood-only] [--no-flood] [--profile DIR]
+    python bench/ingest.py [--seconds 2] [--rounds 1] [--rates 20000,25000,...] [--flood 1000000]
+                           [--flood-rate 25000] [--flood-only] [--no-flood] [--profile DIR]
 
 Three receivers run pinned to core 0 with a 4 MiB receive buffer: a bare uvloop receiver that only
 counts datagrams, and two agents (``serve``, mirror mode, 20,000 listed IPs loaded from a snapshot)
-that differ in one setting, ``detect.enabled`` false and true. The sender runs pinned to core 1 and
-offers HEP3 packets at a fixed rate for a few seconds; the rates go up, and at each rate every
-receiver that has not lost a packet yet gets the same traffic in turn (so the machine's noise falls
-on both agents alike). A rate is loss-free when every packet offered was counted. Beside it, the
-agents' CPU time per packet (user + system, from /proc) at every rate.
+that differ in one setting, ``detect.enabled`` false and true. The sender runs pinned to core 1.
+Each agent first gets one cycle of the traffic at 15,000/s (the steady state is measured: every
+phone known, the server learned, the scanners detected). Then the rates go up, a few seconds
+each; at each rate every receiver that has not lost a packet yet gets the same traffic in turn,
+so the machine's noise falls on both agents alike. A rate is loss-free when every packet offered
+was counted. Beside it, each agent's CPU time per packet (user + system, from /proc), compared at
+the rates both agents kept up with. ``--rounds N`` repeats the rate search and reports medians.
 
 The traffic is what a capture agent at a registrar sees (``site_traffic``): 10,000 phones (a fifth
 of them listed by APIBAN) each REGISTER, are challenged 401 by the server, REGISTER again with
@@ -46,6 +48,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
 
@@ -58,6 +61,7 @@ SERVER = "45.77.1.10"  # the site's registrar: routable, as a real one is
 DOMAIN = "sip.example.net"
 PHONES, CALLERS, SCANNERS, SCANNED = 10_000, 1_000, 20, 100
 INTERLEAVE = 64  # transactions in flight at once
+WARM_UP_RATE = 15_000
 
 BARE_RECEIVER = """
 import socket, sys, uvloop, asyncio
@@ -80,19 +84,14 @@ async def main():
 uvloop.run(main())
 """
 
-# The agent under cProfile, stopped by SIGTERM so the profile is written (--profile).
+# The agent under cProfile; serve stops cleanly on SIGTERM, and then the profile is written (--profile).
 PROFILED_AGENT = """
-import cProfile, signal, sys
-from hepsub_apiban.__main__ import main
+import cProfile, sys
+from hepsub_apiban.cli import main
 profile = cProfile.Profile()
-def stop(*_):
-    profile.disable()
-    profile.dump_stats(sys.argv[1])
-    sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
-sys.argv = ["hepsub-apiban", "serve"]
-profile.enable()
-main()
+code = profile.runcall(main, ["serve"])
+profile.dump_stats(sys.argv[1])
+sys.exit(code)
 """
 
 # The sender: a tight loop on a connected socket, paced per millisecond. Runs as its own process.
@@ -298,9 +297,9 @@ class Receiver:
     count: Callable[[], int]
     pid: int | None = None  # an agent's, for its CPU time and RSS
     http_port: int = 0
-    best: int = 0
+    best: list[int] = field(default_factory=list)  # the highest loss-free rate of each round
     lost: bool = False
-    cpu_per_packet: dict[int, float] = field(default_factory=dict)  # rate -> us
+    cpu_per_packet: dict[tuple[int, int], float] = field(default_factory=dict)  # (round, rate) -> us
 
 
 async def offer(port: int, rate: float, seconds: float, packets_file: Path) -> int:
@@ -354,10 +353,13 @@ async def settle(read: Callable[[], int], previous: int = -1) -> int:
 
 
 async def loss_free(
-    receivers: list[Receiver], rates: list[int], seconds: float, packets: Path
+    receivers: list[Receiver], rates: list[int], seconds: float, packets: Path, round_: int
 ) -> list[list[str]]:
     """Rates up; at each, every receiver that has lost nothing yet gets the same traffic in turn."""
     rows = []
+    for receiver in receivers:
+        receiver.lost = False
+        receiver.best.append(0)
     for rate in rates:
         for receiver in receivers:
             if receiver.lost:
@@ -366,20 +368,29 @@ async def loss_free(
             cpu_before = cpu_seconds(receiver.pid) if receiver.pid else 0.0
             sent = await offer(receiver.port, rate, seconds, packets)
             received = await settle(receiver.count) - before
-            cpu = ""
+            lost, cpu = sent - received, ""
             if receiver.pid:
                 used = (cpu_seconds(receiver.pid) - cpu_before) / max(received, 1) * 1e6
-                receiver.cpu_per_packet[rate] = used
+                if not lost:
+                    receiver.cpu_per_packet[(round_, rate)] = used
                 cpu = f"{used:.1f} us"
-            lost = sent - received
-            rows.append(
-                [receiver.name, f"{rate:,}", f"{sent:,}", f"{received:,}", f"{lost / sent * 100:.2f} %", cpu]
-            )
+            loss = f"{lost / sent * 100:.2f} %"
+            rows.append([str(round_), receiver.name, f"{rate:,}", f"{sent:,}", f"{received:,}", loss, cpu])
             if lost > 0:
                 receiver.lost = True
             else:
-                receiver.best = rate
+                receiver.best[-1] = rate
     return rows
+
+
+async def warm_up(receivers: list[Receiver], cycle: int, packets: Path) -> None:
+    """One cycle of the traffic into each agent at a rate it keeps up with, so that the rates
+    measure the steady state: every phone known to the sightings and the detector, the server
+    learned, the scanners detected."""
+    for receiver in receivers:
+        if receiver.pid:
+            await offer(receiver.port, WARM_UP_RATE, cycle / WARM_UP_RATE, packets)
+            await settle(receiver.count)
 
 
 def agent_env(http_port: int, hep_port: int, state: Path, detect: bool) -> dict[str, str]:
@@ -444,7 +455,9 @@ async def main(args: argparse.Namespace) -> None:
         try:
             await _until_up(receivers)
             if not args.flood_only:
-                rows = await loss_free(receivers, rates, args.seconds, packets_file)
+                await warm_up(receivers, len(traffic), packets_file)
+                for round_ in range(1, args.rounds + 1):
+                    rows += await loss_free(receivers, rates, args.seconds, packets_file, round_)
                 status = agent_status(receivers[2].http_port)["detection"]
                 assert isinstance(status, dict)
                 detection = status
@@ -454,7 +467,8 @@ async def main(args: argparse.Namespace) -> None:
                     floods.append(await flood_memory(receiver, files, args.flood_rate))
         finally:
             for process in processes:
-                process.terminate()
+                if process.returncode is None:
+                    process.terminate()
                 await process.wait()
     print(f"machine: {machine()}")
     if not args.flood_only:
@@ -490,48 +504,41 @@ def print_rates(
 ) -> None:
     print(
         f"HEP3/UDP on loopback, a registrar's traffic ({cycle:,} packets in the cycle); receivers on core "
-        f"{SERVER_CORE}, sender on core {LOAD_CORE}, {args.seconds:g} s per rate"
+        f"{SERVER_CORE}, sender on core {LOAD_CORE}, {args.seconds:g} s per rate, {args.rounds} round(s)"
     )
-    print(table(["receiver", "offered/s", "sent", "received", "lost", "agent CPU per packet"], rows))
+    print(table(["round", "receiver", "offered/s", "sent", "received", "lost", "agent CPU per packet"], rows))
     bare, off, on = receivers
-    common = [
-        rate for rate in on.cpu_per_packet if rate in off.cpu_per_packet and rate <= min(on.best, off.best)
-    ]
-    summary = [
-        ["bare uvloop", f"{bare.best:,}/s", "-", "-"],
-        ["agent, detection off", f"{off.best:,}/s", "1.00", _cpu(off, common)],
-        [
-            "agent, detection on",
-            f"{on.best:,}/s",
-            f"{on.best / off.best:.2f}" if off.best else "-",
-            _cpu(on, common),
-        ],
-    ]
-    print(
-        table(
-            [
-                "receiver",
-                "highest loss-free rate",
-                "/ detection off",
-                "CPU per packet (median, both loss-free)",
-            ],
-            summary,
+    both = sorted(set(off.cpu_per_packet) & set(on.cpu_per_packet))  # (round, rate) both kept up with
+    summary = []
+    for receiver in receivers:
+        ratio = "-"
+        if receiver is not bare and all(off.best):
+            ratio = " / ".join(
+                f"{mine / base:.2f}" for mine, base in zip(receiver.best, off.best, strict=True)
+            )
+        cpu = (
+            f"{median(receiver.cpu_per_packet[key] for key in both):.1f} us" if both and receiver.pid else "-"
         )
-    )
-    if common:
-        ratio = _median([off.cpu_per_packet[r] / on.cpu_per_packet[r] for r in common])
-        print(f"CPU per packet, detection off / on (median over {len(common)} rates): {ratio:.2f}")
+        rates = " / ".join(f"{best:,}" for best in receiver.best)
+        summary.append([receiver.name, rates, f"{median(receiver.best):,.0f}/s", ratio, cpu])
+    headers = [
+        "receiver",
+        "highest loss-free rate, each round",
+        "median",
+        "/ detection off",
+        "CPU per packet",
+    ]
+    print(table(headers, summary))
+    if all(off.best):
+        print(f"loss-free rate, detection on / off (medians): {median(on.best) / median(off.best):.2f}")
+    if both:
+        cpu_ratio = median(off.cpu_per_packet[key] / on.cpu_per_packet[key] for key in both)
+        print(
+            f"CPU per packet, detection off / on: {cpu_ratio:.2f} (median over the {len(both)} rates "
+            "both agents kept up with; CPU per packet columns: median over the same)"
+        )
     print(f"detector after the rates: {json.dumps(detection)}")
     print()
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1 :][:2]) / 2
-
-
-def _cpu(receiver: Receiver, rates: list[int]) -> str:
-    return f"{_median([receiver.cpu_per_packet[r] for r in rates]):.1f} us" if rates else "-"
 
 
 async def _until_up(receivers: list[Receiver]) -> None:
@@ -618,6 +625,7 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=1, help="rate searches, one after the other")
     parser.add_argument(
         "--rates", default="20000,25000,30000,35000,40000,45000,50000,55000,60000,70000,80000"
     )
