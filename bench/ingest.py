@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import pickle
 import random
@@ -52,7 +53,16 @@ from statistics import median
 
 from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
 
+from hepsub_apiban.access import Refusals
+from hepsub_apiban.addresses import NetworkSet
+from hepsub_apiban.collector import HepCollector
+from hepsub_apiban.config import DetectSettings, HepSettings
+from hepsub_apiban.detection import Detector
+from hepsub_apiban.detections import Detections
 from hepsub_apiban.hep import HepPacket, build_hep3
+from hepsub_apiban.lookups import LookupService
+from hepsub_apiban.mirror import Mirror
+from hepsub_apiban.sightings import Sightings
 
 SERVER_CORE, LOAD_CORE = 0, 1
 RCVBUF = 4 * 1024 * 1024
@@ -287,6 +297,47 @@ def site_traffic(phones: list[str], scanners: list[str], seed: int = 7) -> list[
     return packets
 
 
+# ---------------------------------------------------------------- in process
+
+
+def datagram_path(listed: list[str], detect: bool) -> Callable[[bytes, tuple[str, int]], None]:
+    """The collector's UDP datagram callback as ``serve`` wires it (mirror verdicts; with
+    ``detect``, the detector and its book, the book flagging sightings)."""
+    mirror = Mirror()
+    mirror.add(listed, "1700000000", time.time())
+    mirror.last_full_sync = time.time()
+    sightings = Sightings(LookupService(None, NetworkSet(), mirror=mirror))
+    detector = None
+    if detect:
+        book = Detections(DetectSettings(), mirror.new_serial, on_change=sightings.flag)
+        detector = Detector(DetectSettings(), book.report)
+    collector = HepCollector(sightings, HepSettings(), time.time, Refusals(), detector)
+    return collector.udp_protocol().datagram_received
+
+
+def in_process(traffic: list[bytes], listed: list[str], rounds: int = 5) -> dict[bool, list[float]]:
+    """Microseconds per datagram of one cycle of ``traffic``, detection off and on in turn, after
+    a cycle of warm-up each; on core 0, like the agents (log lines off: serve runs at error)."""
+    paths = {detect: datagram_path(listed, detect) for detect in (False, True)}
+    sender = ("127.0.0.1", 40000)
+    costs: dict[bool, list[float]] = {False: [], True: []}
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {SERVER_CORE})
+    logging.disable(logging.ERROR)
+    try:
+        for round_ in range(rounds + 1):
+            for detect, receive in paths.items():
+                start = time.perf_counter()
+                for data in traffic:
+                    receive(data, sender)
+                if round_:  # the first round fills the stores
+                    costs[detect].append((time.perf_counter() - start) / len(traffic) * 1e6)
+    finally:
+        logging.disable(logging.NOTSET)
+        os.sched_setaffinity(0, affinity)
+    return costs
+
+
 # ---------------------------------------------------------------- receivers
 
 
@@ -421,6 +472,7 @@ async def main(args: argparse.Namespace) -> None:
         packets_file = Path(tmp) / "packets.pickle"
         traffic = site_traffic(phones, scanners)
         packets_file.write_bytes(pickle.dumps(traffic))
+        costs = in_process(traffic, listed) if not args.flood_only else {}
         bare_port = free_port()
         receivers = [Receiver("bare uvloop", bare_port, lambda: bare_count(bare_port))]
         processes.append(
@@ -471,6 +523,8 @@ async def main(args: argparse.Namespace) -> None:
                     process.terminate()
                 await process.wait()
     print(f"machine: {machine()}")
+    if costs:
+        print_in_process(costs)
     if not args.flood_only:
         print_rates(args, receivers, rows, len(traffic), detection)
     if floods:
@@ -493,6 +547,23 @@ async def main(args: argparse.Namespace) -> None:
                 floods,
             )
         )
+
+
+def print_in_process(costs: dict[bool, list[float]]) -> None:
+    off, on = min(costs[False]), min(costs[True])
+    print(
+        f"in process, the collector's UDP datagram path, a cycle of the traffic, best of {len(costs[False])}:"
+    )
+    print(
+        table(
+            ["detection", "per datagram", "each round", "off / on"],
+            [
+                ["off", f"{off:.2f} us", " / ".join(f"{c:.1f}" for c in costs[False]), "1.00"],
+                ["on", f"{on:.2f} us", " / ".join(f"{c:.1f}" for c in costs[True]), f"{off / on:.2f}"],
+            ],
+        )
+    )
+    print()
 
 
 def print_rates(
