@@ -1,8 +1,8 @@
 """HEP ingest over UDP: the agent's highest loss-free rate with local detection off and on (beside a
 bare uvloop receiver's), and memory under a flood of spoofed sources.
 
-    python bench/ingest.py [--seconds 2] [--rounds 1] [--rates 20000,25000,...] [--flood 1000000]
-                           [--flood-rate 25000] [--flood-only] [--no-flood] [--profile DIR]
+    python bench/ingest.py [--seconds 2] [--rounds 1] [--refine 2] [--rates 20000,25000,...]
+                           [--flood 1000000] [--flood-rate 25000] [--flood-only] [--no-flood] [--profile DIR]
 
 Three receivers run pinned to core 0 with a 4 MiB receive buffer: a bare uvloop receiver that only
 counts datagrams, and two agents (``serve``, mirror mode, 20,000 listed IPs loaded from a snapshot)
@@ -10,9 +10,12 @@ that differ in one setting, ``detect.enabled`` false and true. The sender runs p
 Each agent first gets one cycle of the traffic at 15,000/s (the steady state is measured: every
 phone known, the server learned, the scanners detected). Then the rates go up, a few seconds
 each; at each rate every receiver that has not lost a packet yet gets the same traffic in turn,
-so the machine's noise falls on both agents alike. A rate is loss-free when every packet offered
-was counted. Beside it, each agent's CPU time per packet (user + system, from /proc), compared at
-the rates both agents kept up with. ``--rounds N`` repeats the rate search and reports medians.
+so the machine's noise falls on both agents alike; then ``--refine`` halvings of the gap between
+each receiver's highest loss-free rate and its first lossy one. A rate is loss-free when every
+packet offered was counted. Beside it, each agent's CPU time per packet (user + system, from
+/proc), compared at the rates both agents kept up with. ``--rounds N`` repeats the rate search and
+reports medians. Before all this, the same traffic goes through the collector's datagram path in
+process, detection off and on (best of 5 cycles): the steadiest ratio on a shared machine.
 
 The traffic is what a capture agent at a registrar sees (``site_traffic``): 10,000 phones (a fifth
 of them listed by APIBAN) each REGISTER, are challenged 401 by the server, REGISTER again with
@@ -349,7 +352,6 @@ class Receiver:
     pid: int | None = None  # an agent's, for its CPU time and RSS
     http_port: int = 0
     best: list[int] = field(default_factory=list)  # the highest loss-free rate of each round
-    lost: bool = False
     cpu_per_packet: dict[tuple[int, int], float] = field(default_factory=dict)  # (round, rate) -> us
 
 
@@ -404,34 +406,48 @@ async def settle(read: Callable[[], int], previous: int = -1) -> int:
 
 
 async def loss_free(
-    receivers: list[Receiver], rates: list[int], seconds: float, packets: Path, round_: int
+    receivers: list[Receiver], rates: list[int], seconds: float, packets: Path, round_: int, refine: int
 ) -> list[list[str]]:
-    """Rates up; at each, every receiver that has lost nothing yet gets the same traffic in turn."""
-    rows = []
+    """Rates up; at each, every receiver that has lost nothing yet gets the same traffic in turn.
+    Then ``refine`` halvings of the gap between each receiver's highest loss-free rate and its first
+    lossy one (to 500/s), the receivers again in turn."""
+    rows: list[list[str]] = []
+    lossy: dict[str, int] = {}  # receiver -> the lowest rate at which it lost packets
     for receiver in receivers:
-        receiver.lost = False
         receiver.best.append(0)
     for rate in rates:
         for receiver in receivers:
-            if receiver.lost:
-                continue
-            before = await settle(receiver.count)
-            cpu_before = cpu_seconds(receiver.pid) if receiver.pid else 0.0
-            sent = await offer(receiver.port, rate, seconds, packets)
-            received = await settle(receiver.count) - before
-            lost, cpu = sent - received, ""
-            if receiver.pid:
-                used = (cpu_seconds(receiver.pid) - cpu_before) / max(received, 1) * 1e6
-                if not lost:
-                    receiver.cpu_per_packet[(round_, rate)] = used
-                cpu = f"{used:.1f} us"
-            loss = f"{lost / sent * 100:.2f} %"
-            rows.append([str(round_), receiver.name, f"{rate:,}", f"{sent:,}", f"{received:,}", loss, cpu])
-            if lost > 0:
-                receiver.lost = True
-            else:
-                receiver.best[-1] = rate
+            if receiver.name not in lossy and await step(receiver, rate, seconds, packets, round_, rows):
+                lossy[receiver.name] = rate
+    for _ in range(refine):
+        for receiver in receivers:
+            high = lossy.get(receiver.name)
+            rate = (receiver.best[-1] + high) // 1000 * 500 if high else 0
+            between = high and receiver.best[-1] < rate < high
+            if between and await step(receiver, rate, seconds, packets, round_, rows):
+                lossy[receiver.name] = rate
     return rows
+
+
+async def step(
+    receiver: Receiver, rate: int, seconds: float, packets: Path, round_: int, rows: list[list[str]]
+) -> bool:
+    """``rate`` offered to ``receiver`` for ``seconds``: its row added; True when packets were lost."""
+    before = await settle(receiver.count)
+    cpu_before = cpu_seconds(receiver.pid) if receiver.pid else 0.0
+    sent = await offer(receiver.port, rate, seconds, packets)
+    received = await settle(receiver.count) - before
+    lost, cpu = sent - received, ""
+    if receiver.pid:
+        used = (cpu_seconds(receiver.pid) - cpu_before) / max(received, 1) * 1e6
+        if not lost:
+            receiver.cpu_per_packet[(round_, rate)] = used
+        cpu = f"{used:.1f} us"
+    loss = f"{lost / sent * 100:.2f} %"
+    rows.append([str(round_), receiver.name, f"{rate:,}", f"{sent:,}", f"{received:,}", loss, cpu])
+    if not lost:
+        receiver.best[-1] = max(receiver.best[-1], rate)
+    return lost > 0
 
 
 async def warm_up(receivers: list[Receiver], cycle: int, packets: Path) -> None:
@@ -509,7 +525,7 @@ async def main(args: argparse.Namespace) -> None:
             if not args.flood_only:
                 await warm_up(receivers, len(traffic), packets_file)
                 for round_ in range(1, args.rounds + 1):
-                    rows += await loss_free(receivers, rates, args.seconds, packets_file, round_)
+                    rows += await loss_free(receivers, rates, args.seconds, packets_file, round_, args.refine)
                 status = agent_status(receivers[2].http_port)["detection"]
                 assert isinstance(status, dict)
                 detection = status
@@ -697,6 +713,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=1, help="rate searches, one after the other")
+    parser.add_argument("--refine", type=int, default=2, help="halvings of the gap above each loss-free rate")
     parser.add_argument(
         "--rates", default="20000,25000,30000,35000,40000,45000,50000,55000,60000,70000,80000"
     )
