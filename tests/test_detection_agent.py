@@ -50,7 +50,8 @@ def scan(attacker: str = ATTACKER, extensions: int = 25, key: str | None = None)
             packet(
                 SERVER,
                 attacker,
-                f"SIP/2.0 404 Not Found\r\nCall-ID: {call_id}\r\nCSeq: 1 REGISTER\r\n\r\n",
+                f"SIP/2.0 404 Not Found\r\nVia: SIP/2.0/UDP {attacker}:5060;branch=z9hG4bK{extension}\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: 1 REGISTER\r\n\r\n",
                 key,
             )
         )
