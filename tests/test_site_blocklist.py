@@ -52,7 +52,8 @@ async def test_detections_continue_the_mirrors_sequence_across_pages(
     later = addresses(300, start=1000)
     mirror.add(later, "1700000500", clock())  # an incremental pull after the detection
     second = detect(client, OTHER, "auth_failure")
-    assert first.serial is not None and second.serial is not None
+    assert first.serial is not None
+    assert second.serial is not None
     assert max(mirror.serials[ip] for ip in listed) < first.serial < mirror.serials[later[0]]
     assert mirror.serials[later[-1]] < second.serial
 
@@ -70,7 +71,8 @@ async def test_detections_continue_the_mirrors_sequence_across_pages(
     third = detect(client, "5.6.7.10")
     mirror.add(["46.0.0.1"], "1700000600", clock())
     assert (await page_all(client, ids[-1]))[0] == ["5.6.7.10", "46.0.0.1"]
-    assert third.serial is not None and third.serial < mirror.serials["46.0.0.1"]
+    assert third.serial is not None
+    assert third.serial < mirror.serials["46.0.0.1"]
 
 
 async def test_check_and_ipset_answer_a_detection_while_it_lasts(
