@@ -209,8 +209,8 @@ class DecisionApi:
                 deleted.append(ended)
                 if best is not None:
                     new.append(best)
-            elif best is not None and ip in changed:
-                new.append(best)
+            elif best is not None and best.serial > cursor.serial:
+                new.append(best)  # a shorter newcomer beside what the bouncer holds is no news
         return new, deleted
 
     # ---------------------------------------------------------------- /v1/decisions
