@@ -150,22 +150,21 @@ class DecisionApi:
     def routes(self) -> list[web.RouteDef]:
         return [web.get(STREAM_PATH, self.stream), web.get(DECISIONS_PATH, self.decisions)]
 
-    def _refuse(self, request: web.Request) -> web.Response | None:
-        """CrowdSec's 403 for a bad key; 429 for a key guesser or a bouncer over its rate."""
+    def _admit(self, request: web.Request) -> Filters | web.Response:
+        """The filters a bouncer asked for; or CrowdSec's 403 for a bad key, 429 for a key guesser
+        or a bouncer over its rate, 400 for filters out of bounds."""
         refused = self._access.refuse(request, request.headers.get("X-Api-Key"))
-        if refused is None:
-            return None
-        return forbidden() if refused is Refused.BAD_KEY else too_many()
+        if refused is not None:
+            return forbidden() if refused is Refused.BAD_KEY else too_many()
+        filters = filters_from(request.query)
+        return bad_request(filters) if isinstance(filters, str) else filters
 
     # ---------------------------------------------------------------- /v1/decisions/stream
 
     async def stream(self, request: web.Request) -> web.Response:
-        refused = self._refuse(request)
-        if refused is not None:
-            return refused
-        filters = filters_from(request.query)
-        if isinstance(filters, str):
-            return bad_request(filters)
+        filters = self._admit(request)
+        if isinstance(filters, web.Response):
+            return filters
         if request.method == "HEAD":  # a reachability probe: no body, and the cursor stays
             return web.Response()
         blocklist = self.blocklist
@@ -216,12 +215,9 @@ class DecisionApi:
     # ---------------------------------------------------------------- /v1/decisions
 
     async def decisions(self, request: web.Request) -> web.Response:
-        refused = self._refuse(request)
-        if refused is not None:
-            return refused
-        filters = filters_from(request.query)
-        if isinstance(filters, str):
-            return bad_request(filters)
+        filters = self._admit(request)
+        if isinstance(filters, web.Response):
+            return filters
         now = self.blocklist.now()
         found = self._matching(request.query, now)
         if isinstance(found, str):

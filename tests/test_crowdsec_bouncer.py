@@ -14,19 +14,18 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from hepsub_apiban.app import Clocks
 from hepsub_apiban.hep import build_hep3
 from hepsub_apiban.keys import COLLECTOR, DETECTIONS
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock
 from .test_collector import sip_packet, udp_send, until
-from .test_site_api import SITE_KEY, Client, addresses, site_agent, write_list
+from .test_site_api import SITE_KEY, Client, addresses, write_list
+from .test_site_blocklist import clocked_site_agent
 
 BOUNCER = shutil.which("crowdsec-custom-bouncer")
 pytestmark = pytest.mark.skipif(
@@ -125,9 +124,7 @@ async def hep_site_agent(
     agent: AgentFactory, apiban: ApibanPeer, tmp_path: Path
 ) -> tuple[Client, ManualClock]:
     write_list(tmp_path, apiban, addresses(1))
-    clock = ManualClock(time.time())
-    client = await site_agent(agent, Clocks(wall=clock), HEPSUB_HEP_UDP="127.0.0.1:0")
-    return client, clock
+    return await clocked_site_agent(agent, HEPSUB_HEP_UDP="127.0.0.1:0")
 
 
 async def test_custom_bouncer_adds_a_detection_with_its_duration_and_deletes_it_when_it_ends(

@@ -17,7 +17,7 @@ from hepsub_apiban.mirror import ACTIVE_FOR
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock
 from .test_site_api import SITE_KEY, Client, addresses, site_agent, write_list
-from .test_site_blocklist import ATTACKER, OTHER, detect
+from .test_site_blocklist import ATTACKER, OTHER, clocked_site_agent, detect
 
 HEADERS = {"X-Api-Key": SITE_KEY, "User-Agent": "crowdsec-custom-bouncer/-"}
 GO_DURATION = re.compile(r"-?([0-9]+h)?([0-9]+m)?[0-9]+s")
@@ -46,8 +46,7 @@ async def stream_agent(
     agent: AgentFactory, apiban: ApibanPeer, tmp_path: Path, listed: list[str], **env: str
 ) -> tuple[Client, ManualClock]:
     write_list(tmp_path, apiban, listed)
-    clock = ManualClock(time.time())
-    return await site_agent(agent, Clocks(wall=clock), **env), clock
+    return await clocked_site_agent(agent, **env)
 
 
 async def test_startup_gives_every_active_decision_as_crowdsec_shapes_them(
