@@ -6,7 +6,7 @@ with ``site.include_local``, the local detections that are served. Both take the
 one sequence (the book draws its serials from the mirror), so one ID orders the merged list and a
 client resumes from the last ID it got, whichever source that ID came from. The mirror keeps its
 order sorted; the few served detections are merged into it as it is read, so a page costs what it
-reads. Allow-listed and non-routable addresses are never handed out: the allow-list is site policy.
+reads. Allow-listed addresses are never handed out: the allow-list is site policy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .addresses import NetworkSet, is_non_routable, parse_ip
+from .addresses import NetworkSet, parse_ip
 from .detection import rule_name
 from .detections import Detection, Detections
 from .mirror import ACTIVE_FOR, Mirror
@@ -71,9 +71,10 @@ class Blocklist:
         return self._clock()
 
     def skip(self, ip: str) -> bool:
-        """Never handed to a blocking client: a trusted trunk, or an address no attacker sends from."""
+        """Never handed to a blocking client: a trusted trunk. (Non-routable addresses never get into
+        either source: the mirror drops them, the detector never looks at them.)"""
         address = parse_ip(ip)
-        return address is None or address in self._allow or is_non_routable(address)
+        return address is None or address in self._allow
 
     # ---------------------------------------------------------------- sources
 
