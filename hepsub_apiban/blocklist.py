@@ -73,6 +73,8 @@ class Blocklist:
     def skip(self, ip: str) -> bool:
         """Never handed to a blocking client: a trusted trunk. (Non-routable addresses never get into
         either source: the mirror drops them, the detector never looks at them.)"""
+        if not self._allow:  # both sources hold addresses in canonical form
+            return False
         address = parse_ip(ip)
         return address is None or address in self._allow
 

@@ -21,6 +21,7 @@ one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -70,6 +71,8 @@ class Filters:
     not_containing: tuple[str, ...] = ()
 
     def admits(self, entry: Entry) -> bool:
+        if self is NO_FILTERS:
+            return True
         if not (self.ip_scope and self.ban_type):
             return False
         if self.origins is not None and entry.origin not in self.origins:
@@ -89,21 +92,32 @@ def filters_from(query: MultiMapping[str]) -> Filters | str:
             return f"'{name}' names more than {MAX_FILTER_ITEMS} items"
         lists[name] = items
     scopes = [scope.lower() for scope in lists["scopes"]]
-    return Filters(
+    filters = Filters(
         ip_scope=not scopes or "ip" in scopes,
         ban_type=not lists["type"] or "ban" in lists["type"],
         origins=lists["origins"] or None,
         containing=tuple(part.lower() for part in lists["scenarios_containing"]),
         not_containing=tuple(part.lower() for part in lists["scenarios_not_containing"]),
     )
+    return NO_FILTERS if filters == NO_FILTERS else filters
+
+
+NO_FILTERS = Filters()
 
 
 def go_duration(seconds: float) -> str:
     """Whole seconds as Go's ``time.Duration.String()`` writes them ("3h59m58s", "-5s"); a
     moment left counts as a second, so an active decision never says "0s"."""
     whole = math.ceil(abs(seconds))
-    sign = "-" if seconds < 0 and whole else ""
-    hours, rest = divmod(whole, 3600)
+    return _go_duration(-whole if seconds < 0 else whole)
+
+
+# A startup pull writes thousands of decisions, most of an APIBAN page with the same end: the
+# texts are cached by whole second.
+@functools.lru_cache(maxsize=4096)
+def _go_duration(whole: int) -> str:
+    sign = "-" if whole < 0 else ""
+    hours, rest = divmod(abs(whole), 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
         return f"{sign}{hours}h{minutes}m{secs}s"
@@ -113,6 +127,11 @@ def go_duration(seconds: float) -> str:
 
 
 def rfc3339(at: float) -> str:
+    return _rfc3339(int(at))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rfc3339(at: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
