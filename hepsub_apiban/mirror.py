@@ -14,6 +14,9 @@ entries of the last complete one is suspect (a feed cut short, a proxy answering
 it is retried, keeping the list held, and accepted only once ``SHRINK_CONFIRMATIONS`` pulls in a
 row agree on the smaller size. A snapshot is checked field by field and used whole or not at
 all; a rejected one costs a re-pull, never the start.
+
+What the sweep and the 7-day expiry drop is remembered for a while (``removed``, bounded), so the
+CrowdSec decision stream can tell bouncers to delete it.
 """
 
 from __future__ import annotations
@@ -163,14 +166,14 @@ class Mirror:
             self._order = None
         return len(ips)
 
-    def after(self, serial: int) -> Iterator[tuple[int, str]]:
-        """(serial, address) of the entries numbered after ``serial``, in serial order. The order is
+    def after(self, after: int) -> Iterator[tuple[int, str]]:
+        """(serial, address) of the entries numbered after ``after``, in serial order. The order is
         sorted once per change of the list, not per reader; read it before the list changes again."""
         if self._order is None:
             ordered = sorted((serial, ip) for ip, serial in self.serials.items())
             self._order = ([serial for serial, _ in ordered], [ip for _, ip in ordered])
         serials, ips = self._order
-        for index in range(bisect_right(serials, serial), len(serials)):
+        for index in range(bisect_right(serials, after), len(serials)):
             yield serials[index], ips[index]
 
     def reported_in_full_pull(self) -> int:
