@@ -112,7 +112,7 @@ class Blocklist:
 
     def sequence(self, after: int, now: float) -> Iterator[tuple[int, str]]:
         """(serial, address) of what the site API lists after ``after``, in serial order: the mirror's
-        entries, then served detections of addresses the mirror does not list, merged. Allow-listed
+        entries and the served detections of addresses the mirror does not list, merged. Allow-listed
         addresses are in it (a client's position passes them), for the caller to leave out."""
         mirror = self.mirror
         held = mirror.serials if mirror is not None else {}
