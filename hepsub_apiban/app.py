@@ -217,6 +217,7 @@ def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> De
         sync.mirror.next_serial = max(sync.mirror.next_serial, highest + 1)
     detector = Detector(settings.detect, book.report, allow=NetworkSet(settings.allow.cidrs))
     detector.restore_authenticated(authenticated, clocks.wall())
+    sightings.detected = book.holds
     app[DETECTIONS] = book
     if BLOCKLIST in app:
         app[BLOCKLIST].book = book

@@ -230,7 +230,7 @@ async def sightings_list(request: web.Request) -> web.Response:
 def _sighting_json(app: web.Application, sighting: Sighting) -> dict[str, Any]:
     body = sighting.to_json()
     book = app.get(DETECTIONS)
-    detection = book.get(sighting.ip) if book is not None and sighting.flagged else None
+    detection = book.get(sighting.ip) if book is not None else None
     if detection is not None:
         body["detected"] = detection.to_json()
     return body
