@@ -23,14 +23,17 @@ from . import __version__
 from .access import Refusals, SourceFilter
 from .addresses import NetworkSet
 from .apiban import ApibanClient
+from .blocklist import Blocklist
 from .collector import HepCollector
 from .config import Settings
+from .decisions import DecisionApi
 from .detection import Detector
 from .detections import Detections
 from .httpserver import handler_args, quiet_bad_requests
 from .keys import (
     AGENT_UUID,
     APIBAN,
+    BLOCKLIST,
     COLLECTOR,
     DETECTIONS,
     DETECTOR,
@@ -53,6 +56,7 @@ from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
 from .sightings import Sightings
+from .site_access import SiteAccess
 from .site_api import SiteApi
 from .state import ensure_state_dir, load_or_create_uuid
 from .timing import Sleep
@@ -99,20 +103,28 @@ def create_app(
     app.cleanup_ctx.append(_registration(clocks))
     setup_routes(app, settings.agent.path.rstrip("/"))
     if settings.site.keys:
-        # Registered after the agent's own routes, so /api/v1/... is never taken for a key.
-        site = SiteApi(
-            settings.site.keys,
-            None,
-            NetworkSet(settings.allow.cidrs),
-            settings.site.rate_limit,
-            clocks.monotonic,
-            auth_failure_limit=settings.site.auth_failure_limit,
-            refusals=app[REFUSALS],
-            body_timeout=agent.body_timeout,
-        )
-        app[SITE_API] = site
-        app.router.add_routes(site.routes())
+        _site_routes(app, clocks)
     return app
+
+
+def _site_routes(app: web.Application, clocks: Clocks) -> None:
+    """The APIBAN-compatible site API and the CrowdSec decision API: one blocklist, one key gate.
+    Registered after the agent's own routes, so /api/v1/... is never taken for a key."""
+    settings = app[SETTINGS]
+    access = SiteAccess(
+        settings.site.keys,
+        settings.site.rate_limit,
+        clocks.monotonic,
+        auth_failure_limit=settings.site.auth_failure_limit,
+        refusals=app[REFUSALS],
+    )
+    blocklist = Blocklist(
+        NetworkSet(settings.allow.cidrs), include_local=settings.site.include_local, clock=clocks.wall
+    )
+    app[BLOCKLIST] = blocklist
+    app[SITE_API] = SiteApi(access, blocklist, body_timeout=settings.agent.body_timeout)
+    app.router.add_routes(app[SITE_API].routes())
+    app.router.add_routes(DecisionApi(access, blocklist, clocks.monotonic).routes())
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -147,8 +159,8 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
         app[METRICS].sources.lookups = lookups
         app[METRICS].sources.sync = sync
         task = asyncio.create_task(sync.run(), name="apiban-mirror-sync") if sync else None
-        if SITE_API in app and sync is not None:
-            app[SITE_API].mirror = sync.mirror
+        if BLOCKLIST in app and sync is not None:
+            app[BLOCKLIST].mirror = sync.mirror
         yield
         if task is not None:
             task.cancel()
@@ -205,7 +217,10 @@ def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> De
         sync.mirror.next_serial = max(sync.mirror.next_serial, highest + 1)
     detector = Detector(settings.detect, book.report, allow=NetworkSet(settings.allow.cidrs))
     detector.restore_authenticated(authenticated, clocks.wall())
+    sightings.detected = book.holds
     app[DETECTIONS] = book
+    if BLOCKLIST in app:
+        app[BLOCKLIST].book = book
     app[DETECTOR] = detector
     app[METRICS].sources.detections = book
     app[METRICS].sources.detector = detector

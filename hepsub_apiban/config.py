@@ -130,6 +130,7 @@ class SiteSettings:
     keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: RateLimit = RateLimit(600, 60.0)
     auth_failure_limit: RateLimit = RateLimit(10, 60.0)
+    include_local: bool = True
 
 
 RULES = (
@@ -503,6 +504,11 @@ KEYS: tuple[Key, ...] = (
         "site.auth_failure_limit",
         _rate_limit,
         "wrong site keys per client address: REQUESTS/SECONDS; past it, 429 to that address",
+    ),
+    Key(
+        "site.include_local",
+        _bool,
+        "served local detections join the APIBAN entries in the site API and the decision stream",
     ),
     Key("detect.enabled", _bool, "local attacker detection from the HEP stream"),
     Key("detect.own", _cidrs, "CIDRs of the site's own proxies, SBCs, PBXs: never detected"),

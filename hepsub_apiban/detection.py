@@ -5,7 +5,7 @@ to it. An address is local (never a remote, never detected) when it is in ``dete
 HEP (capture agents run on the site's own proxies), or answered a remote's request with a 401/407
 challenge (only servers challenge). Non-routable and ``allow.cidrs`` addresses are never tracked.
 
-Requests are matched to their final replies by Call-ID, CSeq number and method, per remote, so a
+Requests are matched to their final replies by Call-ID, CSeq, method and Via branch, per remote, so a
 retransmitted request counts once and a failure is known to answer a request that carried
 credentials. That is what keeps the rules off the traps detection.md §2 names: the first 401
 every phone gets (a request without credentials) counts for nothing, and the authenticated
@@ -144,11 +144,16 @@ class Pending:
     progress: bool = False  # an INVITE that got 18x
 
 
+# Call-ID, CSeq number, method, top Via branch: svcrack sends every password guess with the same
+# Call-ID and CSeq, so only the branch tells a new guess from a retransmission.
+Transaction = tuple[str | None, int | None, str, str | None]
+
+
 @dataclass(slots=True)
 class Remote:
     address: Addr
     last: float
-    pending: OrderedDict[tuple[str | None, int | None, str], Pending] = field(default_factory=OrderedDict)
+    pending: OrderedDict[Transaction, Pending] = field(default_factory=OrderedDict)
     counters: dict[str, Events | Distinct] = field(default_factory=dict)
     nonces: tuple[str, ...] = ()  # challenges our servers sent it
     proof: str | None = None  # why it evidently talks to us (PROOF_TCP, PROOF_NONCE)
@@ -296,7 +301,7 @@ class Detector:
 
     def _request(self, remote: Remote, dst_ip: str, sip: SipInfo, ip_proto: int, now: float) -> None:
         method = sip.method or ""
-        key = (sip.call_id, sip.cseq, method)
+        key = (sip.call_id, sip.cseq, method, sip.branch)
         if key in remote.pending or method == "ACK":
             self.stats.retransmissions += method != "ACK"
             return
@@ -334,7 +339,7 @@ class Detector:
 
     def _reply(self, remote: Remote, server_ip: str, sip: SipInfo, now: float) -> None:
         status = sip.status or 0
-        key = (sip.call_id, sip.cseq, sip.method or "")
+        key = (sip.call_id, sip.cseq, sip.method or "", sip.branch)
         pending = remote.pending.get(key)
         if pending is None:
             return  # a retransmitted reply, or one to a request we never saw

@@ -258,6 +258,9 @@ class Detections:
         now = self._clock() if now is None else now
         return detection if detection is not None and detection.until > now else None
 
+    def holds(self, ip: str) -> bool:
+        return ip in self._active
+
     def active(self, now: float | None = None) -> Iterator[Detection]:
         now = self._clock() if now is None else now
         return (d for d in self._active.values() if d.until > now)

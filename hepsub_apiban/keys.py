@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .access import Refusals
 from .apiban import ApibanClient
+from .blocklist import Blocklist
 from .collector import HepCollector
 from .config import Settings
 from .detection import Detector
@@ -39,3 +40,4 @@ SITE_API = web.AppKey("site_api", SiteApi)
 REFUSALS = web.AppKey("refusals", Refusals)
 DETECTOR = web.AppKey("detector", Detector)
 DETECTIONS = web.AppKey("detections", Detections)
+BLOCKLIST = web.AppKey("blocklist", Blocklist)

@@ -14,6 +14,9 @@ entries of the last complete one is suspect (a feed cut short, a proxy answering
 it is retried, keeping the list held, and accepted only once ``SHRINK_CONFIRMATIONS`` pulls in a
 row agree on the smaller size. A snapshot is checked field by field and used whole or not at
 all; a rejected one costs a re-pull, never the start.
+
+What the sweep and the 7-day expiry drop is remembered for a while (``removed``, bounded), so the
+CrowdSec decision stream can tell bouncers to delete it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import logging
 import math
 import time
 from bisect import bisect_right
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,7 @@ SHRINK_FACTOR = 0.5
 SHRINK_CONFIRMATIONS = 3
 SHRINK_AGREEMENT = 0.1
 MAX_RETRY_DELAY = 3600.0
+MAX_TOMBSTONES = 100_000  # removed entries remembered for the decision stream's "deleted"
 
 
 class Mirror:
@@ -90,6 +94,9 @@ class Mirror:
         self.serials: dict[str, int] = {}
         self.next_serial = 0
         self._order: tuple[list[int], list[str]] | None = None
+        # (when, entry, serial) of entries dropped by the sweep or by expiry, newest last: what
+        # CrowdSec bouncers are told to delete. Not saved: a restart forgets every bouncer too.
+        self.removed: deque[tuple[float, Verdict, int]] = deque(maxlen=MAX_TOMBSTONES)
 
     @property
     def loaded(self) -> bool:
@@ -152,30 +159,22 @@ class Mirror:
         self.next_serial = serial + 1
         return serial
 
-    def _remove(self, ips: list[str]) -> int:
+    def _remove(self, ips: list[str], now: float) -> int:
         for ip in ips:
-            del self.entries[ip]
-            self.serials.pop(ip, None)
+            self.removed.append((now, self.entries.pop(ip), self.serials.pop(ip)))
         if ips:
             self._order = None
         return len(ips)
 
-    def page_after(self, after: int, limit: int, skip: Callable[[str], bool]) -> tuple[list[str], int | None]:
-        """Up to ``limit`` addresses numbered after ``after``, in serial order, leaving out ``skip``ped
-        ones; and the serial to continue from (None when nothing is numbered after ``after``)."""
+    def after(self, after: int) -> Iterator[tuple[int, str]]:
+        """(serial, address) of the entries numbered after ``after``, in serial order. The order is
+        sorted once per change of the list, not per reader; read it before the list changes again."""
         if self._order is None:
             ordered = sorted((serial, ip) for ip, serial in self.serials.items())
             self._order = ([serial for serial, _ in ordered], [ip for _, ip in ordered])
         serials, ips = self._order
-        page: list[str] = []
-        last: int | None = None
         for index in range(bisect_right(serials, after), len(serials)):
-            if len(page) == limit:
-                break
-            last = serials[index]
-            if not skip(ips[index]):
-                page.append(ips[index])
-        return page, last
+            yield serials[index], ips[index]
 
     def reported_in_full_pull(self) -> int:
         """How many held entries the full pull under way has reported so far."""
@@ -192,7 +191,7 @@ class Mirror:
     def complete_full_pull(self, now: float) -> int:
         """A full pull reached the end and is accepted: sweep what it did not report again."""
         mark = self.full_pull_started if self.full_pull_started is not None else int(now)
-        swept = self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) < mark])
+        swept = self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) < mark], now)
         self.full_pull_started = None
         self.last_sync = self.last_full_sync = now
         self.last_full_entries = len(self.entries)
@@ -200,7 +199,7 @@ class Mirror:
 
     def expire(self, now: float) -> int:
         horizon = now - ACTIVE_FOR
-        return self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) <= horizon])
+        return self._remove([ip for ip, v in self.entries.items() if (v.last_reported or 0) <= horizon], now)
 
     def to_snapshot(self, source: str, now: float) -> bytes:
         return orjson.dumps(

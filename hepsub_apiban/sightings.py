@@ -175,6 +175,8 @@ class Sightings:
         self.evicted = 0
         self.evicted_protected = 0  # only when the whole store is protected
         self.listed_packets = 0
+        # Whether local detection holds an address now; set by the application when detection runs.
+        self.detected: Callable[[str], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._ordinary) + len(self._protected)
@@ -272,7 +274,11 @@ class Sightings:
         if len(self._ordinary) + len(self._protected) >= self.capacity:
             self._evict()
         sighting = Sighting(key, address, seen_at, seen_at)
-        self._ordinary[key] = sighting
+        if self.detected is not None and self.detected(key):
+            sighting.flagged = True  # detected before it was (again) remembered: after a restart
+            self._protected[key] = sighting
+        else:
+            self._ordinary[key] = sighting
         return sighting
 
     def _evict(self) -> None:

@@ -22,6 +22,7 @@ _FIRST_LETTERS = frozenset(
 )
 # The user part exists only before an "@" (sip:host:5060 has none); tel: URIs are all user.
 _USER = re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE)
+_BRANCH = re.compile(rb";\s*branch\s*=\s*([^;,\s]{1,128})", re.IGNORECASE)
 _NONCE = re.compile(rb'nonce\s*=\s*"?([^",\s]{1,128})', re.IGNORECASE)
 _DISPLAY_NAME = re.compile(rb'^\s*"([^"]{0,200})"|^\s*([^<"]{1,200}?)\s*<')
 _VIA_PARAM = re.compile(rb";\s*(received|rport)\s*=\s*([^;,\s]+)", re.IGNORECASE)
@@ -44,6 +45,7 @@ class SipInfo(NamedTuple):
     from_name: str | None = None  # From display name ("sipvicious")
     credentials: bool = False  # the request carries Authorization or Proxy-Authorization
     nonce: str | None = None  # the nonce those credentials were computed on, or a challenge's nonce
+    branch: str | None = None  # top Via branch: a retransmission keeps it, a new request (a guess) does not
 
     @property
     def is_request(self) -> bool:
@@ -78,6 +80,7 @@ def parse_sip(payload: bytes) -> SipInfo | None:
         from_name=_display_name(sender),
         credentials=credentials is not None,
         nonce=_nonce(credentials if status is None else challenge),
+        branch=_branch(vias[0]) if vias else None,
     )
 
 
@@ -140,6 +143,11 @@ def _cseq(values: list[bytes] | None) -> tuple[int | None, str | None]:
         return None, None
     number = int(parts[0]) if parts[0].isdigit() and len(parts[0]) <= 10 else None
     return number, parts[1].decode("ascii").upper()
+
+
+def _branch(top: bytes) -> str | None:
+    found = _BRANCH.search(top.split(b",", 1)[0])
+    return found.group(1).decode("ascii", "replace") if found else None
 
 
 def _display_name(value: bytes | None) -> str | None:

@@ -6,32 +6,24 @@ configuration but the base URL, and the site spends one budget, once. Answers co
 bodies and statuses (apiban.md §2-§4), including its quirks: the end of the list is a 400, a
 key or rate error carries ``ipaddress`` as a string. Keys here are the site's own (``site.keys``),
 never the upstream APIBAN key. IDs are the mirror's local serials: one per address, increasing,
-kept across restarts, so a client resumes from the last ID it got.
+kept across restarts, so a client resumes from the last ID it got. Served local detections join
+the list (``site.include_local``) with IDs from the same sequence (``blocklist``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-import time
-from collections.abc import Callable
 
 from aiohttp import web
-from cachetools import TTLCache
 
-from .access import Refusals
-from .addresses import NetworkSet, canonical, parse_ip
-from .config import RateLimit
+from .addresses import parse_ip
+from .blocklist import Blocklist
 from .httpserver import read_body
 from .jsonutil import json_response, loads_object
-from .mirror import START_ID, Mirror
-from .ratelimit import Budget
+from .mirror import START_ID
+from .site_access import Refused, SiteAccess
 
 PAGE_SIZE = 250
-MAX_CLIENTS = 10_000  # (key, client address) pairs tracked by the per-client rate limit
-MAX_GUESSERS = 10_000  # client addresses whose wrong keys are counted
-AUTH_FAILURE_LIMIT = RateLimit(10, 60.0)
 # An ID is ASCII digits of a plausible length: str.isdigit() takes "²", and int() of a
 # 5,000-digit text raises.
 _ID = re.compile("[0-9]{1,19}")
@@ -69,34 +61,10 @@ def not_ready() -> web.Response:
 
 
 class SiteApi:
-    def __init__(
-        self,
-        keys: tuple[str, ...],
-        mirror: Mirror | None,
-        allow: NetworkSet,
-        rate_limit: RateLimit,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        auth_failure_limit: RateLimit = AUTH_FAILURE_LIMIT,
-        refusals: Refusals | None = None,
-        body_timeout: float = 10.0,
-    ) -> None:
-        # Only digests are compared, each against every key: the time taken says nothing of a key.
-        self._key_digests = tuple(_digest(key) for key in keys)
-        self.mirror = mirror  # set once the application has started its mirror
-        self._allow = allow
-        self._limit = rate_limit
-        self._failure_limit = auth_failure_limit
-        self._clock = clock
-        self._budgets: TTLCache[tuple[str, str], Budget] = TTLCache(
-            maxsize=MAX_CLIENTS, ttl=rate_limit.window, timer=clock
-        )
-        self._failures: TTLCache[str, Budget] = TTLCache(
-            maxsize=MAX_GUESSERS, ttl=auth_failure_limit.window, timer=clock
-        )
-        self._refusals = refusals or Refusals(clock=clock)
+    def __init__(self, access: SiteAccess, blocklist: Blocklist, *, body_timeout: float = 10.0) -> None:
+        self._access = access
+        self.blocklist = blocklist
         self._body_timeout = body_timeout
-        self.requests = 0
 
     def routes(self) -> list[web.RouteDef]:
         return [web.route(method, path, getattr(self, name)) for method, path, name in _ROUTES]
@@ -105,69 +73,35 @@ class SiteApi:
 
     def _refuse(self, request: web.Request, key: str | None) -> web.Response | None:
         """APIBAN's answer for a bad key, a key guesser or a client over its rate, else None."""
-        self.requests += 1
-        client = canonical(request.remote) or "unknown"
-        failures = self._failures.get(client)
-        if failures is not None and failures.wait_time() > 0:
-            self._refusals.refuse("site", "too many bad keys", client)
-            return rate_limited()
-        if not self._known(key):
-            failures = failures or Budget(self._failure_limit, self._clock)
-            failures.try_acquire()
-            # Stored again so the entry lives a full window after the latest failure.
-            self._failures[client] = failures
-            self._refusals.refuse("site", "bad key", client)
-            return unauthorized()
-        assert key is not None
-        budget = self._budgets.get((key, client))
-        if budget is None:
-            budget = Budget(self._limit, self._clock)
-            self._budgets[(key, client)] = budget
-        if budget.try_acquire():
+        refused = self._access.refuse(request, key)
+        if refused is None:
             return None
-        self._refusals.refuse("site", "over site.rate_limit", client)
-        return rate_limited()
-
-    def _known(self, key: str | None) -> bool:
-        if key is None:
-            return False
-        digest = _digest(key)
-        found = False
-        for known in self._key_digests:  # no early exit
-            found |= hmac.compare_digest(known, digest)
-        return found
-
-    def _skip(self, ip: str) -> bool:
-        # The allow-list is site policy: never hand a trusted trunk to a blocking client.
-        address = parse_ip(ip)
-        return address is None or address in self._allow
-
-    def _loaded(self) -> Mirror | None:
-        return self.mirror if self.mirror is not None and self.mirror.loaded else None
+        return unauthorized() if refused is Refused.BAD_KEY else rate_limited()
 
     # ---------------------------------------------------------------- answers
+    # Check mode holds no list: the site API answers 503 there, as while the first full pull runs.
 
     def _page(self, after: str | None) -> web.Response:
-        mirror = self._loaded()
-        if mirror is None:
+        blocklist = self.blocklist
+        if not blocklist.loaded:
             return not_ready()
         start = after or START_ID
         if not _ID.fullmatch(start):
             return no_new_bans()
-        ips, last = mirror.page_after(int(start), PAGE_SIZE, self._skip)
+        ips, last = blocklist.page_after(int(start), PAGE_SIZE, blocklist.now())
         if last is None:
             return no_new_bans()
         return json_response({"ipaddress": ips, "ID": str(last)}, 200)
 
     def _check(self, text: object) -> web.Response:
-        mirror = self._loaded()
-        if mirror is None:
+        blocklist = self.blocklist
+        if not blocklist.loaded:
             return not_ready()
         address = parse_ip(text)
         if address is None:
             return json_response({}, 400)
-        serial = mirror.serials.get(address.text)
-        if serial is None or self._skip(address.text):
+        serial = blocklist.check(address.text, blocklist.now())
+        if serial is None:
             return not_blocked()
         return json_response({"ipaddress": [text], "ID": str(serial)}, 200)
 
@@ -183,10 +117,10 @@ class SiteApi:
         refused = self._refuse(request, request.match_info["key"])
         if refused is not None:
             return refused
-        mirror = self._loaded()
-        if mirror is None:
+        blocklist = self.blocklist
+        if not blocklist.loaded:
             return not_ready()
-        ips, _ = mirror.page_after(-1, len(mirror.serials), self._skip)
+        ips = blocklist.everything(blocklist.now())
         return web.Response(text="".join(f"{ip}\n" for ip in ips), content_type="text/plain")
 
     async def get_v2(self, request: web.Request) -> web.Response:
@@ -206,11 +140,6 @@ class SiteApi:
             return refused
         body = loads_object(await read_body(request, self._body_timeout))
         return self._check(body.get("ipaddress") if body else None)
-
-
-def _digest(key: str) -> bytes:
-    # surrogatepass: a header or path may decode to lone surrogates, which plain UTF-8 refuses.
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def _bearer(request: web.Request) -> str | None:

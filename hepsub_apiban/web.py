@@ -22,6 +22,7 @@ from . import __version__
 from .access import SourceFilter
 from .addresses import parse_ip
 from .config import RULES
+from .decisions import DECISION_PATHS
 from .detection import rule_name
 from .detections import Detection
 from .enrichment import BadEnrichmentRequest, build_answer, parse_request
@@ -86,8 +87,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
-# Routes open to every client whatever agent.allow_from says: probes, and the site API (it has keys).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", *SITE_PATHS})
+# Routes open to every client whatever agent.allow_from says: probes, and the site API and the
+# CrowdSec decision API (they have keys).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *SITE_PATHS, *DECISION_PATHS})
 
 
 def allow_from(sources: SourceFilter) -> Middleware:
@@ -228,7 +230,7 @@ async def sightings_list(request: web.Request) -> web.Response:
 def _sighting_json(app: web.Application, sighting: Sighting) -> dict[str, Any]:
     body = sighting.to_json()
     book = app.get(DETECTIONS)
-    detection = book.get(sighting.ip) if book is not None and sighting.flagged else None
+    detection = book.get(sighting.ip) if book is not None else None
     if detection is not None:
         body["detected"] = detection.to_json()
     return body

@@ -78,7 +78,8 @@ RULE_ROW = (
 
 def rule_table(settings: Settings) -> list[str]:
     lines = [
-        "| RULE | action | simulate | duration (s) | threshold / window (s) | slow_threshold / slow_window (s) |",
+        "| RULE | action | simulate | duration (s) | threshold / window (s) "
+        "| slow_threshold / slow_window (s) |",
         "|---|---|---|---|---|---|",
     ]
     for name in RULES:

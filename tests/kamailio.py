@@ -34,7 +34,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -379,8 +379,13 @@ async def kamailio(
     workdir: Path | None = None,
     startup_timeout: float = 15.0,
     stop_timeout: float = 5.0,
+    render: Callable[[int], str] | None = None,
 ) -> AsyncIterator[Kamailio]:
-    """Run Kamailio mirroring HEP to ``hep_host:hep_port`` for the duration of the block."""
+    """Run Kamailio mirroring HEP to ``hep_host:hep_port`` for the duration of the block.
+
+    ``render`` (SIP port → config text) replaces the scanned edge proxy's config with another one
+    (tests/pbx.py's registrar); it must listen on ``127.0.0.1:<port>`` and answer the readiness
+    probe (R-URI user ``READY_USER``) with a 200."""
     inst = installation()
     with contextlib.ExitStack() as stack:
         if workdir is None:
@@ -389,7 +394,9 @@ async def kamailio(
             sip_port = free_udp_port()
             config_path = workdir / "kamailio.cfg"
             config_path.write_text(
-                render_config(
+                render(sip_port)
+                if render is not None
+                else render_config(
                     sip_port=sip_port,
                     hep_host=hep_host,
                     hep_port=hep_port,

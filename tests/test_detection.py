@@ -58,8 +58,10 @@ class Site:
         nonce: str | None = None,
         proto: int = UDP,
         at: float | None = None,
+        branch: str | None = None,
     ) -> str:
         call_id = call_id or f"call-{next(self.calls)}"
+        branch = branch or f"z9hG4bK{call_id}{cseq}"
         ruri = f"sip:{dst}" if method == "REGISTER" else f"sip:{user}@{dst}"
         credentials = (
             f'Authorization: Digest username="{user}", realm="site", nonce="{nonce}", response="0f"\r\n'
@@ -67,7 +69,7 @@ class Site:
             else ""
         )
         text = (
-            f"{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {src}:5060;branch=z9hG4bK{call_id}{cseq}\r\n"
+            f"{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {src}:5060;branch={branch}\r\n"
             f"From: <sip:{user}@{dst}>;tag=1\r\nTo: <sip:{user}@{dst}>\r\nCall-ID: {call_id}\r\n"
             f"CSeq: {cseq} {method}\r\nUser-Agent: {ua}\r\n{credentials}Content-Length: 0\r\n\r\n"
         )
@@ -85,9 +87,13 @@ class Site:
         cseq: int = 1,
         nonce: str | None = None,
         at: float | None = None,
+        branch: str | None = None,
     ) -> None:
+        """Our server's reply: it carries the request's Via (and so its branch) back."""
         challenge = f'WWW-Authenticate: Digest realm="site", nonce="{nonce}"\r\n' if nonce else ""
-        text = f"SIP/2.0 {status} Whatever\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n{challenge}\r\n"
+        via = f"Via: SIP/2.0/UDP {dst}:5060;branch={branch or f'z9hG4bK{call_id}{cseq}'}\r\n"
+        text = f"SIP/2.0 {status} Whatever\r\n{via}Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n"
+        text += f"{challenge}\r\n"
         self._feed(src, dst, text, UDP, at)
 
     def exchange(self, src: str, method: str, user: str, status: int, **request: object) -> str:
@@ -555,3 +561,28 @@ def test_a_served_detection_extended_by_ten_minutes_gets_a_new_id() -> None:
     assert serial is not None
     assert first.serial > serial
     assert first.until == until + 600
+
+
+def test_svcrack_guesses_share_call_id_and_cseq_and_each_counts() -> None:
+    site = make_site()
+    call_id = site.request(ATTACKER, "REGISTER", "1000", ua="Linphone")
+    site.reply(ATTACKER, 401, "REGISTER", call_id, nonce="kamailio-nonce")
+    for guess in range(6):  # svcrack: the same Call-ID and "CSeq: 2 REGISTER", a new branch per guess
+        branch = f"z9hG4bK-guess-{guess}"
+        for _ in range(2):  # each guess retransmitted once: still one guess
+            site.request(
+                ATTACKER,
+                "REGISTER",
+                "1000",
+                ua="Linphone",
+                call_id=call_id,
+                cseq=2,
+                nonce="kamailio-nonce",
+                branch=branch,
+            )
+        site.reply(ATTACKER, 401, "REGISTER", call_id, cseq=2, nonce="kamailio-nonce", branch=branch)
+    detection = site.detected()
+    assert detection is not None
+    assert detection["rules"] == ["auth-failure"]
+    assert detection["served_because"] == "sent credentials computed on our challenge"
+    assert site.detector.stats.retransmissions == 6

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from hepsub_apiban.hep import build_hep3
-from hepsub_apiban.keys import COLLECTOR, DETECTIONS
+from hepsub_apiban.keys import COLLECTOR, DETECTIONS, SIGHTINGS
 
 from .conftest import AgentFactory
 from .test_collector import Client, hep_agent, sip_packet, until
@@ -50,7 +50,8 @@ def scan(attacker: str = ATTACKER, extensions: int = 25, key: str | None = None)
             packet(
                 SERVER,
                 attacker,
-                f"SIP/2.0 404 Not Found\r\nCall-ID: {call_id}\r\nCSeq: 1 REGISTER\r\n\r\n",
+                f"SIP/2.0 404 Not Found\r\nVia: SIP/2.0/UDP {attacker}:5060;branch=z9hG4bK{extension}\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: 1 REGISTER\r\n\r\n",
                 key,
             )
         )
@@ -149,3 +150,9 @@ async def test_detections_survive_a_restart(agent: AgentFactory) -> None:
     after = await detections(second)
     assert after == before
     assert (second.app[DETECTIONS].dirty, len(second.app[DETECTIONS])) == (False, 1)
+    # Seen again after the restart: its sighting is protected and says it is detected.
+    send(second, scan(extensions=1))
+    await until(lambda: second.app[SIGHTINGS].get(ATTACKER) is not None, "the sighting")
+    assert second.app[SIGHTINGS].get(ATTACKER).protected  # type: ignore[union-attr]
+    sightings = (await (await second.get("/api/v1/sightings")).json())["sightings"]
+    assert next(s for s in sightings if s["ip"] == ATTACKER)["detected"]["ip"] == ATTACKER

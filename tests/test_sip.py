@@ -30,6 +30,7 @@ def test_heplify_hep3_fixture_response() -> None:
         to_user=None,
         user_agent=None,
         cseq=215834489,
+        branch="z9hG4bK+21f113e7e3d04c846148a9ad7607aefa1+6dfcffe8+1",
     )
 
 
@@ -70,6 +71,7 @@ def test_scanner_register_with_compact_headers_and_bottom_via() -> None:
         via_rport=40000,
         cseq=1,
         from_name="100",
+        branch="z9hG4bK1",  # the top Via (compact "v"), where the bottom one gave received/rport
     )
 
 
