@@ -310,13 +310,19 @@ class Detector:
         if sip.credentials and sip.nonce is not None and sip.nonce in remote.nonces:
             remote.proof = PROOF_NONCE
         user = (sip.to_user or sip.from_user) if method == "REGISTER" else sip.request_user
-        self._expire_pending(remote, now)
-        remote.pending[key] = Pending(now, method, user, sip.credentials)
-        if len(remote.pending) > MAX_PENDING:
-            self._timed_out(remote, remote.pending.popitem(last=False)[1], now)
+        exempt = self._recently_authenticated(remote.address.text, now)
+        if sip.credentials or not exempt:
+            # An address that logged in is exempt from every rule but scanner-ua: of its requests
+            # only those with credentials are followed, so that a 200 to one renews the exemption.
+            self._expire_pending(remote, now)
+            remote.pending[key] = Pending(now, method, user, sip.credentials)
+            if len(remote.pending) > MAX_PENDING:
+                self._timed_out(remote, remote.pending.popitem(last=False)[1], now)
         if self._scanner(sip):
             remote.user_agent = sip.user_agent or sip.from_name or sip.from_user
             self._count(remote, SCANNER_UA, now, f'requests from scanner "{remote.user_agent}"')
+        if exempt:
+            return
         if method in SCANNED_METHODS:
             self._scan(remote, method, user, dst_ip, now)
         if method in FLOOD_METHODS:
