@@ -18,7 +18,7 @@ is left out. Whatever was left out, and which limit did it, is said in a ``left_
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,7 +26,20 @@ import orjson
 
 from .addresses import Addr, parse_ip
 from .config import EnrichmentSettings
+from .detections import Detection
 from .lookups import Verdict
+from .sightings import Sighting
+from .wording import (
+    NOTABLE_KEY,
+    SEEN_KEY,
+    SUMMARY_KEY,
+    VERDICT_KEY,
+    detection_details,
+    seen_details,
+    seen_line,
+    verdict_details,
+    verdict_sentence,
+)
 
 # Mapping keys that carry Call-IDs: homer-app's default mapping uses "sid"; without
 # source_fields it copies "callid".
@@ -266,6 +279,18 @@ def _echo(value: object) -> str:
 # --------------------------------------------------------------------------- the answer
 
 
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the agent knows of the call's addresses besides their verdicts, and how old it is."""
+
+    seen: Mapping[str, Sighting] = field(default_factory=dict)  # what the HEP capture saw
+    detected: Mapping[str, Detection] = field(default_factory=dict)  # active local detections
+    t_sec: int | None = None  # when the data behind the answer last changed (unix seconds)
+
+
+NOTHING_KNOWN = Known()
+
+
 class _Call(NamedTuple):
     """What every way of building the answer shares: the verdict lists and the call's text."""
 
@@ -275,51 +300,55 @@ class _Call(NamedTuple):
     unknown: list[str]
     summary: str
     detected: list[str]  # detected here by the agent's own rules (local detection)
+    notable: dict[str, str]  # listed or detected address -> its verdict sentence
 
 
 def build_answer(
-    request: EnrichmentRequest,
-    verdicts: Sequence[Verdict],
-    extra: Mapping[str, Mapping[str, Any]] | None = None,
-    detected: Collection[str] = (),
+    request: EnrichmentRequest, verdicts: Sequence[Verdict], known: Known = NOTHING_KNOWN
 ) -> bytes:
     """The JSON answer for homer-app, at most ``request.limits.max_answer_bytes`` long.
 
-    Call-ID keys, then one verdict per IP; ``extra`` adds what else is known of an IP (HEP
-    sightings) to its verdict object. A small request is serialised whole; a large one piece by
-    piece, and what does not fit is left out and said so.
+    The summary and the listed or detected addresses first (for Go's sorted rendering), Call-ID
+    keys, then one object per IP: its verdict in words, what the capture saw in one line, then
+    the details. A small request is serialised whole; a large one piece by piece, and what does
+    not fit is left out and said so.
     """
-    call = _call(request, verdicts, detected)
+    call = _call(request, verdicts, known)
     if len(verdicts) + len(request.call_ids) <= WHOLE_ANSWER_ITEMS:
-        raw = orjson.dumps(_whole_answer(request, verdicts, extra, call))
+        raw = orjson.dumps(_whole_answer(request, verdicts, known, call))
         if len(raw) <= request.limits.max_answer_bytes:
             return raw
-    return _fitted_answer(request, verdicts, extra, call)
+    return _fitted_answer(request, verdicts, known, call)
 
 
-def _call(request: EnrichmentRequest, verdicts: Sequence[Verdict], detected: Collection[str] = ()) -> _Call:
+def _call(request: EnrichmentRequest, verdicts: Sequence[Verdict], known: Known = NOTHING_KNOWN) -> _Call:
     checked = [v.ip for v in verdicts]
     listed = [v.ip for v in verdicts if v.listed]
     unknown = [v.ip for v in verdicts if v.listed is None]
+    detected = known.detected
     local = [ip for ip in checked if ip in detected] if detected else []
-    t_sec = request.from_ms // 1000 if request.from_ms is not None else None
+    notable = {
+        v.ip: verdict_sentence(v, detected.get(v.ip)) for v in verdicts if v.listed or v.ip in detected
+    }
+    t_sec = known.t_sec
+    if t_sec is None and request.from_ms is not None:
+        t_sec = request.from_ms // 1000
     summary = _summary(request, checked, listed, unknown, local)
-    return _tuple_new(_Call, (t_sec, checked, listed, unknown, summary, local))  # see addresses._tuple_new
+    # (see addresses._tuple_new)
+    return _tuple_new(_Call, (t_sec, checked, listed, unknown, summary, local, notable))
 
 
 def _whole_answer(
     request: EnrichmentRequest,
     verdicts: Sequence[Verdict],
-    extra: Mapping[str, Mapping[str, Any]] | None,
+    known: Known,
     call: _Call,
 ) -> dict[str, Any]:
-    answer: dict[str, Any] = {}
-    fields = request.fields
-    for verdict in verdicts:  # _entry, inlined: this loop runs for every IP of every request
-        entry = answer[verdict.ip] = verdict.to_json()
-        entry["fields"] = fields.get(verdict.ip, [])
-        if extra and verdict.ip in extra:
-            entry.update(extra[verdict.ip])
+    answer: dict[str, Any] = {SUMMARY_KEY: call.summary}
+    if call.notable:
+        answer[NOTABLE_KEY] = call.notable
+    for verdict in verdicts:
+        answer[verdict.ip] = _entry(request, verdict, known, call)
     left_out = _parse_notes(request)
     # Call-IDs last so that a Call-ID that looks like an IP keeps the object the UI reads.
     call_ids = request.call_ids
@@ -335,20 +364,31 @@ def _whole_answer(
     return answer
 
 
-def _entry(
-    request: EnrichmentRequest, verdict: Verdict, extra: Mapping[str, Mapping[str, Any]] | None
-) -> dict[str, Any]:
-    entry = verdict.to_json()
-    entry["fields"] = request.fields.get(verdict.ip, [])
-    if extra and verdict.ip in extra:
-        entry.update(extra[verdict.ip])
+def _entry(request: EnrichmentRequest, verdict: Verdict, known: Known, call: _Call) -> dict[str, Any]:
+    ip = verdict.ip
+    sentence = call.notable.get(ip)
+    entry: dict[str, Any] = {VERDICT_KEY: sentence or verdict_sentence(verdict)}
+    entry.update(verdict_details(verdict))
+    fields = request.fields.get(ip)
+    if fields:
+        entry["fields"] = fields
+    sighting = known.seen.get(ip)
+    if sighting is not None:
+        entry[SEEN_KEY] = seen_line(sighting)
+        entry["seen"] = seen_details(sighting)
+    if sentence is not None:
+        detection = known.detected.get(ip)
+        if detection is not None:
+            entry["detected"] = detection_details(detection)
     return entry
 
 
 def _first_call(request: EnrichmentRequest, call: _Call, left_out: dict[str, str]) -> dict[str, Any]:
     body = _call_core(request, call)
-    body["listed"] = call.listed
-    body["checked"] = call.checked
+    if call.listed:
+        body["listed"] = call.listed
+    if call.checked:
+        body["checked"] = call.checked
     if call.detected:
         body["detected"] = call.detected
     if call.unknown:
@@ -371,17 +411,20 @@ def _pointer(request: EnrichmentRequest, call: _Call) -> dict[str, Any]:
     """Every further Call-ID's object: what the HOMER tab reads, the lists' first POINTER_IPS
     addresses, and where the whole object is. Its size does not grow with the addresses, so the
     answer grows by a small object per Call-ID, never by Call-IDs times addresses."""
-    return {
+    pointer: dict[str, Any] = {
         "t_sec": call.t_sec,
         "summary": _summary(request, call.checked, call.listed, call.unknown, call.detected, names=0),
-        "listed": call.listed[:POINTER_IPS],
-        "checked": call.checked[:POINTER_IPS],
-        "details": f"see {request.call_ids[0]}",
     }
+    if call.listed:
+        pointer["listed"] = call.listed[:POINTER_IPS]
+    if call.checked:
+        pointer["checked"] = call.checked[:POINTER_IPS]
+    pointer["details"] = f"see {request.call_ids[0]}"
+    return pointer
 
 
 def _no_call_id(call: _Call, left_out: dict[str, str]) -> dict[str, Any]:
-    top: dict[str, Any] = {"summary": call.summary, "note": NO_CALL_ID_NOTE}
+    top: dict[str, Any] = {"note": NO_CALL_ID_NOTE}  # the summary leads every answer already
     if left_out:
         top["left_out"] = left_out
     return top
@@ -480,7 +523,7 @@ class _Budget:
 def _fitted_answer(
     request: EnrichmentRequest,
     verdicts: Sequence[Verdict],
-    extra: Mapping[str, Mapping[str, Any]] | None,
+    known: Known,
     call: _Call,
 ) -> bytes:
     """The answer assembled from separately serialised members, in order of importance.
@@ -503,7 +546,8 @@ def _fitted_answer(
         core = _no_call_id(call, {})
         parts = [_member(key, value) for key, value in core.items()]
         budget.take(sum(len(part) + 1 for part in parts))
-    parts += _fit_entries(request, verdicts, extra, budget, cuts)
+    parts += _fit_notable(call, budget, cuts)
+    parts += _fit_entries(request, verdicts, known, call, budget, cuts)
     left_out = _parse_notes(request)
     if cuts:
         left_out["answer_size"] = (
@@ -541,7 +585,7 @@ def _fit_lists(request: EnrichmentRequest, call: _Call, budget: _Budget, cuts: l
     members: dict[str, Any] = {}
     lists = [("listed", call.listed), ("unknown", call.unknown), ("checked", call.checked)]
     for name, items in lists:
-        if name == "unknown" and not items:
+        if not items:
             continue
         shown = _fit_list(name, items, budget)
         if shown is not None:
@@ -555,6 +599,25 @@ def _fit_lists(request: EnrichmentRequest, call: _Call, budget: _Budget, cuts: l
         else:
             cuts.append("the ignored sample")
     return members
+
+
+def _fit_notable(call: _Call, budget: _Budget, cuts: list[str]) -> list[bytes]:
+    """The summary, then as many listed or detected addresses' sentences as fit."""
+    parts = [_member(SUMMARY_KEY, call.summary)]
+    budget.take(len(parts[0]) + 1)  # the summary is bounded: it names at most SUMMARY_IPS addresses
+    shown: dict[str, str] = {}
+    room = len(NOTABLE_KEY) + 5
+    for ip, sentence in call.notable.items():
+        size = len(_member(ip, sentence)) + 1
+        if not budget.take(room + size):
+            left = len(call.notable) - len(shown)
+            cuts.append(f"{left:,} of {len(call.notable):,} verdicts in {NOTABLE_KEY}")
+            break
+        room = 0
+        shown[ip] = sentence
+    if shown:
+        parts.append(_member(NOTABLE_KEY, shown))
+    return parts
 
 
 def _fit_list(name: str, ips: list[str], budget: _Budget) -> list[str] | None:
@@ -572,7 +635,8 @@ def _fit_list(name: str, ips: list[str], budget: _Budget) -> list[str] | None:
 def _fit_entries(
     request: EnrichmentRequest,
     verdicts: Sequence[Verdict],
-    extra: Mapping[str, Mapping[str, Any]] | None,
+    known: Known,
+    call: _Call,
     budget: _Budget,
     cuts: list[str],
 ) -> list[bytes]:
@@ -581,7 +645,7 @@ def _fit_entries(
     ordered = [v for v in chosen if v.listed] + [v for v in chosen if not v.listed]
     parts = []
     for verdict in ordered:
-        part = _member(verdict.ip, _entry(request, verdict, extra))
+        part = _member(verdict.ip, _entry(request, verdict, known, call))
         if not budget.take(len(part) + 1):
             break
         parts.append(part)

@@ -11,7 +11,6 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -25,7 +24,7 @@ from .config import RULES
 from .decisions import DECISION_PATHS
 from .detection import rule_name
 from .detections import Detection
-from .enrichment import BadEnrichmentRequest, build_answer, parse_request
+from .enrichment import BadEnrichmentRequest, Known, build_answer, parse_request
 from .httpserver import BodyError, read_body
 from .jsonutil import json_response
 from .keys import (
@@ -139,47 +138,35 @@ async def answer_enrichment(app: web.Application, raw: bytes) -> tuple[web.Respo
     except BadEnrichmentRequest as exc:
         return json_response({"error": str(exc)}), "bad_request"
     verdicts = await app[LOOKUPS].lookup_many(parsed.addresses, settings.agent.deadline)
-    extra = _seen(app, parsed.fields)
-    detected = _detected(app, parsed.fields, extra)
-    answer = build_answer(parsed, verdicts, extra or None, detected)
+    answer = build_answer(parsed, verdicts, _known(app, [v.ip for v in verdicts]))
     return web.Response(body=answer, content_type="application/json"), "ok"
 
 
-def _seen(app: web.Application, ips: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """What the HEP capture saw of the call's IPs, added to their verdicts."""
-    sightings = app[SIGHTINGS]
-    if not len(sightings):
-        return {}
-    known = {ip: sightings.get(ip) for ip in ips}
-    return {ip: s.summary() for ip, s in known.items() if s is not None}
+def _known(app: web.Application, ips: list[str]) -> Known:
+    """What the HEP capture saw of the call's IPs, their active detections, and the data's age."""
+    sightings, book = app[SIGHTINGS], app.get(DETECTIONS)
+    seen: dict[str, Sighting] = {}
+    if len(sightings):
+        for ip in ips:
+            sighting = sightings.get(ip)
+            if sighting is not None:
+                seen[ip] = sighting
+    detected: dict[str, Detection] = {}
+    if book is not None and len(book):
+        now = time.time()
+        for ip in ips:
+            detection = book.get(ip, now)
+            if detection is not None:
+                detected[ip] = detection
+    return Known(seen, detected, _data_time(app))
 
 
-def _detected(app: web.Application, ips: Iterable[str], extra: dict[str, dict[str, Any]]) -> set[str]:
-    """The call's IPs detected here: each verdict gets its detection (added to ``extra``)."""
-    book = app.get(DETECTIONS)
-    if book is None or not len(book):
-        return set()
-    now = time.time()
-    found = set()
-    for ip in ips:
-        detection = book.get(ip, now)
-        if detection is not None:
-            found.add(ip)
-            extra.setdefault(ip, {})["detected"] = detection_for_people(detection)
-    return found
-
-
-def detection_for_people(detection: Detection) -> dict[str, Any]:
-    """A detection as the HOMER tab shows it: rules, times in UTC, evidence in words."""
-    body = detection.to_json()
-    body["since"] = utc_text(detection.since)
-    body["until"] = utc_text(detection.until)
-    del body["ip"]
-    return body
-
-
-def utc_text(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+def _data_time(app: web.Application) -> int:
+    """When the data behind an answer last changed: the list's last sync in mirror mode (the
+    HOMER tab shows it as "Date modified"); in check mode the verdicts are this moment's."""
+    sync = app.get(MIRROR_SYNC)
+    synced = None if sync is None else sync.mirror.last_sync or sync.mirror.last_full_sync
+    return int(synced if synced is not None else time.time())
 
 
 async def detections_list(request: web.Request) -> web.Response:

@@ -8,11 +8,13 @@ request costs instead of timing it.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import orjson
 import pytest
 
+from hepsub_apiban.addresses import Addr
 from hepsub_apiban.config import EnrichmentSettings
 from hepsub_apiban.enrichment import (
     LEFT_OUT_ROOM,
@@ -22,14 +24,16 @@ from hepsub_apiban.enrichment import (
     POINTER_IPS,
     VALUES_PER_LIMIT,
     EnrichmentRequest,
+    Known,
     build_answer,
     parse_request,
     request_from_json,
 )
 from hepsub_apiban.keys import SIGHTINGS
 from hepsub_apiban.lookups import Verdict
-from hepsub_apiban.sightings import SAMPLE_BYTES
+from hepsub_apiban.sightings import SAMPLE_BYTES, Sighting
 from hepsub_apiban.sip import SipInfo
+from hepsub_apiban.wording import seen_details, seen_line, verdict_details, verdict_sentence
 
 from .conftest import AgentFactory, ApibanPeer
 
@@ -58,28 +62,33 @@ def verdicts_for(request: EnrichmentRequest) -> list[Verdict]:
     return verdicts
 
 
-def seen(user_agent_chars: int = 200) -> dict[str, Any]:
+def seen(user_agent_chars: int = 200) -> Sighting:
     """A sighting at the bounds the sightings store keeps: ~20 method keys, 5 user agents."""
-    return {
-        "seen": {
-            "first_seen": 1700000000,
-            "last_seen": 1700000500,
-            "packets": 123456,
-            "methods": {f"METHOD{n}": n for n in range(20)},
-            "user_agents": [f"{n}" * user_agent_chars for n in range(5)],
-        }
-    }
+    return Sighting(
+        "0.0.0.0",
+        Addr("0.0.0.0", 4, 0),
+        1700000000.0,
+        1700000500.0,
+        packets=123456,
+        methods=Counter({f"METHOD{n}": n for n in range(20)}),
+        user_agents=tuple(f"{n}" * user_agent_chars for n in range(5)),
+    )
 
 
 def answer_of(
-    request: EnrichmentRequest, extra: dict[str, Any] | None = None
+    request: EnrichmentRequest, seen_by_ip: dict[str, Sighting] | None = None
 ) -> tuple[bytes, dict[str, Any]]:
-    raw = build_answer(request, verdicts_for(request), extra)
+    raw = build_answer(request, verdicts_for(request), Known(seen=seen_by_ip or {}))
     answer = orjson.loads(raw)
     assert isinstance(answer, dict)
     assert "data" not in answer
     assert len(raw) <= request.limits.max_answer_bytes
     return raw, answer
+
+
+def named(answer: dict[str, Any]) -> list[str]:
+    """The answer's Call-ID and address keys, without the "(1) summary" kind put first for people."""
+    return [key for key in answer if not key.startswith("(")]
 
 
 def left_out_of(answer: dict[str, Any], request: EnrichmentRequest) -> dict[str, str]:
@@ -114,7 +123,7 @@ async def test_a_1_mb_body_of_many_call_ids_and_ips_gets_a_bounded_answer(
     assert len(raw) <= EnrichmentSettings().max_answer_bytes
     assert "data" not in answer
     first = answer[call_ids[0]]
-    assert first["t_sec"] == FROM_MS // 1000
+    assert abs(first["t_sec"] - time.time()) < 60  # check mode: the data is this moment's
     assert first["checked"] == ips[:500]
     assert first["left_out"] == {
         "call_ids": "39,900 further values of sid/callid not examined (enrichment.max_call_ids = 100)",
@@ -123,9 +132,8 @@ async def test_a_1_mb_body_of_many_call_ids_and_ips_gets_a_bounded_answer(
     assert "not every value was examined" in first["summary"]
     for call_id in call_ids[1:100]:  # every Call-ID examined has the object the HOMER tab reads
         assert answer[call_id] == {
-            "t_sec": FROM_MS // 1000,
+            "t_sec": first["t_sec"],
             "summary": "APIBAN lists none of 500 addresses; not every value was examined (see left_out)",
-            "listed": [],
             "checked": ips[:POINTER_IPS],  # the first ten; the first Call-ID has them all
             "details": f"see {call_ids[0]}",
         }
@@ -149,7 +157,7 @@ async def test_the_answer_cap_leaves_out_details_and_says_so(agent: AgentFactory
     assert len(raw) <= 65536
     first = answer[call_ids[0]]
     assert first["checked"] == ips  # every address is still counted and listed by name
-    assert all(answer[call_id]["t_sec"] == FROM_MS // 1000 for call_id in call_ids)
+    assert all(answer[call_id]["t_sec"] == first["t_sec"] for call_id in call_ids)
     detailed = [ip for ip in ips if ip in answer]
     assert 0 < len(detailed) < 500
     # The sighting keeps a sample cut to SAMPLE_BYTES; the answer shows it whole.
@@ -165,7 +173,7 @@ async def test_limits_set_low_through_the_environment_are_honoured(agent: AgentF
     ips = private_ips(10)
     status, _, answer, _ = await post(client, body(["a@x", "b@x", "c@x", "a@x", "d@x"], source_ip=ips))
     assert status == 200
-    assert sorted(answer) == sorted(["a@x", "b@x", *ips[:3]])
+    assert sorted(answer) == sorted(["(1) summary", "a@x", "b@x", *ips[:3]])
     assert answer["a@x"]["checked"] == ips[:3]
     assert answer["a@x"]["left_out"] == {
         "call_ids": "2 further values of sid/callid not examined (enrichment.max_call_ids = 2)",
@@ -180,7 +188,7 @@ async def test_a_low_answer_cap_through_the_environment_is_honoured(agent: Agent
     status, raw, answer, _ = await post(client, body([f"leg-{n}" for n in range(100)], source_ip=ips))
     assert status == 200
     assert len(raw) <= 16384
-    assert answer["leg-0"]["t_sec"] == FROM_MS // 1000
+    assert abs(answer["leg-0"]["t_sec"] - time.time()) < 60
     assert "enrichment.max_answer_bytes = 16,384" in answer["leg-0"]["left_out"]["answer_size"]
 
 
@@ -268,7 +276,8 @@ def test_200_000_call_ids_are_answered_correctly() -> None:
     request = parse_request(body(call_ids, source_ip=["10.0.0.1"]))
     assert request.call_ids == call_ids[:100]
     _, answer = answer_of(request)
-    assert sorted(answer) == sorted([*call_ids[:100], "10.0.0.1"])
+    assert sorted(named(answer)) == sorted([*call_ids[:100], "10.0.0.1"])
+    assert answer["(1) summary"] == answer[call_ids[0]]["summary"]
     assert left_out_of(answer, request) == {
         "call_ids": "199,900 further values of sid/callid not examined (enrichment.max_call_ids = 100)"
     }
@@ -376,7 +385,9 @@ def test_every_left_out_note_at_once_fits_the_room_kept_for_it() -> None:
     request = request_from_json({"data": data, "fromts": FROM_MS}, limits)
     request.call_ids_left_out = request.values_left_out = request.keys_left_out = 10**12 - 1
     request.call_ids_cut = request.ignored_count = 10**12 - 1
-    raw = build_answer(request, verdicts_for(request), {a.text: seen() for a in request.addresses})
+    raw = build_answer(
+        request, verdicts_for(request), Known(seen={a.text: seen() for a in request.addresses})
+    )
     assert len(raw) <= 16384
     notes = orjson.loads(raw)[request.call_ids[0]]["left_out"]
     assert set(notes) == {"call_ids", "addresses", "keys", "long_call_ids", "ignored", "answer_size"}
@@ -393,7 +404,8 @@ def test_no_call_id_still_gets_a_bounded_answer_with_its_notes() -> None:
         "addresses": "395 further values not examined (enrichment.max_addresses = 5)"
     }
     assert answer["note"].startswith("no Call-ID in the request")
-    assert set(answer) == {"summary", "note", "left_out", *private_ips(5)}
+    assert set(named(answer)) == {"note", "left_out", *private_ips(5)}
+    assert answer["(1) summary"].startswith("APIBAN lists")
 
 
 def test_a_small_request_with_a_large_answer_is_fitted_to_the_cap() -> None:
@@ -403,7 +415,7 @@ def test_a_small_request_with_a_large_answer_is_fitted_to_the_cap() -> None:
     ips = private_ips(40)
     request = parse_request(body(["a@x"], source_ip=ips), limits)
     _, answer = answer_of(request, {ip: seen() for ip in ips})
-    assert len(orjson.dumps({ip: seen() for ip in ips})) > 50_000
+    assert len(orjson.dumps({ip: seen_details(seen()) for ip in ips})) > 50_000
     detailed = [ip for ip in ips if ip in answer]
     listed = [v.ip for v in verdicts_for(request) if v.listed]
     assert 0 < len(detailed) < len(listed)
@@ -439,10 +451,17 @@ def test_whole_and_fitted_answers_agree_when_nothing_is_cut() -> None:
             }
         )
         assert answer["b@x"] == answer["10.0.0.3"]
+        first, fifth = verdicts_for(request)[0], verdicts_for(request)[4]
         assert answer["10.0.0.1"] == {
-            **verdicts_for(request)[0].to_json(),
+            "(1) verdict": verdict_sentence(first),
+            **verdict_details(first),
             "fields": ["source_ip", "dst_ip"],
-            **seen(),
+            "(2) seen": seen_line(seen()),
+            "seen": seen_details(seen()),
         }
-        assert answer["10.0.0.5"] == {**verdicts_for(request)[4].to_json(), "fields": ["source_ip"]}
+        assert answer["10.0.0.5"] == {
+            "(1) verdict": verdict_sentence(fifth),
+            **verdict_details(fifth),
+            "fields": ["source_ip"],
+        }
         assert "left_out" not in answer["a@x"]

@@ -299,8 +299,11 @@ async def test_agent_serves_from_the_mirror_with_no_upstream_requests(
     assert answer["1.2.3.4"]["source"] == "mirror"
     # /banned gives one ID per page (250 addresses): the ID of the page's last entry.
     assert answer["1.2.3.4"]["ID"] == apiban.fake.listed(ips(400)[246])
-    assert isinstance(answer["1.2.3.4"]["last_reported"], int)
+    assert answer["1.2.3.4"]["last_reported"].endswith(" UTC")
+    # "Date modified" in the HOMER tab: when the list last changed, not the call's time.
+    assert answer["c@x"]["t_sec"] == int(client.app[MIRROR_SYNC].mirror.last_sync or 0) > 1
     assert answer["9.9.1.1"] | {"fields": []} == {
+        "(1) verdict": "in allow.cidrs: never reported as listed",
         "ip": "9.9.1.1",
         "listed": False,
         "source": "allowlist",

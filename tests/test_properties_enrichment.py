@@ -9,15 +9,24 @@ member answer and its cuts are exercised, not only the common small answer.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hepsub_apiban.addresses import Addr
 from hepsub_apiban.config import EnrichmentSettings
-from hepsub_apiban.enrichment import BadEnrichmentRequest, EnrichmentRequest, build_answer, parse_request
+from hepsub_apiban.enrichment import (
+    BadEnrichmentRequest,
+    EnrichmentRequest,
+    Known,
+    build_answer,
+    parse_request,
+)
 from hepsub_apiban.lookups import Verdict
+from hepsub_apiban.sightings import Sighting
 
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -69,16 +78,19 @@ limits = st.builds(
     max_addresses=st.sampled_from([1, 3, 50, 500]),
     max_answer_bytes=st.sampled_from([16384, 20000, 1024 * 1024]),
 )
-seen = st.fixed_dictionaries(
-    {
-        "seen": st.fixed_dictionaries(
-            {
-                "packets": st.integers(min_value=0, max_value=2**40),
-                "methods": st.dictionaries(text, st.integers(min_value=0, max_value=2**40), max_size=20),
-                "user_agents": st.lists(text, max_size=5),
-            }
-        )
-    }
+seen = st.builds(
+    lambda packets, methods, user_agents: Sighting(
+        "0.0.0.0",
+        Addr("0.0.0.0", 4, 0),
+        1700000000.0,
+        1700000500.0,
+        packets=packets,
+        methods=Counter(methods),
+        user_agents=tuple(user_agents),
+    ),
+    st.integers(min_value=0, max_value=2**40),
+    st.dictionaries(text, st.integers(min_value=0, max_value=2**40), max_size=20),
+    st.lists(text, max_size=5),
 )
 
 
@@ -96,7 +108,7 @@ def verdicts(request: EnrichmentRequest, states: list[bool | None]) -> list[Verd
 
 
 def check(
-    raw: bytes, limit: EnrichmentSettings, states: list[bool | None], sightings: list[dict[str, Any]]
+    raw: bytes, limit: EnrichmentSettings, states: list[bool | None], sightings: list[Sighting]
 ) -> None:
     try:
         request = parse_request(raw, limit)
@@ -104,12 +116,10 @@ def check(
         return  # the one error the parser may raise: the route answers it as {"error": ...}
     assert len(request.call_ids) <= limit.max_call_ids
     assert len(request.addresses) <= limit.max_addresses
-    extra = (
-        {a.text: sightings[n % len(sightings)] for n, a in enumerate(request.addresses)}
-        if sightings
-        else None
+    seen_by_ip = (
+        {a.text: sightings[n % len(sightings)] for n, a in enumerate(request.addresses)} if sightings else {}
     )
-    answer_raw = build_answer(request, verdicts(request, states), extra)
+    answer_raw = build_answer(request, verdicts(request, states), Known(seen=seen_by_ip))
     assert len(answer_raw) <= limit.max_answer_bytes
     answer = orjson.loads(answer_raw)
     assert isinstance(answer, dict)
