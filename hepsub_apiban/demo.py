@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-import orjson
 from aiohttp import web
 
 from .app import create_app
@@ -30,6 +29,7 @@ from .detections import Detection
 from .fakes.apiban import FakeApiban
 from .fakes.homer import FakeHomer
 from .hep import HepPacket, build_hep3
+from .homer_view import tab_lines
 from .keys import AGENT_UUID, COLLECTOR, DETECTIONS, LOOKUPS, MIRROR_SYNC, SIGHTINGS
 from .logs import Redactor, setup_logging
 from .replay import send
@@ -208,6 +208,9 @@ def _detection_line(detection: Detection) -> str:
     return f"{rules} -> flagged, not served: {detection.held_back}"
 
 
+TAB_HEADING = "what the HEPSUB:apiban tab shows (homer-app sorts the keys, every level expanded):"
+
+
 async def _enrich(registry: FakeHomer, agent_uuid: str, out: TextIO) -> None:
     _say(out, f"a HOMER user opens call {CALL_ID}; homer-app posts its source IPs to the agent:")
     _say(out, "  " + ", ".join(CALL_IPS))
@@ -216,8 +219,9 @@ async def _enrich(registry: FakeHomer, agent_uuid: str, out: TextIO) -> None:
     if status != 200 or not isinstance(answer, dict):
         _say(out, f"homer-app got no usable answer ({status}): {wrapper}")
         return
-    _say(out, "\nwhat the HEPSUB:apiban tab shows:")
-    _say(out, orjson.dumps(answer, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+    _say(out, f"\n{TAB_HEADING}")
+    for line in tab_lines(answer):
+        _say(out, "  " + line)
     call: dict[str, Any] = answer.get(CALL_ID, {})
     _say(out, f"\nsummary: {call.get('summary')}")
 

@@ -24,6 +24,8 @@ import orjson
 import pytest
 
 from hepsub_apiban import __version__
+from hepsub_apiban.demo import TAB_HEADING
+from hepsub_apiban.homer_view import SELF_REFERENCE
 
 from .conftest import (
     APIBAN_KEY,
@@ -424,15 +426,32 @@ async def test_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert "extension-scan" in detected["1.2.3.77"]
     assert "-> served (two different rules fired)" in detected["1.2.3.77"]
     assert "-> flagged, not served" in detected["1.2.3.251"]
-    answer = orjson.loads(
-        result.stdout.split("what the HEPSUB:apiban tab shows:\n", 1)[1].split("\n}\n", 1)[0] + "}"
+    tab = [
+        line[2:] for line in result.stdout.split(TAB_HEADING + "\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    ]
+    # What a person sees first: the summary, then each listed or detected address with its verdict.
+    first = tab[:15]
+    assert first[0].startswith('(1) summary : "APIBAN lists 2 of 5 addresses: 1.2.3.251, 5.188.10.4; ')
+    assert "detected here: 3 (1.2.3.251, 1.2.3.77, 5.188.10.4)" in first[0]
+    assert first[1] == "(2) listed or detected :"
+    assert first[2].startswith('  1.2.3.251 : "listed by APIBAN, last reported 20')
+    assert first[3].startswith(
+        '  1.2.3.77 : "detected here: scanner-ua, extension-scan, user-enumeration, until '
     )
-    attacker = answer["1.2.3.77"]
-    assert attacker["listed"] is False
-    assert attacker["detected"]["action"] == "serve"
-    assert set(attacker["detected"]["rules"]) == {"scanner-ua", "extension-scan", "user-enumeration"}
-    assert answer[CALL]["detected"] == ["1.2.3.251", "1.2.3.77", "5.188.10.4"]
-    assert "detected here: 3 (1.2.3.251, 1.2.3.77, 5.188.10.4)" in answer[CALL]["summary"]
+    assert "(blocked at the site); not listed by APIBAN" in first[3]
+    assert first[4].startswith('  5.188.10.4 : "listed by APIBAN, last reported 20')
+    assert first[5] == "1.2.3.251 :"
+    assert first[6].startswith('  (1) verdict : "listed by APIBAN')
+    assert first[7].startswith('  (2) seen : "12 SIP packets to or from it, 20')
+    # Anywhere in the tab: no raw epoch number but t_sec (the header box reads it as a date), and
+    # no empty container.
+    for line in tab:
+        key, _, value = line.strip().partition(" : ")
+        if key != "t_sec" and value.isdigit():
+            assert int(value) < 10**9, line
+        assert value not in ("Object", "Array[0]", "{}", "[]"), line
+    assert tab.count(f"{CALL} :") == 1
+    assert "data : " + SELF_REFERENCE in tab
     assert "WARNING" not in result.stderr  # the demo tells detections itself, calmly
 
 
