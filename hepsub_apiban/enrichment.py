@@ -33,7 +33,6 @@ from .wording import (
     NOTABLE_KEY,
     SEEN_KEY,
     SUMMARY_KEY,
-    VERDICT_KEY,
     detection_details,
     seen_details,
     seen_line,
@@ -367,8 +366,7 @@ def _whole_answer(
 def _entry(request: EnrichmentRequest, verdict: Verdict, known: Known, call: _Call) -> dict[str, Any]:
     ip = verdict.ip
     sentence = call.notable.get(ip)
-    entry: dict[str, Any] = {VERDICT_KEY: sentence or verdict_sentence(verdict)}
-    entry.update(verdict_details(verdict))
+    entry = verdict_details(verdict, sentence)
     fields = request.fields.get(ip)
     if fields:
         entry["fields"] = fields

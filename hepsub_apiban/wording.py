@@ -25,8 +25,18 @@ NOTABLE_KEY = "(2) listed or detected"
 SHOWN_METHODS = 3  # actions named in the one-line "seen"
 
 
+_UTC_TEXTS: dict[int, str] = {}  # minute -> its text: an answer's times repeat (one per APIBAN page)
+MAX_UTC_TEXTS = 4096
+
+
 def utc_text(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
+    minute = int(seconds) // 60
+    text = _UTC_TEXTS.get(minute)
+    if text is None:
+        if len(_UTC_TEXTS) >= MAX_UTC_TEXTS:
+            _UTC_TEXTS.clear()
+        text = _UTC_TEXTS[minute] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(minute * 60))
+    return text
 
 
 def verdict_sentence(verdict: Verdict, detection: Detection | None = None) -> str:
@@ -57,9 +67,15 @@ def detection_words(detection: Detection) -> str:
     return f"detected here: {rules}, until {utc_text(detection.until)} ({action})"
 
 
-def verdict_details(verdict: Verdict) -> dict[str, Any]:
-    """The machine-readable verdict fields, with ``last_reported`` as UTC text."""
-    body: dict[str, Any] = {"ip": verdict.ip, "listed": verdict.listed, "source": verdict.source}
+def verdict_details(verdict: Verdict, sentence: str | None = None) -> dict[str, Any]:
+    """The machine-readable verdict fields, with ``last_reported`` as UTC text, after the
+    verdict in words."""
+    body: dict[str, Any] = {
+        VERDICT_KEY: sentence or verdict_sentence(verdict),
+        "ip": verdict.ip,
+        "listed": verdict.listed,
+        "source": verdict.source,
+    }
     if verdict.id is not None:
         body["ID"] = verdict.id
     if verdict.last_reported is not None:
