@@ -1,0 +1,121 @@
+"""Evidence: the last raw SIP packets of every APIBAN-listed or locally detected address.
+
+What the HOMER tab's Download button and ``GET /api/v1/evidence/{ip}.pcap`` hand out, and what
+an abuse report needs: the packets themselves, with the capture's metadata.
+
+Only protected addresses (see ``Sightings``: listed, or flagged by detection) cost anything: the
+collector probes the live mapping of protected sightings for the packet's two addresses, and
+every other packet goes on. A packet is kept from the moment its address is protected; in check
+mode that is once APIBAN's answer is in, so the very first packets of a new address are not.
+
+Everything is bounded: ``per_address`` packets per address (the oldest leaves), each cut to
+``MAX_PACKET_BYTES`` (the pcap records the real length), at most ``max_addresses`` addresses and
+``max_bytes`` of payload in all, the least recently touched address leaving first. A packet
+between two protected addresses is one object in both rings and counted once per ring.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Container, Iterable
+from dataclasses import dataclass
+
+from .hep import HepPacket
+
+MAX_PACKET_BYTES = 4096
+PER_ADDRESS = 20
+MAX_ADDRESSES = 4096
+MAX_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EvidencePacket:
+    time: float  # capture time, unix seconds
+    src_ip: str
+    dst_ip: str
+    src_port: int
+    dst_port: int
+    ip_proto: int
+    payload: bytes  # at most MAX_PACKET_BYTES
+    length: int  # the payload's length before the cut
+
+    @classmethod
+    def of(cls, packet: HepPacket) -> EvidencePacket:
+        payload = packet.payload
+        return cls(
+            packet.ts_sec + packet.ts_usec / 1e6,
+            packet.src_ip,
+            packet.dst_ip,
+            packet.src_port,
+            packet.dst_port,
+            packet.ip_proto,
+            payload if len(payload) <= MAX_PACKET_BYTES else payload[:MAX_PACKET_BYTES],
+            len(payload),
+        )
+
+
+class Evidence:
+    def __init__(
+        self,
+        protected: Container[str],
+        *,
+        per_address: int = PER_ADDRESS,
+        max_addresses: int = MAX_ADDRESSES,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
+        # A live view: the collector probes it on every packet, so it must stay a hash lookup.
+        self.protected = protected
+        self._per_address = per_address
+        self._max_addresses = max_addresses
+        self._max_bytes = max_bytes
+        self._rings: OrderedDict[str, deque[EvidencePacket]] = OrderedDict()  # least recently touched first
+        self.bytes = 0
+        self.evicted = 0  # addresses forgotten for room
+
+    def __len__(self) -> int:
+        return len(self._rings)
+
+    def keep(self, packet: HepPacket) -> None:
+        """Keep ``packet`` for whichever of its addresses is protected (the caller probed)."""
+        kept = EvidencePacket.of(packet)
+        protected = self.protected
+        if packet.src_ip in protected:
+            self._add(packet.src_ip, kept)
+        if packet.dst_ip in protected and packet.dst_ip != packet.src_ip:
+            self._add(packet.dst_ip, kept)
+
+    def _add(self, ip: str, packet: EvidencePacket) -> None:
+        ring = self._rings.get(ip)
+        if ring is None:
+            if len(self._rings) >= self._max_addresses:
+                self._evict()
+            ring = self._rings[ip] = deque()
+        else:
+            self._rings.move_to_end(ip)
+            if len(ring) >= self._per_address:
+                self.bytes -= len(ring.popleft().payload)
+        ring.append(packet)
+        self.bytes += len(packet.payload)
+        while self.bytes > self._max_bytes and len(self._rings) > 1:
+            self._evict()
+
+    def _evict(self) -> None:
+        _, ring = self._rings.popitem(last=False)
+        self.bytes -= sum(len(p.payload) for p in ring)
+        self.evicted += 1
+
+    def packets(self, ips: Iterable[str], max_bytes: int = MAX_BYTES) -> list[EvidencePacket]:
+        """The kept packets of ``ips`` in capture order, each once; the newest that fit ``max_bytes``."""
+        seen: set[int] = set()
+        found: list[EvidencePacket] = []
+        for ip in ips:
+            for packet in self._rings.get(ip, ()):
+                if id(packet) not in seen:
+                    seen.add(id(packet))
+                    found.append(packet)
+        found.sort(key=lambda p: p.time)
+        total, start = 0, len(found)
+        while start > 0 and total + len(found[start - 1].payload) <= max_bytes:
+            start -= 1
+            total += len(found[start].payload)
+        return found[start:]
