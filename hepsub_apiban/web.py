@@ -495,7 +495,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application, enrichment_path: str) -> None:
-    # Before the enrichment route, which would take "download" for a {type}.
+    # Before the enrichment route: aiohttp before 3.10 matched in this order and would give
+    # "download" to {type} (later ones prefer the plain path anyway).
     app.router.add_post(f"{enrichment_path}/download", download)
     app.router.add_post(f"{enrichment_path}/{{type}}", enrich)
     app.router.add_get("/api/v1/check/{ip}", check_one)
