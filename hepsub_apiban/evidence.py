@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from .hep import HepPacket
 
@@ -39,19 +40,26 @@ class EvidencePacket:
     payload: bytes  # at most MAX_PACKET_BYTES
     length: int  # the payload's length before the cut
 
-    @classmethod
-    def of(cls, packet: HepPacket) -> EvidencePacket:
-        payload = packet.payload
-        return cls(
-            packet.ts_sec + packet.ts_usec / 1e6,
-            packet.src_ip,
-            packet.dst_ip,
-            packet.src_port,
-            packet.dst_port,
-            packet.ip_proto,
-            payload if len(payload) <= MAX_PACKET_BYTES else payload[:MAX_PACKET_BYTES],
-            len(payload),
-        )
+
+# What a ring holds: EvidencePacket's fields as a plain tuple, because keeping is on the packet
+# path: a tuple is built in C, and one of strings, numbers and bytes leaves the garbage collector's
+# tracking once it survives a collection, so thousands of kept packets do not slow every collection.
+_Kept = tuple[float, str, str, int, int, int, bytes, int]
+_PAYLOAD: Final = 6  # the payload in a _Kept
+
+
+def _kept(packet: HepPacket) -> _Kept:
+    payload = packet.payload
+    return (
+        packet.ts_sec + packet.ts_usec / 1e6,
+        packet.src_ip,
+        packet.dst_ip,
+        packet.src_port,
+        packet.dst_port,
+        packet.ip_proto,
+        payload if len(payload) <= MAX_PACKET_BYTES else payload[:MAX_PACKET_BYTES],
+        len(payload),
+    )
 
 
 class Evidence:
@@ -68,7 +76,7 @@ class Evidence:
         self._per_address = per_address
         self._max_addresses = max_addresses
         self._max_bytes = max_bytes
-        self._rings: OrderedDict[str, deque[EvidencePacket]] = OrderedDict()  # least recently touched first
+        self._rings: OrderedDict[str, deque[_Kept]] = OrderedDict()  # least recently touched first
         self.bytes = 0
         self.evicted = 0  # addresses forgotten for room
 
@@ -77,31 +85,32 @@ class Evidence:
 
     def keep(self, packet: HepPacket) -> None:
         """Keep ``packet`` for whichever of its addresses is protected (the caller probed)."""
-        kept = EvidencePacket.of(packet)
+        kept = _kept(packet)
         protected = self.protected
         if packet.src_ip in protected:
             self._add(packet.src_ip, kept)
         if packet.dst_ip in protected and packet.dst_ip != packet.src_ip:
             self._add(packet.dst_ip, kept)
 
-    def _add(self, ip: str, packet: EvidencePacket) -> None:
-        ring = self._rings.get(ip)
+    def _add(self, ip: str, kept: _Kept) -> None:
+        rings = self._rings
+        ring = rings.get(ip)
         if ring is None:
-            if len(self._rings) >= self._max_addresses:
+            if len(rings) >= self._max_addresses:
                 self._evict()
-            ring = self._rings[ip] = deque()
+            ring = rings[ip] = deque()
         else:
-            self._rings.move_to_end(ip)
+            rings.move_to_end(ip)
             if len(ring) >= self._per_address:
-                self.bytes -= len(ring.popleft().payload)
-        ring.append(packet)
-        self.bytes += len(packet.payload)
-        while self.bytes > self._max_bytes and len(self._rings) > 1:
+                self.bytes -= len(ring.popleft()[_PAYLOAD])
+        ring.append(kept)
+        self.bytes += len(kept[_PAYLOAD])
+        while self.bytes > self._max_bytes and len(rings) > 1:
             self._evict()
 
     def _evict(self) -> None:
         _, ring = self._rings.popitem(last=False)
-        self.bytes -= sum(len(p.payload) for p in ring)
+        self.bytes -= sum(len(kept[_PAYLOAD]) for kept in ring)
         self.evicted += 1
 
     def packets(self, ips: Iterable[str], max_bytes: int = MAX_BYTES) -> list[EvidencePacket]:
@@ -109,10 +118,10 @@ class Evidence:
         seen: set[int] = set()
         found: list[EvidencePacket] = []
         for ip in ips:
-            for packet in self._rings.get(ip, ()):
-                if id(packet) not in seen:
-                    seen.add(id(packet))
-                    found.append(packet)
+            for kept in self._rings.get(ip, ()):
+                if id(kept) not in seen:
+                    seen.add(id(kept))
+                    found.append(EvidencePacket(*kept))
         found.sort(key=lambda p: p.time)
         total, start = 0, len(found)
         while start > 0 and total + len(found[start - 1].payload) <= max_bytes:
