@@ -328,7 +328,8 @@ def download_ips(raw: bytes) -> list[str] | None:
 
 def _evidence(app: web.Application) -> Evidence:
     # The collector's context sets it; before that (or without it) there is nothing kept.
-    return app.get(EVIDENCE) or Evidence(frozenset())
+    kept = app.get(EVIDENCE)
+    return kept if kept is not None else Evidence(frozenset())
 
 
 def _pcap_response(body: bytes, filename: str) -> web.Response:
