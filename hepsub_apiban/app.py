@@ -319,7 +319,7 @@ def startup_summary(app: web.Application) -> str:
         lookups = "mode mirror, pulling the whole APIBAN list (lookups fall back to /check until it is in)"
     registration = (
         f"registering with HOMER at {settings.homer.url} as {settings.agent.host}:{settings.agent.port}"
-        f"{settings.agent.path}/{settings.agent.type}"
+        f"{settings.agent.path}/{settings.agent.registered_type}"
         if settings.homer.url
         else "no HOMER registration (homer.url is empty)"
     )

@@ -389,7 +389,7 @@ async def status(request: web.Request) -> web.Response:
             "uuid": app[AGENT_UUID],
             "node": settings.agent.node,
             "type": settings.agent.registered_type,
-            "endpoint": f"http://{settings.agent.host}:{settings.agent.port}{settings.agent.path}/{settings.agent.type}"
+            "endpoint": f"http://{settings.agent.host}:{settings.agent.port}{settings.agent.path}/{settings.agent.registered_type}"
             if settings.agent.host
             else None,
             **(registrar.status.to_json() if registrar else {"state": "disabled"}),
