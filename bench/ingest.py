@@ -62,6 +62,7 @@ from hepsub_apiban.collector import HepCollector
 from hepsub_apiban.config import DetectSettings, HepSettings
 from hepsub_apiban.detection import Detector
 from hepsub_apiban.detections import Detections
+from hepsub_apiban.evidence import Evidence
 from hepsub_apiban.hep import HepPacket, build_hep3
 from hepsub_apiban.lookups import LookupService
 from hepsub_apiban.mirror import Mirror
@@ -303,9 +304,12 @@ def site_traffic(phones: list[str], scanners: list[str], seed: int = 7) -> list[
 # ---------------------------------------------------------------- in process
 
 
-def datagram_path(listed: list[str], detect: bool) -> Callable[[bytes, tuple[str, int]], None]:
+def datagram_path(
+    listed: list[str], detect: bool, evidence: bool = True
+) -> Callable[[bytes, tuple[str, int]], None]:
     """The collector's UDP datagram callback as ``serve`` wires it (mirror verdicts; with
-    ``detect``, the detector and its book, the book flagging sightings)."""
+    ``detect``, the detector and its book, the book flagging sightings; with ``evidence``, the
+    packets of protected addresses kept for the Download button)."""
     mirror = Mirror()
     mirror.add(listed, "1700000000", time.time())
     mirror.last_full_sync = time.time()
@@ -314,7 +318,8 @@ def datagram_path(listed: list[str], detect: bool) -> Callable[[bytes, tuple[str
     if detect:
         book = Detections(DetectSettings(), mirror.new_serial, on_change=sightings.flag)
         detector = Detector(DetectSettings(), book.report)
-    collector = HepCollector(sightings, HepSettings(), time.time, Refusals(), detector)
+    kept = Evidence(sightings.protected_addresses()) if evidence else None
+    collector = HepCollector(sightings, HepSettings(), time.time, Refusals(), detector, kept)
     return collector.udp_protocol().datagram_received
 
 

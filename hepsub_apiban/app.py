@@ -29,6 +29,7 @@ from .config import Settings
 from .decisions import DecisionApi
 from .detection import Detector
 from .detections import Detections
+from .evidence import Evidence
 from .httpserver import handler_args, quiet_bad_requests
 from .keys import (
     AGENT_UUID,
@@ -37,6 +38,7 @@ from .keys import (
     COLLECTOR,
     DETECTIONS,
     DETECTOR,
+    EVIDENCE,
     HTTP_SESSION,
     LOOKUPS,
     METRICS,
@@ -182,8 +184,10 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
             clock=clocks.wall,
         )
         detector = _detection(app, sightings, clocks) if settings.detect.enabled else None
-        collector = HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector)
+        evidence = Evidence(sightings.protected_addresses())
+        collector = HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector, evidence)
         app[SIGHTINGS] = sightings
+        app[EVIDENCE] = evidence
         app[COLLECTOR] = collector
         app[METRICS].sources.sightings = sightings
         app[METRICS].sources.collector = collector
@@ -315,7 +319,7 @@ def startup_summary(app: web.Application) -> str:
         lookups = "mode mirror, pulling the whole APIBAN list (lookups fall back to /check until it is in)"
     registration = (
         f"registering with HOMER at {settings.homer.url} as {settings.agent.host}:{settings.agent.port}"
-        f"{settings.agent.path}/{settings.agent.type}"
+        f"{settings.agent.path}/{settings.agent.registered_type}"
         if settings.homer.url
         else "no HOMER registration (homer.url is empty)"
     )

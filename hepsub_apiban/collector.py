@@ -30,6 +30,7 @@ from pathlib import Path
 from .access import Refusals, SourceFilter
 from .config import Address, ConfigError, HepSettings
 from .detection import Detector
+from .evidence import Evidence
 from .hep import BadPacket, HepPacket, decode
 from .hep_tcp import CHANNEL as TCP_CHANNEL
 from .hep_tcp import NOT_ALLOWED, HepTcpListener, TcpStats
@@ -75,9 +76,11 @@ class HepCollector:
         clock: Callable[[], float] = time.time,
         refusals: Refusals | None = None,
         detector: Detector | None = None,
+        evidence: Evidence | None = None,
     ) -> None:
         self._sightings = sightings
         self._detector = detector
+        self._evidence = evidence
         self._settings = settings
         self._clock = clock
         self.refusals = refusals if refusals is not None else Refusals()
@@ -109,6 +112,13 @@ class HepCollector:
             if sender and not detector.is_local(sender):
                 detector.hep_sender(sender)
             detector.observe(result.src_ip, result.dst_ip, sip, result.ip_proto, self._clock())
+        evidence = self._evidence
+        # Last, so the packet that got its address listed or detected is kept too; two hash probes
+        # are all an ordinary packet pays.
+        if evidence is not None:
+            protected = evidence.protected
+            if result.src_ip in protected or result.dst_ip in protected:
+                evidence.keep(result)
 
     def receive(self, result: HepPacket | BadPacket, transport: str, peer: str) -> bool:
         """``handle`` behind the key check; False (and counted) when the packet was refused."""

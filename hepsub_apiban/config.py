@@ -63,6 +63,18 @@ class AgentSettings:
     idle_timeout: float = 15.0
     body_timeout: float = 10.0
     max_body_bytes: int = 1024 * 1024
+    download: bool = True
+
+    @property
+    def registered_type(self) -> str:
+        """The type sent to HOMER: with ``download`` it matches homer-app's ``LIKE '%download%'``.
+
+        Joined with "-": homer-app URL-escapes the type of a search before its ``LIKE``, so a
+        ";" (as in rtpengine's "pcap;download") becomes "%3B" and the search finds no row.
+        """
+        if not self.download or "download" in self.type:
+            return self.type
+        return f"{self.type}-download"
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +453,11 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("agent.body_timeout", _float_between(1, 600), "seconds a client may take to send a request body"),
     Key("agent.max_body_bytes", _int_between(65536, 64 * 1024 * 1024), "largest HTTP request body, bytes"),
+    Key(
+        "agent.download",
+        _bool,
+        "register as <type>-download so HOMER's Download PCAP button reaches the agent",
+    ),
     Key(
         "enrichment.max_call_ids",
         _int_between(1, 100_000),

@@ -16,6 +16,7 @@ from .collector import HepCollector
 from .config import Settings
 from .detection import Detector
 from .detections import Detections
+from .evidence import Evidence
 from .logs import Redactor
 from .lookups import LookupService
 from .metrics import Metrics
@@ -41,3 +42,4 @@ REFUSALS = web.AppKey("refusals", Refusals)
 DETECTOR = web.AppKey("detector", Detector)
 DETECTIONS = web.AppKey("detections", Detections)
 BLOCKLIST = web.AppKey("blocklist", Blocklist)
+EVIDENCE = web.AppKey("evidence", Evidence)

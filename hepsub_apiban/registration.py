@@ -93,7 +93,7 @@ class Registrar:
             "protocol": "http",
             "path": self._agent.path,
             "node": self._agent.node,
-            "type": self._agent.type,
+            "type": self._agent.registered_type,
             "ttl": self._homer.ttl,
         }
 
@@ -149,7 +149,7 @@ class Registrar:
             "registered with HOMER at %s as node %r type %r (uuid %s), refreshing every %.0f s",
             self._homer.url,
             self._agent.node,
-            self._agent.type,
+            self._agent.registered_type,
             self.uuid,
             0.9 * self._homer.ttl,
         )

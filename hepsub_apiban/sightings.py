@@ -24,7 +24,7 @@ import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import count
@@ -205,6 +205,10 @@ class Sightings:
 
     def protected_count(self) -> int:
         return len(self._protected)
+
+    def protected_addresses(self) -> Mapping[str, Sighting]:
+        """The protected sightings by address: a live view, probed per packet for evidence."""
+        return self._protected
 
     def flag(self, ip: str, flagged: bool = True) -> bool:
         """Mark a remembered address as found hostile by local detection (kept like a listed one).

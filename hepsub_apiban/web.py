@@ -25,6 +25,7 @@ from .decisions import DECISION_PATHS
 from .detection import rule_name
 from .detections import Detection
 from .enrichment import BadEnrichmentRequest, Known, build_answer, parse_request
+from .evidence import Evidence
 from .httpserver import BodyError, read_body
 from .jsonutil import json_response
 from .keys import (
@@ -33,6 +34,7 @@ from .keys import (
     COLLECTOR,
     DETECTIONS,
     DETECTOR,
+    EVIDENCE,
     LOOKUPS,
     METRICS,
     MIRROR_SYNC,
@@ -44,6 +46,7 @@ from .keys import (
 )
 from .logs import safe_text
 from .lookups import Verdict
+from .pcap import pcap_file
 from .sightings import Sighting
 from .site_api import SITE_PATHS
 
@@ -258,6 +261,72 @@ def _invalid(value: object) -> dict[str, Any]:
     return Verdict(shown[:100], None, "invalid", reason="not an IP address").to_json()
 
 
+MAX_DOWNLOAD_IPS = 10  # addresses a download may name; the enrichment answer names at most these
+MAX_DOWNLOAD_BYTES = 2 * 1024 * 1024  # of SIP payload in one pcap; the newest packets are kept
+PCAP_TYPE = "application/vnd.tcpdump.pcap"
+
+
+async def evidence_pcap(request: web.Request) -> web.Response:
+    """``GET /api/v1/evidence/{ip}.pcap``: the SIP packets kept of one address (header only: none)."""
+    text = request.match_info["ip"]
+    address = parse_ip(text)
+    if address is None:
+        return error_response(f"{text[:100]!r} is not an IP address", 400)
+    packets = _evidence(request.app).packets([address.text], MAX_DOWNLOAD_BYTES)
+    filename = f"evidence-{address.text.replace(':', '_')}.pcap"
+    return _pcap_response(pcap_file(packets), filename)
+
+
+async def download(request: web.Request) -> web.Response:
+    """``POST {agent.path}/download``: HOMER's Download PCAP button, through homer-app.
+
+    homer-app posts the UI's ``search["1_call"]`` object, ``{"__hep__": [{"ips": [...]}], ...}``,
+    and saves whatever comes back as a .pcap: so the answer is a pcap whatever the body was
+    (header only when it names nothing kept), never JSON.
+    """
+    try:
+        raw = await read_body(request, request.app[SETTINGS].agent.body_timeout)
+    except BodyError as exc:
+        log.debug("download request not read (%s): answering an empty pcap", exc.message)
+        raw = b""
+    ips = download_ips(raw)
+    if ips is None:
+        log.debug("download request without __hep__[0].ips: answering an empty pcap")
+        ips = []
+    packets = _evidence(request.app).packets(ips, MAX_DOWNLOAD_BYTES)
+    return _pcap_response(pcap_file(packets), "evidence.pcap")
+
+
+def download_ips(raw: bytes) -> list[str] | None:
+    """The canonical addresses ``__hep__[0].ips`` names (the first MAX_DOWNLOAD_IPS that are IPs);
+    None when the body does not have that shape."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    hep = body.get("__hep__") if isinstance(body, dict) else None
+    first = hep[0] if isinstance(hep, list) and hep else None
+    ips = first.get("ips") if isinstance(first, dict) else None
+    if not isinstance(ips, list):
+        return None
+    addresses = (parse_ip(ip) for ip in ips[:MAX_DOWNLOAD_IPS] if isinstance(ip, str))
+    return [address.text for address in addresses if address is not None]
+
+
+def _evidence(app: web.Application) -> Evidence:
+    # The collector's context sets it; before that (or without it) there is nothing kept.
+    kept = app.get(EVIDENCE)
+    return kept if kept is not None else Evidence(frozenset())
+
+
+def _pcap_response(body: bytes, filename: str) -> web.Response:
+    return web.Response(
+        body=body,
+        content_type=PCAP_TYPE,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -306,8 +375,8 @@ async def status(request: web.Request) -> web.Response:
             "homer_url": settings.homer.url or None,
             "uuid": app[AGENT_UUID],
             "node": settings.agent.node,
-            "type": settings.agent.type,
-            "endpoint": f"http://{settings.agent.host}:{settings.agent.port}{settings.agent.path}/{settings.agent.type}"
+            "type": settings.agent.registered_type,
+            "endpoint": f"http://{settings.agent.host}:{settings.agent.port}{settings.agent.path}/{settings.agent.registered_type}"
             if settings.agent.host
             else None,
             **(registrar.status.to_json() if registrar else {"state": "disabled"}),
@@ -414,6 +483,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application, enrichment_path: str) -> None:
+    # Before the enrichment route: aiohttp before 3.10 matched in this order and would give
+    # "download" to {type} (later ones prefer the plain path anyway).
+    app.router.add_post(f"{enrichment_path}/download", download)
     app.router.add_post(f"{enrichment_path}/{{type}}", enrich)
     app.router.add_get("/api/v1/check/{ip}", check_one)
     app.router.add_post("/api/v1/check", check_many)
@@ -423,3 +495,4 @@ def setup_routes(app: web.Application, enrichment_path: str) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/sightings", sightings_list)
     app.router.add_get("/api/v1/detections", detections_list)
+    app.router.add_get("/api/v1/evidence/{ip}.pcap", evidence_pcap)

@@ -319,14 +319,14 @@ async def test_serve_registers_enriches_and_unregisters(
             "127.0.0.1",
             "http",
             "/get",
-            "cdr",
+            "cdr-download",  # agent.download: the Download PCAP button reaches the agent
             "apiban",
         )
         assert [row.uuid for row in homer.fake.active_rows()] == [agent_uuid]
         assert (tmp_path / "state" / "uuid").read_text().strip() == agent_uuid
 
         status, wrapper = await homer.fake.search_agent(
-            agent_uuid, "cdr", sids=[CALL], source_ips=FIXTURE_IPS
+            agent_uuid, "cdr-download", sids=[CALL], source_ips=FIXTURE_IPS
         )
         assert status == 200, wrapper
         assert (wrapper["uuid"], wrapper["node"]) == (agent_uuid, "apiban")

@@ -136,7 +136,7 @@ async def test_no_ip_lists_explains_the_mapping(agent: AgentFactory) -> None:
     assert "source_ip" in answer["x@y"]["hint"]
 
 
-@pytest.mark.parametrize("path", ["/get/download", "/get/unknown", "/get/pcap;download"])
+@pytest.mark.parametrize("path", ["/get/cdr-download", "/get/unknown", "/get/pcap;download"])
 async def test_fixtures_6_and_7_any_type_is_answered(agent: AgentFactory, path: str) -> None:
     client = await agent()
     status, answer, elapsed = await post(client, HOMER_BODY_1, path)

@@ -586,3 +586,72 @@ async def test_search_route_rejects_what_homer_app_rejects(
 
     assert (response.status, (await response.json())["message"]) == (status, message)
     assert agent.seen == []
+
+
+# --------------------------------------------------------------------- the Download PCAP button
+HEP_OBJECT = {"type": "download", "call_id": CALL_ID, "ips": ["203.0.113.7"]}
+BUTTON = {
+    "param": {"search": {"1_call": {"sid": [CALL_ID], "source_ip": SOURCE_IPS, "__hep__": [HEP_OBJECT]}}},
+    "timestamp": {"from": 1669986439123, "to": 1669987039456},
+}
+
+
+async def test_download_posts_the_calls_object_unmapped_to_path_download(
+    peer: Peer, tiny: tuple[TinyAgent, TestServer]
+) -> None:
+    agent, server = tiny
+    agent.answer = lambda: web.Response(body=b"\xd4\xc3\xb2\xa1pcap bytes", content_type="text/plain")
+    await peer.subscribe(port=server.port, type="cdr-download")
+    auth = await peer.login()
+
+    response = await peer.client.post(
+        f"/api/v3/agent/search/{AGENT_UUID}/download", json=BUTTON, headers=auth
+    )
+
+    assert response.status == 200
+    assert response.content_type == "application/octet-stream"
+    disposition = f"attachment; filename=export-{AGENT_UUID}-2023-11-14T22:13:20Z.pcap"
+    assert response.headers["Content-Disposition"] == disposition
+    assert await response.read() == b"\xd4\xc3\xb2\xa1pcap bytes"  # verbatim, whatever its type
+    [(path, sent, headers)] = agent.seen
+    assert path == "/get/download"  # the literal word, not the registered type
+    assert (
+        sent
+        == (  # no mapping, no timestamps: the "1_call" object as Go marshals it
+            b'{"__hep__":[{"call_id":"' + CALL_ID.encode() + b'","ips":["203.0.113.7"],"type":"download"}],'
+            b'"sid":["' + CALL_ID.encode() + b'"],"source_ip":["192.168.1.10","203.0.113.7"]}'
+        )
+    )
+    assert headers["Content-Type"] == "application/json"
+
+
+async def test_download_needs_download_in_the_registered_type(
+    peer: Peer, tiny: tuple[TinyAgent, TestServer]
+) -> None:
+    agent, server = tiny
+    await peer.subscribe(port=server.port, type="cdr")
+    auth = await peer.login()
+
+    response = await peer.client.post(
+        f"/api/v3/agent/search/{AGENT_UUID}/download", json=BUTTON, headers=auth
+    )
+
+    assert (response.status, await response.json()) == (400, {"data": {}, "message": "record not found"})
+    assert agent.seen == []
+
+
+async def test_a_semicolon_in_the_type_hides_the_agent_from_its_own_search(
+    peer: Peer, tiny: tuple[TinyAgent, TestServer]
+) -> None:
+    """homer-app URL-escapes the type before its LIKE: "cdr;download" looks for "cdr%3Bdownload"."""
+    agent, server = tiny
+    await peer.subscribe(port=server.port, type="cdr;download")
+
+    status, body = await peer.fake.search_agent(AGENT_UUID, "cdr;download", sids=[], source_ips=[])
+    dashed = await peer.subscribe(port=server.port, type="cdr-download")
+    found = await peer.fake.search_agent(AGENT_UUID, "cdr-download", sids=[], source_ips=[])
+
+    assert (status, body) == (400, {"data": {}, "message": "record not found"})
+    assert dashed[0] == 201
+    assert found[0] == 200
+    assert [path for path, _, _ in agent.seen] == ["/get/cdr-download"]

@@ -64,7 +64,7 @@ async def test_registers_at_start_and_refreshes_before_the_ttl_ends(
         "protocol": "http",
         "path": "/get",
         "node": "apiban",
-        "type": "cdr",
+        "type": "cdr-download",  # agent.download (the default): HOMER's Download button reaches us
         "ttl": 30,
     }
     assert str(uuid.UUID(body["uuid"])) == body["uuid"]

@@ -11,6 +11,11 @@ gorm v1 on PostgreSQL, validator.v9), including its oddities:
   ``Auth-Token`` opens that group only with ``token_access`` (``enable_token_access``).
 * :meth:`FakeHomer.search_agent` calls the agent the way homer-app's ``DoSearchByPost`` does with the
   default HEPSUB mapping: the exact body bytes, headers, URL, timestamp widening and answer wrapper.
+* The Download PCAP button (``POST /api/v3/agent/search/{uuid}/download``): the row is found by
+  ``type LIKE '%download%'``, no mapping applies, the last child of ``param.search`` is posted as
+  JSON to the agent's ``{path}/download`` and its bytes come back as an ``octet-stream`` attachment.
+  The uuid and type of the path are URL-escaped before the ``LIKE``, as in homer-app, so a
+  registered type with ``;`` is never found by its own search.
 
 Expiry is only a filter, as in homer-app: nothing expires rows in the background. Time comes from the
 injected ``wall_clock`` (row dates) and ``clock`` (``Subscription.at``). The fake never logs: the
@@ -359,6 +364,8 @@ class FakeHomer:
         found = self._find_agent(guid, type_)
         if not isinstance(found, AgentRow):
             return go_json_response(*found)
+        if type_ == "download":
+            return await self._download(found, guid, search)
         try:
             data = pick_source_fields(search, self.source_fields)
         except _Refused as exc:
@@ -367,11 +374,16 @@ class FakeHomer:
             # As with echo's Recover middleware (http_settings.debug); without it Go drops the connection.
             return go_json_response(500, {"message": "Internal Server Error"})
         status, payload = await self._call_agent(found, type_, data, from_ms, to_ms, self.agent_timeout)
-        if type_ == "download" and status == 200:
-            return self._download_response(guid, payload)
         return go_json_response(status, payload)
 
-    def _download_response(self, guid: str, payload: bytes) -> web.Response:
+    async def _download(self, row: AgentRow, guid: str, search: Any) -> web.StreamResponse:
+        """DoSearchByPost for ``download``: no mapping; the last child of param.search, marshalled,
+        is the body posted to ``{path}/download``, and the agent's bytes go back as the file."""
+        url = f"{row.protocol}://{row.host}:{row.port}{row.path}/download"
+        try:
+            payload = await post_like_go(url, row.protocol, download_body(search), self.agent_timeout)
+        except _Refused as exc:
+            return go_json_response(400, bad(str(exc)))
         stamp = datetime.fromtimestamp(self._wall_clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         disposition = f"attachment; filename=export-{guid}-{stamp}.pcap"
         return web.Response(
@@ -396,7 +408,7 @@ class FakeHomer:
 
         Returns (400, record not found) without an unexpired matching row, (400, 'Post "<url>": ...')
         when the agent cannot be reached in time, else (200, homer-app's wrapper of the agent's JSON,
-        ``data`` None when it was not JSON). ``type == "download"`` gets the raw bytes instead.
+        ``data`` None when it was not JSON). The Download button's ``download`` is the HTTP route only.
         """
         guid, type_ = query_escape(uuid), query_escape(type)
         found = self._find_agent(guid, type_)
@@ -420,14 +432,12 @@ class FakeHomer:
     ) -> Answer:
         body = lookup_body(data, from_ms, to_ms)
         # homer-app appends the type of the request URL (escaped), which is the agent's full type when
-        # the UI fans out and "download" for the PCAP button.
+        # the UI fans out.
         url = f"{row.protocol}://{row.host}:{row.port}{row.path}/{type_}"
         try:
             answer = await post_like_go(url, row.protocol, body, limit_s)
         except _Refused as exc:
             return 400, bad(str(exc))
-        if type_ == "download":
-            return 200, answer
         wrapper = {"data": go_decode(answer), "message": "request answer", "node": row.node, "uuid": row.uuid}
         return 200, wrapper
 
@@ -658,6 +668,13 @@ def lookup_body(data: Mapping[str, Any], from_ms: int, to_ms: int) -> bytes:
     body = body.replace("$fromts", str(widen_ms(from_ms, LOOKUP_RANGE[0])))
     body = body.replace("$tots", str(widen_ms(to_ms, LOOKUP_RANGE[1])))
     return body.encode()
+
+
+def download_body(search: Any) -> bytes:
+    """What homer-app posts for ``download``: the last child of param.search as Go marshals it
+    (gabs ``String()``), e.g. the UI's ``{"__hep__": [...], ...}``; nothing when there is none."""
+    children = list(search.values()) if isinstance(search, dict) else []
+    return go_marshal(children[-1]) if children else b""
 
 
 def widen_ms(ms: int, offset_s: int) -> int:
