@@ -64,6 +64,7 @@ SUMMARY_IPS = 10  # IPs named in the summary sentence, then "and N more"
 # IPs each further Call-ID's object names in its listed and checked (the interface gives every
 # Call-ID both lists); the first Call-ID's object has them whole.
 POINTER_IPS = 10
+DOWNLOAD_IPS = 10  # addresses named in a Call-ID's __hep__ for the Download button
 SUMMARY_KEYS = 3  # mapping keys named in the summary sentence
 SUMMARY_KEY_CHARS = 32
 # 9999-12-31T23:59:59.999Z: a "fromts" past it is not a time (and would not fit orjson's int64).
@@ -285,6 +286,7 @@ class Known:
     seen: Mapping[str, Sighting] = field(default_factory=dict)  # what the HEP capture saw
     detected: Mapping[str, Detection] = field(default_factory=dict)  # active local detections
     t_sec: int | None = None  # when the data behind the answer last changed (unix seconds)
+    download: bool = False  # the agent answers HOMER's Download PCAP button (agent.download)
 
 
 NOTHING_KNOWN = Known()
@@ -300,6 +302,7 @@ class _Call(NamedTuple):
     summary: str
     detected: list[str]  # detected here by the agent's own rules (local detection)
     notable: dict[str, str]  # listed or detected address -> its verdict sentence
+    download: dict[str, Any] | None  # the Call-ID object's pcap and __hep__, for the Download button
 
 
 def build_answer(
@@ -333,8 +336,23 @@ def _call(request: EnrichmentRequest, verdicts: Sequence[Verdict], known: Known 
     if t_sec is None and request.from_ms is not None:
         t_sec = request.from_ms // 1000
     summary = _summary(request, checked, listed, unknown, local)
+    download = _download(notable) if known.download else None
     # (see addresses._tuple_new)
-    return _tuple_new(_Call, (t_sec, checked, listed, unknown, summary, local, notable))
+    return _tuple_new(_Call, (t_sec, checked, listed, unknown, summary, local, notable, download))
+
+
+def _download(notable: dict[str, str]) -> dict[str, Any]:
+    """What the tab's header box and Download PCAP button read: ``pcap`` is shown as the "Agent
+    file path"; the UI posts ``__hep__`` back when the button is clicked, and homer-app forwards it
+    to ``{path}/download``, which answers the SIP packets kept of these addresses."""
+    ips = list(notable)[:DOWNLOAD_IPS]
+    if not ips:
+        return {"pcap": "no listed or detected address in this call: Download PCAP gives an empty capture"}
+    more = f" (the first {DOWNLOAD_IPS})" if len(notable) > DOWNLOAD_IPS else ""
+    return {
+        "pcap": f"Download PCAP: the SIP packets kept of {', '.join(ips)}{more}",
+        "__hep__": {"type": "download", "ips": ips},
+    }
 
 
 def _whole_answer(
@@ -400,6 +418,8 @@ def _first_call(request: EnrichmentRequest, call: _Call, left_out: dict[str, str
 
 def _call_core(request: EnrichmentRequest, call: _Call) -> dict[str, Any]:
     body: dict[str, Any] = {"t_sec": call.t_sec, "summary": call.summary}
+    if call.download:
+        body.update(call.download)
     if not call.checked and not request.ignored:
         body["hint"] = MAPPING_HINT
     return body
@@ -417,6 +437,8 @@ def _pointer(request: EnrichmentRequest, call: _Call) -> dict[str, Any]:
         pointer["listed"] = call.listed[:POINTER_IPS]
     if call.checked:
         pointer["checked"] = call.checked[:POINTER_IPS]
+    if call.download:
+        pointer.update(call.download)  # the row a person clicks may be any of the call's legs
     pointer["details"] = f"see {request.call_ids[0]}"
     return pointer
 

@@ -24,7 +24,7 @@ from .config import RULES
 from .decisions import DECISION_PATHS
 from .detection import rule_name
 from .detections import Detection
-from .enrichment import BadEnrichmentRequest, Known, build_answer, parse_request
+from .enrichment import DOWNLOAD_IPS, BadEnrichmentRequest, Known, build_answer, parse_request
 from .evidence import Evidence
 from .httpserver import BodyError, read_body
 from .jsonutil import json_response
@@ -161,7 +161,7 @@ def _known(app: web.Application, ips: list[str]) -> Known:
             detection = book.get(ip, now)
             if detection is not None:
                 detected[ip] = detection
-    return Known(seen, detected, _data_time(app))
+    return Known(seen, detected, _data_time(app), app[SETTINGS].agent.download)
 
 
 def _data_time(app: web.Application) -> int:
@@ -261,7 +261,7 @@ def _invalid(value: object) -> dict[str, Any]:
     return Verdict(shown[:100], None, "invalid", reason="not an IP address").to_json()
 
 
-MAX_DOWNLOAD_IPS = 10  # addresses a download may name; the enrichment answer names at most these
+MAX_DOWNLOAD_IPS = DOWNLOAD_IPS  # addresses a download may name: what the answer's __hep__ names
 MAX_DOWNLOAD_BYTES = 2 * 1024 * 1024  # of SIP payload in one pcap; the newest packets are kept
 PCAP_TYPE = "application/vnd.tcpdump.pcap"
 

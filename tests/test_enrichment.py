@@ -101,8 +101,12 @@ async def test_fixture_2_two_calls_loopback_and_ipv6(agent: AgentFactory, apiban
         "summary": "APIBAN lists 1 of 3 addresses",
         "listed": ["2a01:4f8::5"],
         "checked": ["127.0.0.1", "2a01:4f8::5", "2001:db8::5"],
+        # Any leg's row may be clicked: each has what the Download PCAP button posts back.
+        "pcap": "Download PCAP: the SIP packets kept of 2a01:4f8::5",
+        "__hep__": {"type": "download", "ips": ["2a01:4f8::5"]},
         "details": "see leg-a@example.com",
     }
+    assert (first["pcap"], first["__hep__"]) == (second["pcap"], second["__hep__"])
     assert answer["127.0.0.1"]["source"] == "private"
     assert answer["2a01:4f8::5"]["listed"] is True  # canonical IPv6 spelling
     assert answer["2001:db8::5"]["source"] == "private"

@@ -135,6 +135,7 @@ async def test_a_1_mb_body_of_many_call_ids_and_ips_gets_a_bounded_answer(
             "t_sec": first["t_sec"],
             "summary": "APIBAN lists none of 500 addresses; not every value was examined (see left_out)",
             "checked": ips[:POINTER_IPS],  # the first ten; the first Call-ID has them all
+            "pcap": "no listed or detected address in this call: Download PCAP gives an empty capture",
             "details": f"see {call_ids[0]}",
         }
     assert call_ids[100] not in answer

@@ -287,12 +287,16 @@ async def test_the_download_button_gets_the_listed_addresses_packets_through_hom
         # The tab's search goes to the agent's full type and is answered as before.
         search = await _homer_post(session, homer, f"/agent/search/{uuid}/{row.type}", _ui_search())
         wrapper = await search.json()
-        # The button.
-        download = await _homer_post(session, homer, f"/agent/search/{uuid}/download", DOWNLOAD)
+        # The button: the UI takes the clicked Call-ID's __hep__ from the answer it shows.
+        hep = wrapper["data"][CALL]["__hep__"]
+        download = await _homer_post(
+            session, homer, f"/agent/search/{uuid}/download", _ui_search(__hep__=[hep])
+        )
         pcap = await download.read()
 
     assert (search.status, wrapper["message"]) == (200, "request answer")
-    assert CALL in wrapper["data"]
+    assert hep == {"type": "download", "ips": [LISTED]}  # the call's listed address, not 45.1.1.1
+    assert wrapper["data"][CALL]["pcap"] == f"Download PCAP: the SIP packets kept of {LISTED}"
     assert LISTED.encode() in orjson.dumps(wrapper["data"])
     assert download.status == 200
     assert download.content_type == "application/octet-stream"
