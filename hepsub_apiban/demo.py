@@ -76,7 +76,9 @@ async def _demo(keep_running: bool, out: TextIO) -> int:
                 if not await _registered(registry, app[AGENT_UUID]):
                     _say(out, "the agent did not register with the registry within 5 s")
                     return 1
-                _say(out, "registered with HOMER:  node 'apiban', type 'cdr', path '/get'")
+                agent = settings.agent
+                registered = f"node '{agent.node}', type '{agent.registered_type}', path '{agent.path}'"
+                _say(out, f"registered with HOMER:  {registered}")
                 if not await _until(lambda: app[LOOKUPS].ready):
                     _say(out, "the agent did not load the APIBAN list within 5 s")
                     return 1
@@ -87,7 +89,7 @@ async def _demo(keep_running: bool, out: TextIO) -> int:
                 )
                 if not await _replay_capture(app, out):
                     return 1
-                await _enrich(registry, app[AGENT_UUID], out)
+                await _enrich(registry, app[AGENT_UUID], settings.agent.registered_type, out)
                 if keep_running:
                     _say(out, f"\nkeeping the agent up at {agent_url}; Ctrl-C stops it")
                     await _forever()
@@ -211,10 +213,11 @@ def _detection_line(detection: Detection) -> str:
 TAB_HEADING = "what the HEPSUB:apiban tab shows (homer-app sorts the keys, every level expanded):"
 
 
-async def _enrich(registry: FakeHomer, agent_uuid: str, out: TextIO) -> None:
+async def _enrich(registry: FakeHomer, agent_uuid: str, agent_type: str, out: TextIO) -> None:
     _say(out, f"a HOMER user opens call {CALL_ID}; homer-app posts its source IPs to the agent:")
     _say(out, "  " + ", ".join(CALL_IPS))
-    status, wrapper = await registry.search_agent(agent_uuid, "cdr", sids=[CALL_ID], source_ips=CALL_IPS)
+    # The UI asks homer-app for the agent's full registered type (homer-app matches it with LIKE).
+    status, wrapper = await registry.search_agent(agent_uuid, agent_type, sids=[CALL_ID], source_ips=CALL_IPS)
     answer = wrapper.get("data") if isinstance(wrapper, dict) else None
     if status != 200 or not isinstance(answer, dict):
         _say(out, f"homer-app got no usable answer ({status}): {wrapper}")
