@@ -117,6 +117,7 @@ def detection_details(detection: Detection) -> dict[str, Any]:
     body["since"] = utc_text(detection.since)
     body["until"] = utc_text(detection.until)
     del body["ip"]
+    body.pop("ID", None)  # the site API's serial: for blocklist clients, not for the person here
     if not body["repeats"]:
         del body["repeats"]
     return body
