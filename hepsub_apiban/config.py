@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -203,6 +203,44 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    url: str = field(default="", repr=False)  # a password may be in it: shown only as ``shown``
+
+    @property
+    def shown(self) -> str:
+        return redact_store_url(self.url)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The URL and every password in it (in the user part or a ``password=`` parameter)."""
+        if not self.url:
+            return ()
+        parts = urlsplit(self.url)
+        passwords = [value for name, value in parse_qsl(parts.query) if name.endswith("password")]
+        return tuple(value for value in (self.url, parts.password, *passwords) if value)
+
+
+def redact_store_url(url: str) -> str:
+    """``postgresql://user:***@host:port/db``: what a log, an error or a status page may show.
+
+    The query is left out whole: besides ``password=`` it may name files of keys and certificates.
+    """
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    user = parts.username or ""
+    if parts.password is not None:
+        user += ":***"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{user + '@' if user else ''}{host}{port}{parts.path}"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     agent: AgentSettings = AgentSettings()
     enrichment: EnrichmentSettings = EnrichmentSettings()
@@ -215,10 +253,18 @@ class Settings:
     log: LogSettings = LogSettings()
     sightings: SightingsSettings = SightingsSettings()
     detect: DetectSettings = DetectSettings()
+    store: StoreSettings = StoreSettings()
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, an error or a status page."""
-        values = (self.apiban.key, self.homer.token, self.homer.password, self.hep.auth_key, *self.site.keys)
+        values = (
+            self.apiban.key,
+            self.homer.token,
+            self.homer.password,
+            self.hep.auth_key,
+            *self.site.keys,
+            *self.store.secrets(),
+        )
         return tuple(v for v in values if v)
 
 
@@ -293,6 +339,21 @@ def _http_url(raw: object) -> str:
         parts.port  # noqa: B018  (raises ValueError for a bad port)
     except ValueError:
         raise ValueError(f"has a bad port: {value!r}") from None
+    return value
+
+
+def _store_url(raw: object) -> str:
+    # The value is a secret: no message here may quote it.
+    value = _str(raw)
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in {"postgresql", "postgres"} or not parts.hostname:
+        raise ValueError("must be a postgresql://USER:PASSWORD@HOST:PORT/DATABASE URL, or empty")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ValueError("has a bad port") from None
     return value
 
 
@@ -532,6 +593,13 @@ KEYS: tuple[Key, ...] = (
     Key("detect.max_tracked", _int_between(100, 10_000_000), "remote addresses whose counters are kept"),
     Key("detect.max_new_served", _int_between(1, 100_000), "new served detections per minute (breaker)"),
     *_rule_keys(),
+    Key(
+        "store.url",
+        _store_url,
+        "PostgreSQL shared by several agents: postgresql://USER:PASSWORD@HOST:PORT/DATABASE; "
+        "empty: none, all in memory and state.dir",
+        secret=True,
+    ),
     Key("log.level", _log_level, "debug, info, warning or error"),
     Key("log.format", _choice("text", "json"), "text, or json: one JSON object per line"),
 )
@@ -619,6 +687,7 @@ def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
         log=LogSettings(**sections.get("log", {})),
         sightings=SightingsSettings(**sections.get("sightings", {})),
         detect=_detect_settings(sections.get("detect", {})),
+        store=StoreSettings(**sections.get("store", {})),
     )
     _check_consistency(settings)
     return settings

@@ -16,6 +16,7 @@ DEFAULT_NOTES = {
     "agent.uuid": "(generated once, kept in state.dir)",
     "homer.url": "(none: no registration)",
     "state.dir": "(container: `/var/lib/hepsub-apiban`)",
+    "store.url": "(none: no database)",
 }
 # Legacy names handled outside LEGACY_ENV (two variables make one URL).
 EXTRA_LEGACY = {"homer.url": "`HOMER_IP` + `HOMER_PORT`"}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -21,10 +23,12 @@ from hepsub_apiban.config import Settings, load_settings
 from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.fakes.homer import FakeHomer
 
+from . import postgres
+
 APIBAN_KEY = "apiban-SECRET-key-7f3a9c01"
 HOMER_TOKEN = "homer-SECRET-token-b41d5e77"
 HOMER_USER, HOMER_PASSWORD = "admin", "homer-SECRET-password-2c9e"
-SECRETS = (APIBAN_KEY, HOMER_TOKEN, HOMER_PASSWORD)
+SECRETS = (APIBAN_KEY, HOMER_TOKEN, HOMER_PASSWORD, postgres.PASSWORD)
 
 # homer.md §8: the exact body homer-app posts with the default mapping.
 HOMER_BODY_1 = (
@@ -177,3 +181,26 @@ async def drive_agent_sync(clock: ManualClock, done: Callable[[], bool], max_ste
             return
         clock.wake()
     raise AssertionError("the agent's sync did not get there")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[postgres.Cluster]:
+    """One throwaway PostgreSQL cluster for the whole run (tests/postgres.py), started on first use."""
+    if postgres.bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)")
+    cluster = postgres.start_cluster()
+    yield cluster
+    postgres.remove_cluster(cluster)
+
+
+@pytest.fixture
+async def store_url(postgres_cluster: postgres.Cluster) -> AsyncIterator[str]:
+    """The URL of a fresh, empty database of its own for this test, dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_cluster.url())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield postgres_cluster.url(name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
