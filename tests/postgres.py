@@ -43,7 +43,7 @@ def bin_dir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -138,7 +138,7 @@ def start_cluster() -> Cluster:
     user = UNPRIVILEGED if os.geteuid() == 0 else None
     # Not pytest's tmp_path: its parents are mode 0700 and root's, so `nobody` could not enter them.
     root = Path(tempfile.mkdtemp(prefix="hepsub-pg-"))
-    cluster = Cluster(directory, root, _free_port(), user)
+    cluster = Cluster(directory, root, free_port(), user)
     cluster._chown(root)
     try:
         cluster.start()

@@ -6,15 +6,19 @@ Against a real PostgreSQL: a throwaway cluster (tests/postgres.py), a fresh data
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from hepsub_apiban.config import ConfigError, Settings, load_settings
+from hepsub_apiban.config import ConfigError, Settings, StoreSettings, load_settings
 from hepsub_apiban.logs import Redactor
+from hepsub_apiban.store import LATEST, MIGRATIONS, Store, StoreError
 
 from .conftest import assert_no_secret
-from .postgres import PASSWORD
+from .postgres import PASSWORD, Cluster, free_port
 
 URL = f"postgresql://hepsub:{PASSWORD}@db.example:5433/hepsub"
 
@@ -65,12 +69,142 @@ def test_a_bad_store_url_names_the_setting_without_the_password(url: str, tmp_pa
     assert_no_secret(str(error.value))
 
 
-async def test_the_cluster_runs(store_url: str) -> None:
-    import asyncpg
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    opened = await Store.connect(StoreSettings(store_url))
+    yield opened
+    await opened.close()
 
+
+async def tables(store_url: str) -> set[str]:
     connection = await asyncpg.connect(store_url)
     try:
-        assert await connection.fetchval("SELECT 1") == 1
+        rows = await connection.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'hepsub'"
+        )
+        return {row["table_name"] for row in rows}
     finally:
         await connection.close()
-    await asyncio.sleep(0)
+
+
+async def test_migrate_creates_the_schema_from_empty_and_again_does_nothing(
+    store: Store, store_url: str
+) -> None:
+    assert await tables(store_url) == set()
+    assert await store.migrate() == LATEST
+    assert await store.schema_version() == LATEST
+    assert await tables(store_url) == {"schema_version", "apiban_sources", "apiban_entries", "leases"}
+    connection = await asyncpg.connect(store_url)
+    try:
+        applied = await connection.fetch("SELECT version, applied_at FROM hepsub.schema_version")
+        assert await store.migrate() == LATEST
+        assert await connection.fetch("SELECT version, applied_at FROM hepsub.schema_version") == applied
+    finally:
+        await connection.close()
+
+
+async def test_two_agents_migrating_at_once_make_one_schema(store_url: str) -> None:
+    first = await Store.connect(StoreSettings(store_url))
+    second = await Store.connect(StoreSettings(store_url))
+    try:
+        versions = await asyncio.gather(first.migrate(), second.migrate())
+        assert versions == [LATEST, LATEST]
+        connection = await asyncpg.connect(store_url)
+        try:
+            rows = await connection.fetch("SELECT version FROM hepsub.schema_version ORDER BY version")
+        finally:
+            await connection.close()
+        assert [row["version"] for row in rows] == [step.version for step in MIGRATIONS]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_schema_newer_than_the_agent_is_left_alone(store: Store, store_url: str) -> None:
+    await store.migrate()
+    connection = await asyncpg.connect(store_url)
+    try:
+        await connection.execute(
+            "INSERT INTO hepsub.schema_version (version, description) VALUES ($1, 'from the future')",
+            LATEST + 1,
+        )
+    finally:
+        await connection.close()
+    with pytest.raises(StoreError, match="newer than this agent"):
+        await store.migrate()
+    assert await store.schema_version() == LATEST + 1
+
+
+async def test_one_of_two_holders_gets_the_lease(store: Store) -> None:
+    await store.migrate()
+    results = await asyncio.gather(*(store.try_acquire("puller", holder, 30) for holder in ("a", "b")))
+    winners = [lease for lease in results if lease is not None]
+    assert len(winners) == 1
+    loser = "b" if winners[0].holder == "a" else "a"
+    assert await store.try_acquire("puller", loser, 30) is None
+    assert await store.renew("puller", loser, 30) is None
+    assert not await store.release("puller", loser)
+    # The holder asking again keeps it, epoch unchanged.
+    again = await store.try_acquire("puller", winners[0].holder, 30)
+    assert again is not None
+    assert again.epoch == winners[0].epoch
+
+
+async def test_an_expired_lease_passes_to_the_next_holder_with_a_new_epoch(store: Store) -> None:
+    await store.migrate()
+    first = await store.try_acquire("puller", "a", 1.0)
+    assert first is not None
+    assert await store.try_acquire("puller", "b", 30) is None
+    await asyncio.sleep(1.2)  # the database's clock decides; it cannot be injected
+    second = await store.try_acquire("puller", "b", 30)
+    assert second is not None
+    assert second.epoch == first.epoch + 1
+    assert await store.renew("puller", "a", 30) is None  # "a" lost it
+
+
+async def test_renew_keeps_the_lease_and_release_frees_it(store: Store) -> None:
+    await store.migrate()
+    first = await store.try_acquire("puller", "a", 1.0)
+    assert first is not None
+    renewed = await store.renew("puller", "a", 30)
+    assert renewed is not None
+    assert renewed.expires_at > first.expires_at
+    assert renewed.epoch == first.epoch
+    await asyncio.sleep(1.2)  # past the first ttl: only the renewal keeps "b" out
+    assert await store.try_acquire("puller", "b", 30) is None
+    assert await store.release("puller", "a")
+    assert not await store.release("puller", "a")
+    taken = await store.try_acquire("puller", "b", 30)
+    assert taken is not None
+    assert taken.epoch == first.epoch + 1
+
+
+async def test_leases_are_per_name(store: Store) -> None:
+    await store.migrate()
+    assert await store.try_acquire("puller:one", "a", 30) is not None
+    assert await store.try_acquire("puller:two", "b", 30) is not None
+
+
+async def test_a_wrong_password_is_a_clear_error_without_the_password(postgres_cluster: Cluster) -> None:
+    wrong = f"{PASSWORD}-wrong"
+    settings = StoreSettings(postgres_cluster.url(password=wrong))
+    with pytest.raises(StoreError) as error:
+        await Store.connect(settings)
+    message = str(error.value)
+    assert "password authentication failed" in message
+    assert f"postgresql://postgres:***@127.0.0.1:{postgres_cluster.port}/postgres" in message
+    assert wrong not in message
+    assert_no_secret(message)
+    assert error.value.__cause__ is None
+    assert error.value.__suppress_context__
+
+
+async def test_a_refused_connection_is_a_clear_error_without_the_password() -> None:
+    port = free_port()  # nothing listens there
+    settings = StoreSettings(f"postgresql://hepsub:{PASSWORD}@127.0.0.1:{port}/hepsub")
+    with pytest.raises(StoreError) as error:
+        await Store.connect(settings)
+    message = str(error.value)
+    assert f"cannot connect to the store postgresql://hepsub:***@127.0.0.1:{port}/hepsub" in message
+    assert_no_secret(message)
+    logging.getLogger("test").error("store: %s", message)  # what the agent will log: the guard checks it

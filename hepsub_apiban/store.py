@@ -1,0 +1,224 @@
+"""The shared store (``store.url``): PostgreSQL, HOMER's own database engine, for several agents.
+
+The agent creates and migrates its own schema (``hepsub``): versioned steps, each applied once
+and recorded in ``hepsub.schema_version``, all in one transaction under a transaction-scoped
+advisory lock, so two agents starting at once cannot both apply a step, and a step that fails
+leaves the schema as it was. Running ``migrate`` again does nothing.
+
+A lease (``try_acquire``/``renew``/``release``) elects one agent for a job (the APIBAN puller of a
+key). Each is one SQL statement judged by the database's clock, never the agents': agents'
+clocks disagree, the database's is one. The lease's ``epoch`` grows each time it changes hands,
+so a write can be fenced against a holder that lost it without knowing (paused, partitioned).
+
+The URL's password never reaches a log line or an error: errors show the URL redacted
+(``postgresql://user:***@host:port/db``) and the driver's words with every secret masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from .config import StoreSettings
+from .logs import Redactor
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "hepsub"
+# pg_advisory_xact_lock key of the migration: "hepsub" and 1, a constant every agent version shares.
+MIGRATION_LOCK = 0x6865_7073_7562_0001
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection, the password exchange included
+COMMAND_TIMEOUT = 30.0  # seconds a statement may take; a migration step included
+POOL_SIZE = 4  # the store carries batches about once a second, not a query per packet
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+# Times an agent computes (APIBAN's feed, the mirror's sync) are its own wall clock in Unix
+# seconds, as in the state.dir snapshot (mirror.py); times that must agree across agents
+# (leases, when a row changed) are the database's own (timestamptz, now()).
+V1_LIST_AND_LEASES = f"""
+CREATE TABLE {SCHEMA}.apiban_sources (
+    -- Which list: mirror.snapshot_source(url, key), a digest; the key itself is never stored.
+    source text PRIMARY KEY,
+    cursor text NOT NULL DEFAULT '100',     -- the APIBAN ID to ask for next
+    full_pull_started bigint,               -- the sweep mark of the full pull under way; NULL: none
+    last_full_sync double precision,        -- when the last full pull reached the end
+    last_sync double precision,             -- when APIBAN last said there is nothing newer
+    last_full_entries integer,              -- entries the last accepted full pull reported
+    shrink_confirmations integer NOT NULL DEFAULT 0,  -- smaller full pulls in a row (mirror.py)
+    next_serial bigint NOT NULL DEFAULT 0,  -- the local serial the next new entry gets
+    -- Grows with every change of this source's entries: followers poll it (or LISTEN) and read
+    -- the entries whose change is above what they hold.
+    version bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE {SCHEMA}.apiban_entries (
+    source text NOT NULL REFERENCES {SCHEMA}.apiban_sources (source) ON DELETE CASCADE,
+    ip inet NOT NULL,
+    apiban_id text,                         -- APIBAN's ID of the page that listed it
+    last_reported bigint,                   -- Unix seconds
+    serial bigint NOT NULL,                 -- its ID in the site API and the decision stream
+    change bigint NOT NULL,                 -- apiban_sources.version when it last changed
+    removed_at double precision,            -- swept or expired, kept a while for the decision stream
+    PRIMARY KEY (source, ip)
+);
+CREATE INDEX apiban_entries_change ON {SCHEMA}.apiban_entries (source, change);
+CREATE INDEX apiban_entries_serial ON {SCHEMA}.apiban_entries (source, serial);
+
+CREATE TABLE {SCHEMA}.leases (
+    name text PRIMARY KEY,                  -- the job, e.g. "apiban-puller:<source>"
+    holder text NOT NULL,                   -- the agent that holds (or last held) it
+    epoch bigint NOT NULL,                  -- grows when the lease changes hands: a fencing token
+    acquired_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "APIBAN list, sync position per source, leases", V1_LIST_AND_LEASES),
+)
+LATEST = MIGRATIONS[-1].version
+
+BOOTSTRAP = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (
+    version integer PRIMARY KEY,
+    description text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+# Taken when free, expired, or already ours (then extended); one statement, so two agents asking
+# at once get one winner: the loser's ON CONFLICT waits for the winner's row and sees it held.
+ACQUIRE = f"""
+INSERT INTO {SCHEMA}.leases AS lease (name, holder, epoch, acquired_at, expires_at)
+VALUES ($1, $2, 1, now(), now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE SET
+    holder = excluded.holder,
+    epoch = lease.epoch + CASE WHEN lease.holder = excluded.holder THEN 0 ELSE 1 END,
+    acquired_at = CASE WHEN lease.holder = excluded.holder THEN lease.acquired_at ELSE now() END,
+    expires_at = excluded.expires_at
+WHERE lease.expires_at <= now() OR lease.holder = excluded.holder
+RETURNING epoch, expires_at
+"""
+# Only a lease still held: once expired, another agent may have acted in between.
+RENEW = f"""
+UPDATE {SCHEMA}.leases SET expires_at = now() + make_interval(secs => $3)
+WHERE name = $1 AND holder = $2 AND expires_at > now()
+RETURNING epoch, expires_at
+"""
+# Expired at once rather than deleted: the epoch must keep growing for the next holder.
+RELEASE = f"""
+UPDATE {SCHEMA}.leases SET expires_at = now()
+WHERE name = $1 AND holder = $2 AND expires_at > now()
+RETURNING epoch
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be reached or used; the message is safe to log (no password in it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    name: str
+    holder: str
+    epoch: int
+    expires_at: datetime  # the database's clock
+
+
+class Store:
+    """A small pool of connections to the store's database."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: StoreSettings) -> None:
+        self._pool = pool
+        self.shown = settings.shown
+
+    @classmethod
+    async def connect(cls, settings: StoreSettings, *, pool_size: int = POOL_SIZE) -> Store:
+        """Open the pool (one connection at once, so a wrong URL or password fails here)."""
+        try:
+            pool = await asyncpg.create_pool(
+                dsn=settings.url,
+                min_size=1,
+                max_size=pool_size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings={"application_name": "hepsub-apiban"},
+            )
+        except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # `from None`: the driver's exception may carry the URL; only its redacted words go on.
+            raise StoreError(
+                f"cannot connect to the store {settings.shown}: {_reason(exc, settings)}"
+            ) from None
+        return cls(pool, settings)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def migrate(self) -> int:
+        """Bring the schema to ``LATEST``; the version it is at afterwards."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await connection.execute(BOOTSTRAP)
+            current: int = await connection.fetchval(
+                f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_version"
+            )
+            if current > LATEST:
+                raise StoreError(
+                    f"the store {self.shown} has schema version {current}, newer than this agent's "
+                    f"{LATEST}: upgrade this agent"
+                )
+            for step in MIGRATIONS:
+                if step.version > current:
+                    log.info("store: migrating the schema to version %d (%s)", step.version, step.description)
+                    await connection.execute(step.sql)
+                    await connection.execute(
+                        f"INSERT INTO {SCHEMA}.schema_version (version, description) VALUES ($1, $2)",
+                        step.version,
+                        step.description,
+                    )
+                    current = step.version
+        return current
+
+    async def schema_version(self) -> int:
+        version: int | None = await self._pool.fetchval(f"SELECT max(version) FROM {SCHEMA}.schema_version")
+        return version or 0
+
+    async def try_acquire(self, name: str, holder: str, ttl: float) -> Lease | None:
+        """The lease for ``ttl`` seconds if it is free, expired or already ``holder``'s; else None."""
+        row = await self._pool.fetchrow(ACQUIRE, name, holder, _positive(ttl))
+        return None if row is None else Lease(name, holder, row["epoch"], row["expires_at"])
+
+    async def renew(self, name: str, holder: str, ttl: float) -> Lease | None:
+        """Extend a lease ``holder`` still holds to ``ttl`` seconds from now; None if it lapsed."""
+        row = await self._pool.fetchrow(RENEW, name, holder, _positive(ttl))
+        return None if row is None else Lease(name, holder, row["epoch"], row["expires_at"])
+
+    async def release(self, name: str, holder: str) -> bool:
+        """Free a lease ``holder`` holds, for another agent to take at once; False if it did not."""
+        return await self._pool.fetchval(RELEASE, name, holder) is not None
+
+
+def _positive(ttl: float) -> float:
+    if not ttl > 0:
+        raise ValueError(f"a lease's ttl must be a positive number of seconds, got {ttl!r}")
+    return float(ttl)
+
+
+def _reason(exc: BaseException, settings: StoreSettings) -> str:
+    words = str(exc) or type(exc).__name__
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        words = f"no answer within {CONNECT_TIMEOUT:g} s"
+    return Redactor(settings.secrets())(words)
