@@ -50,6 +50,7 @@ from .keys import (
     SIGHTINGS,
     SITE_API,
     STARTED_AT,
+    STORE_LINK,
 )
 from .logs import Redactor
 from .lookups import CachePolicy, LookupService
@@ -57,6 +58,7 @@ from .metrics import Metrics
 from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
+from .shared_mirror import StoreLink
 from .sightings import Sightings
 from .site_access import SiteAccess
 from .site_api import SiteApi
@@ -101,6 +103,8 @@ def create_app(
     app[AGENT_UUID] = settings.agent.uuid or load_or_create_uuid(settings.state.dir)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_lookups(clocks))
+    if settings.store.url:
+        app.cleanup_ctx.append(_store_link(clocks))
     app.cleanup_ctx.append(_collector(clocks))
     app.cleanup_ctx.append(_registration(clocks))
     setup_routes(app, settings.agent.path.rstrip("/"))
@@ -160,7 +164,9 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
         app[METRICS].sources.client = client
         app[METRICS].sources.lookups = lookups
         app[METRICS].sources.sync = sync
-        task = asyncio.create_task(sync.run(), name="apiban-mirror-sync") if sync else None
+        # With a store, the sync runs only while this agent holds the key's puller lease.
+        pulls_alone = sync is not None and not settings.store.url
+        task = asyncio.create_task(sync.run(), name="apiban-mirror-sync") if sync and pulls_alone else None
         if BLOCKLIST in app and sync is not None:
             app[BLOCKLIST].mirror = sync.mirror
         yield
@@ -263,6 +269,29 @@ def _save_detections(app: web.Application) -> None:
         book.save(app[SETTINGS].state.dir / DETECTIONS_FILE, app[DETECTOR].authenticated())
     except OSError as exc:
         log.warning("Detections not saved to %s: %s", app[SETTINGS].state.dir, exc.strerror)
+
+
+def _store_link(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The store, reached in the background: a database that is down never holds up the start."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        sync = app.get(MIRROR_SYNC)
+        link = StoreLink(
+            settings.store,
+            app[AGENT_UUID],
+            sync=sync,
+            budget=app[APIBAN].budget,
+            source=snapshot_source(settings.apiban.url, settings.apiban.key),
+            wall_clock=clocks.wall,
+        )
+        app[STORE_LINK] = link
+        app[METRICS].sources.store = link
+        link.start()
+        yield
+        await link.close()
+
+    return context
 
 
 def _mirror_sync(app: web.Application, client: ApibanClient, clocks: Clocks) -> MirrorSync:

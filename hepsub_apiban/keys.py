@@ -22,6 +22,7 @@ from .lookups import LookupService
 from .metrics import Metrics
 from .mirror import MirrorSync
 from .registration import Registrar
+from .shared_mirror import StoreLink
 from .sightings import Sightings
 from .site_api import SiteApi
 
@@ -43,3 +44,4 @@ DETECTOR = web.AppKey("detector", Detector)
 DETECTIONS = web.AppKey("detections", Detections)
 BLOCKLIST = web.AppKey("blocklist", Blocklist)
 EVIDENCE = web.AppKey("evidence", Evidence)
+STORE_LINK = web.AppKey("store_link", StoreLink)

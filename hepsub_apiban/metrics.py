@@ -25,6 +25,7 @@ from .detections import Detections
 from .lookups import LookupService
 from .mirror import MirrorSync
 from .registration import Registrar
+from .shared_mirror import StoreLink
 from .sightings import Sightings
 
 PREFIX = "hepsub_apiban"
@@ -73,6 +74,7 @@ class Sources:
     refusals: Refusals | None = None
     detections: Detections | None = None
     detector: Detector | None = None
+    store: StoreLink | None = None
     enrichment: EnrichmentStats = field(default_factory=EnrichmentStats)
 
 
@@ -98,6 +100,7 @@ class _AgentCollector(Collector):
         yield from self._enrichment()
         yield from self._hep()
         yield from self._refusals()
+        yield from self._store()
         yield from self._detections()
 
     def _detections(self) -> Iterator[Metric]:
@@ -261,6 +264,21 @@ class _AgentCollector(Collector):
             yield CounterMetricFamily(
                 f"{PREFIX}_registration_attempts", "HOMER subscribe attempts", registrar.status.attempts
             )
+
+    def _store(self) -> Iterator[Metric]:
+        link = self._sources.store
+        if link is None:
+            return
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_connected",
+            "1 while the store (store.url) is reachable",
+            float(link.status.connected),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_apiban_puller",
+            "1 while this agent pulls the APIBAN list for all agents of its key",
+            float(link.status.role == "puller"),
+        )
 
     def _mirror(self) -> Iterator[Metric]:
         sync = self._sources.sync

@@ -28,7 +28,7 @@ import math
 import time
 from bisect import bisect_right
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,9 @@ class Mirror:
         # (when, entry, serial) of entries dropped by the sweep or by expiry, newest last: what
         # CrowdSec bouncers are told to delete. Not saved: a restart forgets every bouncer too.
         self.removed: deque[tuple[float, Verdict, int]] = deque(maxlen=MAX_TOMBSTONES)
+        # Addresses added or removed since the store last took them (shared_mirror.py); None:
+        # not tracked (no store, or this agent does not pull).
+        self.changed: set[str] | None = None
 
     @property
     def loaded(self) -> bool:
@@ -141,6 +144,8 @@ class Mirror:
                 self.entries[ip] = Verdict(ip, True, "mirror", entry_id, reported)
                 if renumber_known or ip not in self.serials:
                     self.serials[ip] = self.new_serial(now)
+                if self.changed is not None:
+                    self.changed.add(ip)
                 count += 1
         self._order = None
         return count
@@ -162,9 +167,15 @@ class Mirror:
     def _remove(self, ips: list[str], now: float) -> int:
         for ip in ips:
             self.removed.append((now, self.entries.pop(ip), self.serials.pop(ip)))
+        if self.changed is not None:
+            self.changed.update(ips)
         if ips:
             self._order = None
         return len(ips)
+
+    def touched(self) -> None:
+        """The entries were changed from outside (a follower applying the store's changes)."""
+        self._order = None
 
     def after(self, after: int) -> Iterator[tuple[int, str]]:
         """(serial, address) of the entries numbered after ``after``, in serial order. The order is
@@ -389,6 +400,8 @@ class MirrorSync:
         self._rejections = 0  # consecutive rejected full pulls, for the backoff
         # Leave one request of each window to per-IP checks while the list is being pulled.
         self._reserve = 1 if client.budget.limit.requests >= 3 else 0
+        # With a store, where each saved step goes too (shared_mirror.StoreLink, while it pulls).
+        self.publish: Callable[[Mirror], Awaitable[None]] | None = None
 
     def progress(self, next_in: float) -> str:
         """One line on a full pull under way, for the log and the status page."""
@@ -563,6 +576,8 @@ class MirrorSync:
         return min(self._poll, 5.0 * 2.0 ** (self.status.consecutive_failures - 1))
 
     async def save(self) -> None:
+        if self.publish is not None:
+            await self.publish(self.mirror)
         now = self._wall_clock()
         data = self.mirror.to_snapshot(self._source, now)
         try:

@@ -164,6 +164,11 @@ class Store:
             ) from None
         return cls(pool, settings)
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """For the modules that keep their own tables here (shared_mirror.py)."""
+        return self._pool
+
     async def close(self) -> None:
         await self._pool.close()
 

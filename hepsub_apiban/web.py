@@ -43,6 +43,7 @@ from .keys import (
     SETTINGS,
     SIGHTINGS,
     STARTED_AT,
+    STORE_LINK,
 )
 from .logs import safe_text
 from .lookups import Verdict
@@ -362,6 +363,7 @@ async def status(request: web.Request) -> web.Response:
             "last_error": None if error is None else {"at": error.at, "message": error.message},
         },
         "mirror": _mirror_status(request.app),
+        "store": _store_status(app),
         "hep": _hep_status(request.app),
         "refusals": app[REFUSALS].to_json(),
         "detection": _detection_status(app),
@@ -443,6 +445,11 @@ def _hep_status(app: web.Application) -> dict[str, Any]:
 
 def _address(address: tuple[str, int] | None) -> str | None:
     return None if address is None else f"{address[0]}:{address[1]}"
+
+
+def _store_status(app: web.Application) -> dict[str, Any] | None:
+    link = app.get(STORE_LINK)
+    return None if link is None else link.to_json()
 
 
 def _mirror_status(app: web.Application) -> dict[str, Any] | None:

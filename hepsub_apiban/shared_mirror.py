@@ -1,0 +1,355 @@
+"""Several agents, one APIBAN list: one puller per key, the others follow it through the store.
+
+With ``store.url`` the agent keeps a link to the store in the background (``StoreLink.run``):
+it connects and migrates with a capped backoff, so a database that is down never stops the
+agent, which meanwhile serves what it holds (memory, the state dir's snapshot).
+
+In mirror mode the agents of one key elect a puller with a lease (``apiban-puller:<source>``,
+``LEASE_TTL`` seconds by the database's clock, renewed every ``RENEW_EVERY``). Only the holder
+runs ``MirrorSync`` and so only it sends APIBAN requests: the key's budget is the puller's.
+After every step that changed the mirror it writes the changed entries and the sync position
+in one transaction fenced by the lease's epoch, bumping ``apiban_sources.version``; the rows
+carry that version in ``change``. A renew that fails, or a write the fence refuses, stops the
+pull at once. The others poll the version every ``FOLLOW_EVERY`` seconds and apply the rows
+whose ``change`` is above what they hold to their in-memory ``Mirror`` (lookups stay a dict
+probe; site API IDs are the stored serials). When the lease lapses (the puller died), a follower
+takes it and goes on from the stored cursor; it first waits out one rate-limit window, since the
+requests the dead puller sent in the current window are unknown to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from .config import StoreSettings
+from .logs import Redactor
+from .lookups import Verdict
+from .mirror import Mirror, MirrorSync
+from .ratelimit import Budget
+from .store import SCHEMA, Lease, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL = 30.0  # seconds a puller may go silent before another agent takes over
+RENEW_EVERY = 10.0  # three renewals per ttl: one slow round-trip does not cost the lease
+FOLLOW_EVERY = 2.0  # seconds between a follower's polls of the list's version (one cheap row)
+RECONNECT_FIRST = 1.0
+RECONNECT_MAX = 60.0
+STORE_FAILURES = (StoreError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+SOURCE_ROW = f"""
+SELECT cursor, full_pull_started, last_full_sync, last_sync, last_full_entries, next_serial, version
+FROM {SCHEMA}.apiban_sources WHERE source = $1
+"""
+CHANGED_ROWS = f"""
+SELECT host(ip) AS ip, apiban_id, last_reported, serial, removed_at
+FROM {SCHEMA}.apiban_entries WHERE source = $1 AND change > $2 ORDER BY change
+"""
+# The write's fence: the lease row is locked for the transaction, so a takeover waits for it.
+FENCE = f"""
+SELECT 1 FROM {SCHEMA}.leases
+WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_at > now() FOR UPDATE
+"""
+WRITE_SOURCE = f"""
+UPDATE {SCHEMA}.apiban_sources SET version = version + 1, cursor = $2, full_pull_started = $3,
+    last_full_sync = $4, last_sync = $5, last_full_entries = $6, next_serial = $7, updated_at = now()
+WHERE source = $1 RETURNING version
+"""
+UPSERT_ENTRIES = f"""
+INSERT INTO {SCHEMA}.apiban_entries (source, ip, apiban_id, last_reported, serial, change, removed_at)
+SELECT $1, e.ip::inet, e.apiban_id, e.last_reported, e.serial, $6, NULL
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS e(ip, apiban_id, last_reported, serial)
+ON CONFLICT (source, ip) DO UPDATE SET apiban_id = excluded.apiban_id,
+    last_reported = excluded.last_reported, serial = excluded.serial, change = excluded.change,
+    removed_at = NULL
+"""
+REMOVE_ENTRIES = f"""
+UPDATE {SCHEMA}.apiban_entries SET change = $3, removed_at = $4
+WHERE source = $1 AND ip = ANY($2::text[]::inet[]) AND removed_at IS NULL
+"""
+
+
+class LeaseLost(Exception):
+    """The puller's lease is no longer its own: another agent may be pulling."""
+
+
+class MirrorStore:
+    """One APIBAN source's list in the store: read whole or by changes, written by the puller."""
+
+    def __init__(self, store: Store, source: str) -> None:
+        self._store = store
+        self.source = source
+
+    async def ensure_source(self) -> None:
+        await self._store.pool.execute(
+            f"INSERT INTO {SCHEMA}.apiban_sources (source) VALUES ($1) ON CONFLICT DO NOTHING", self.source
+        )
+
+    async def version(self) -> int:
+        value: int | None = await self._store.pool.fetchval(
+            f"SELECT version FROM {SCHEMA}.apiban_sources WHERE source = $1", self.source
+        )
+        return value or 0
+
+    async def apply_changes(self, mirror: Mirror, held: int) -> int:
+        """Bring ``mirror`` from version ``held`` to the store's; the version it is at now.
+
+        One repeatable-read snapshot, so the position and the rows read agree."""
+        async with (
+            self._store.pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            position = await connection.fetchrow(SOURCE_ROW, self.source)
+            if position is None or position["version"] <= held:
+                return held
+            rows = await connection.fetch(CHANGED_ROWS, self.source, held)
+        _apply_rows(mirror, rows)
+        mirror.cursor = position["cursor"]
+        mirror.full_pull_started = position["full_pull_started"]
+        mirror.last_full_sync = position["last_full_sync"]
+        mirror.last_sync = position["last_sync"]
+        mirror.last_full_entries = position["last_full_entries"]
+        mirror.next_serial = max(mirror.next_serial, position["next_serial"])
+        version: int = position["version"]
+        return version
+
+    async def save(self, mirror: Mirror, changed: set[str], lease: Lease, now: float) -> int:
+        """Write the changed entries and the sync position, if ``lease`` is still held; the new version."""
+        present = [mirror.entries[ip] for ip in changed if ip in mirror.entries]
+        gone = [ip for ip in changed if ip not in mirror.entries]
+        async with self._store.pool.acquire() as connection, connection.transaction():
+            if await connection.fetchval(FENCE, lease.name, lease.holder, lease.epoch) is None:
+                raise LeaseLost(lease.name)
+            version: int = await connection.fetchval(
+                WRITE_SOURCE,
+                self.source,
+                mirror.cursor,
+                mirror.full_pull_started,
+                mirror.last_full_sync,
+                mirror.last_sync,
+                mirror.last_full_entries,
+                mirror.next_serial,
+            )
+            if present:
+                await connection.execute(
+                    UPSERT_ENTRIES,
+                    self.source,
+                    [v.ip for v in present],
+                    [v.id for v in present],
+                    [v.last_reported for v in present],
+                    [mirror.serials[v.ip] for v in present],
+                    version,
+                )
+            if gone:
+                await connection.execute(REMOVE_ENTRIES, self.source, gone, version, now)
+        return version
+
+
+def _apply_rows(mirror: Mirror, rows: list[Any]) -> None:
+    for row in rows:
+        ip = row["ip"]
+        if row["removed_at"] is None:
+            mirror.entries[ip] = Verdict(ip, True, "mirror", row["apiban_id"], row["last_reported"])
+            mirror.serials[ip] = row["serial"]
+        elif ip in mirror.entries:
+            mirror.removed.append((row["removed_at"], mirror.entries.pop(ip), mirror.serials.pop(ip)))
+    mirror.touched()
+
+
+@dataclass(slots=True)
+class StoreStatus:
+    connected: bool = False
+    schema_version: int | None = None
+    last_error: dict[str, Any] | None = None
+    role: str | None = None  # puller, follower; None outside mirror mode or while unconnected
+
+
+class StoreLink:
+    """The agent's link to the store: (re)connects with backoff and, in mirror mode, pulls or follows."""
+
+    def __init__(
+        self,
+        settings: StoreSettings,
+        holder: str,
+        *,
+        sync: MirrorSync | None = None,
+        budget: Budget | None = None,
+        source: str = "",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._redact = Redactor(settings.secrets())
+        # A new holder per process: a restarted agent does not inherit its old lease's budget.
+        self.holder = f"{holder}:{secrets.token_hex(4)}"
+        self._sync = sync
+        self._budget = budget
+        self._source = source
+        self._wall_clock = wall_clock
+        self.status = StoreStatus()
+        self.store: Store | None = None
+        self._lease: Lease | None = None
+        self._held = 0  # the store version the mirror holds
+        # The mirror may hold what the store does not (a snapshot, pages pulled but not written).
+        self._diverged = True
+        self._lost = asyncio.Event()
+        self._pull_task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def lease_name(self) -> str:
+        return f"apiban-puller:{self._source}"
+
+    async def run(self) -> None:
+        delay = RECONNECT_FIRST
+        while True:
+            try:
+                if self.store is None:
+                    self.store = await Store.connect(self._settings)
+                self.status.schema_version = await self.store.migrate()
+                self.status.connected = True
+                self.status.last_error = None
+                delay = RECONNECT_FIRST
+                await self._mirror_role()
+            except STORE_FAILURES as exc:
+                self._failed(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2.0, RECONNECT_MAX)
+
+    def _failed(self, exc: BaseException) -> None:
+        words = self._redact(str(exc) or type(exc).__name__)
+        if self.status.connected or self.status.last_error is None:
+            log.warning("store %s: %s; serving from memory, retrying", self._settings.shown, words)
+        self.status.connected = False
+        self.status.role = None
+        self.status.last_error = {"at": self._now(), "message": words}
+
+    def _now(self) -> float:
+        return self._wall_clock()
+
+    async def _mirror_role(self) -> None:
+        """Pull while holding the lease, follow otherwise; returns only by an exception."""
+        assert self.store is not None
+        if self._sync is None:
+            self.status.role = None
+            while True:  # nothing shared outside mirror mode yet: only tell whether the store answers
+                self.status.schema_version = await self.store.schema_version()
+                await asyncio.sleep(FOLLOW_EVERY)
+        shared = MirrorStore(self.store, self._source)
+        await shared.ensure_source()
+        await self._reload(shared)
+        while True:
+            lease = await self.store.try_acquire(self.lease_name, self.holder, LEASE_TTL)
+            if lease is not None:
+                await self._pull(shared, lease)
+                await self._reload(shared)
+                continue
+            self.status.role = "follower"
+            if await shared.version() > self._held:
+                self._held = await shared.apply_changes(self._sync.mirror, self._held)
+                await self._sync.save()  # the state dir's snapshot: what a restart without the store serves
+            await asyncio.sleep(FOLLOW_EVERY)
+
+    async def _reload(self, shared: MirrorStore) -> None:
+        """After a start or a pull that ended, the store's list replaces what is held (a snapshot
+        of the state dir, pages pulled but never written); unless the store has none yet."""
+        assert self._sync is not None
+        if not self._diverged:
+            return
+        fresh = Mirror()
+        held = await shared.apply_changes(fresh, 0)
+        if held > 0:
+            self._sync.mirror.adopt(fresh)
+            self._held = held
+        self._diverged = False
+
+    async def _pull(self, shared: MirrorStore, lease: Lease) -> None:
+        assert self._sync is not None
+        assert self.store is not None
+        mirror = self._sync.mirror
+        self._held = await shared.apply_changes(mirror, self._held)
+        # A list held locally (the state dir) that the store has never seen is published whole.
+        mirror.changed = set(mirror.entries) if self._held == 0 else set()
+        if lease.epoch > 1 and self._budget is not None:
+            # The previous holder's requests in this window are unknown: wait the window out.
+            self._budget.block_for(self._budget.limit.window)
+        self._lease = lease
+        self._lost.clear()
+        self.status.role = "puller"
+        log.info("store: pulling the APIBAN list for all agents of this key (lease epoch %d)", lease.epoch)
+        self._sync.publish = lambda m: self._publish(shared, m)
+        task = asyncio.create_task(self._sync.run(), name="apiban-mirror-sync")
+        self._pull_task = task
+        try:
+            if mirror.changed:
+                await self._publish(shared, mirror)
+            while not self._lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RENEW_EVERY):
+                        await self._lost.wait()
+                if self._lost.is_set() or await self.store.renew(lease.name, self.holder, LEASE_TTL) is None:
+                    break
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self._pull_task = None
+            self._diverged = True
+            self._sync.publish = None
+            mirror.changed = None
+            self._lease = None
+            self.status.role = None
+        log.warning("store: this agent no longer pulls the APIBAN list (lease lost)")
+
+    async def _publish(self, shared: MirrorStore, mirror: Mirror) -> None:
+        lease = self._lease
+        if lease is None or mirror.changed is None:
+            return
+        changed, mirror.changed = mirror.changed, set()
+        try:
+            self._held = await shared.save(mirror, changed, lease, self._now())
+        except LeaseLost:
+            self._stop_pulling()
+        except STORE_FAILURES as exc:
+            mirror.changed |= changed  # written with the next step, if the lease holds
+            self.status.last_error = {"at": self._now(), "message": self._redact(str(exc))}
+            self._stop_pulling()
+
+    def _stop_pulling(self) -> None:
+        # Cancelled before its next await: no APIBAN request goes out after the lease is gone.
+        self._lost.set()
+        if self._pull_task is not None:
+            self._pull_task.cancel()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name="store-link")
+
+    async def close(self) -> None:
+        """Free the lease for another agent at once and close the pool (a clean shutdown)."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if self.store is None:
+            return
+        with contextlib.suppress(*STORE_FAILURES):
+            if self._sync is not None:
+                await self.store.release(self.lease_name, self.holder)
+        await self.store.close()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self._settings.shown,
+            "connected": self.status.connected,
+            "schema_version": self.status.schema_version,
+            "last_error": self.status.last_error,
+            "role": self.status.role,
+        }
