@@ -59,3 +59,8 @@ class Budget:
     def block_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (after a 429 the upstream window is full, whatever we counted)."""
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
+
+    def shut_for(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` from now, replacing any earlier block, even a longer one:
+        another agent holds the key's budget (shared_mirror.py) until this one is told otherwise."""
+        self._blocked_until = self._clock() + seconds

@@ -14,7 +14,9 @@ pull at once. The others poll the version every ``FOLLOW_EVERY`` seconds and app
 whose ``change`` is above what they hold to their in-memory ``Mirror`` (lookups stay a dict
 probe; site API IDs are the stored serials). When the lease lapses (the puller died), a follower
 takes it and goes on from the stored cursor; it first waits out one rate-limit window, since the
-requests the dead puller sent in the current window are unknown to it.
+requests the dead puller sent in the current window are unknown to it. A follower sends no
+APIBAN request at all (its budget is shut while it follows, and for a window after it stops
+following), so the agents of one key together stay within ``apiban.rate_limit``.
 """
 
 from __future__ import annotations
@@ -43,8 +45,17 @@ LEASE_TTL = 30.0  # seconds a puller may go silent before another agent takes ov
 RENEW_EVERY = 10.0  # three renewals per ttl: one slow round-trip does not cost the lease
 FOLLOW_EVERY = 2.0  # seconds between a follower's polls of the list's version (one cheap row)
 RECONNECT_FIRST = 1.0
+FOLLOWER_SHUT = 365 * 86400.0  # a follower's own budget: shut until it pulls or loses the store
 RECONNECT_MAX = 60.0
-STORE_FAILURES = (StoreError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+CLOSE_TIMEOUT = 5.0
+STORE_FAILURES = (
+    StoreError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection left mid-statement by a cancelled task
+)
 
 SOURCE_ROW = f"""
 SELECT cursor, full_pull_started, last_full_sync, last_sync, last_full_entries, next_serial, version
@@ -221,6 +232,10 @@ class StoreLink:
                 await self._mirror_role()
             except STORE_FAILURES as exc:
                 self._failed(exc)
+            except Exception as exc:
+                # A bug here must not silently end the link (and with it the pull for every agent).
+                log.exception("store link failed; starting it again in %.0f s", delay)
+                self._failed(exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2.0, RECONNECT_MAX)
 
@@ -228,6 +243,9 @@ class StoreLink:
         words = self._redact(str(exc) or type(exc).__name__)
         if self.status.connected or self.status.last_error is None:
             log.warning("store %s: %s; serving from memory, retrying", self._settings.shown, words)
+        if self.status.role == "follower" and self._budget is not None:
+            # On its own now: its checks may go out once the puller's requests have aged out.
+            self._budget.shut_for(self._budget.limit.window)
         self.status.connected = False
         self.status.role = None
         self.status.last_error = {"at": self._now(), "message": words}
@@ -252,6 +270,10 @@ class StoreLink:
                 await self._pull(shared, lease)
                 await self._reload(shared)
                 continue
+            if self.status.role != "follower" and self._budget is not None:
+                # The key's budget is the puller's: a follower sends no /check of its own while the
+                # list loads (such lookups answer "unavailable").
+                self._budget.shut_for(FOLLOWER_SHUT)
             self.status.role = "follower"
             if await shared.version() > self._held:
                 self._held = await shared.apply_changes(self._sync.mirror, self._held)
@@ -278,9 +300,9 @@ class StoreLink:
         self._held = await shared.apply_changes(mirror, self._held)
         # A list held locally (the state dir) that the store has never seen is published whole.
         mirror.changed = set(mirror.entries) if self._held == 0 else set()
-        if lease.epoch > 1 and self._budget is not None:
+        if self._budget is not None:
             # The previous holder's requests in this window are unknown: wait the window out.
-            self._budget.block_for(self._budget.limit.window)
+            self._budget.shut_for(self._budget.limit.window if lease.epoch > 1 else 0.0)
         self._lease = lease
         self._lost.clear()
         self.status.role = "puller"
@@ -343,7 +365,11 @@ class StoreLink:
         with contextlib.suppress(*STORE_FAILURES):
             if self._sync is not None:
                 await self.store.release(self.lease_name, self.holder)
-        await self.store.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.store.close()
+        except STORE_FAILURES:
+            self.store.pool.terminate()  # a connection still busy (cancelled mid-statement)
 
     def to_json(self) -> dict[str, Any]:
         return {

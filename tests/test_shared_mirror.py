@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -122,6 +123,10 @@ async def test_two_agents_on_one_key_pull_the_list_once_and_both_answer_from_mem
 ) -> None:
     rig = await pair(20_000)
     puller, follower = await rig.roles()
+    await rig.drive(lambda: len(rig.mirror(puller).entries) >= 5_000)
+    # Mid-pull, a follower's lookup of an address it cannot answer yet costs the key nothing.
+    early = await (await follower.get("/api/v1/check/8.8.8.8")).json()
+    assert early["source"] == "unavailable"
     await rig.drive(lambda: rig.mirror(puller).loaded)
     await until(lambda: rig.mirror(follower).loaded)
     # One agent needs 80 pages of 250 and one "no new bans": so do two.
@@ -254,3 +259,33 @@ async def test_a_follower_applies_additions_and_removals_and_keeps_tombstones(st
     assert follower.serials == puller.serials
     assert {verdict.ip for _, verdict, _ in follower.removed} == {"45.0.0.1", "45.0.0.2", "2a01:4f8::5"}
     assert [serial for _, serial in follower.after(0)] == [serial for _, serial in puller.after(0)]
+
+
+async def test_the_puller_keeps_its_lease_when_the_store_drops_its_connections(
+    agent: AgentFactory, apiban: ApibanPeer, store_url: str, quick_lease: float
+) -> None:
+    apiban.fake.add_many(ips(10))
+    client = await agent(HEPSUB_APIBAN_MODE="mirror", HEPSUB_STORE_URL=store_url)
+    link = client.app[STORE_LINK]
+    await until(lambda: link.status.role == "puller" and client.app[MIRROR_SYNC].mirror.loaded)
+    mine = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1"
+    admin = await asyncpg.connect(store_url)
+    try:
+        dropped = {row["pid"] for row in await admin.fetch(mine, "hepsub-apiban")}
+        await admin.fetch(f"SELECT pg_terminate_backend(pid) FROM ({mine}) AS agent", "hepsub-apiban")
+        expires = await admin.fetchval("SELECT expires_at FROM hepsub.leases")
+        renewed = False
+        async with asyncio.timeout(BOUND):
+            while not renewed:  # a renewal after the connections were cut: the pool opened new ones
+                await asyncio.sleep(0.05)
+                renewed = await admin.fetchval("SELECT expires_at FROM hepsub.leases") > expires
+        now = {row["pid"] for row in await admin.fetch(mine, "hepsub-apiban")}
+    finally:
+        await admin.close()
+    assert dropped
+    assert now
+    assert not now & dropped
+    assert link.status.connected
+    assert link.status.role == "puller"
+    listed = await (await client.get(f"/api/v1/check/{ips(10)[3]}")).json()
+    assert listed["source"] == "mirror"
