@@ -307,12 +307,12 @@ class StoreLink:
         self._lost.clear()
         self.status.role = "puller"
         log.info("store: pulling the APIBAN list for all agents of this key (lease epoch %d)", lease.epoch)
+        if mirror.changed:
+            await self._publish(shared, mirror)  # before any page: the store's rows come first
         self._sync.publish = lambda m: self._publish(shared, m)
         task = asyncio.create_task(self._sync.run(), name="apiban-mirror-sync")
         self._pull_task = task
         try:
-            if mirror.changed:
-                await self._publish(shared, mirror)
             while not self._lost.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(RENEW_EVERY):
