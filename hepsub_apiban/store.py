@@ -85,8 +85,32 @@ CREATE TABLE {SCHEMA}.leases (
 );
 """
 
+# Sightings shared by agents (shared_sightings.py). Each writer (one agent process, a random ID
+# per start) upserts its own cumulative totals per address and per *life* of the address in its
+# memory (``first_seen``: an address forgotten and seen again starts a new life, a new row), so a
+# batch sent twice sets the same totals and nothing is counted twice; readers add rows up.
+V2_SHARED_SIGHTINGS = f"""
+CREATE TABLE {SCHEMA}.sightings (
+    ip inet NOT NULL,
+    writer uuid NOT NULL,                   -- one agent process; a restart writes new rows
+    first_seen double precision NOT NULL,   -- Unix seconds; also names the life of the row
+    agent text NOT NULL,                    -- the agent's HEPSUB UUID, for people reading the table
+    last_seen double precision NOT NULL,
+    packets bigint NOT NULL,
+    methods jsonb NOT NULL,                 -- {{"INVITE": 3, "401": 2}}: sightings.py's buckets
+    user_agents jsonb NOT NULL,             -- samples, as bounded as in memory
+    users jsonb NOT NULL,
+    call_ids jsonb NOT NULL,
+    -- The database's clock, for pruning: HEP timestamps are the sender's word, forgeable.
+    written_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (ip, writer, first_seen)    -- leads with ip: the enrichment lookup's index
+);
+CREATE INDEX sightings_written_at ON {SCHEMA}.sightings (written_at);  -- pruning by age
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "APIBAN list, sync position per source, leases", V1_LIST_AND_LEASES),
+    Migration(2, "sightings shared by agents", V2_SHARED_SIGHTINGS),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -144,6 +168,11 @@ class Store:
     def __init__(self, pool: asyncpg.Pool, settings: StoreSettings) -> None:
         self._pool = pool
         self.shown = settings.shown
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """For the modules that keep their own statements (shared_sightings.py)."""
+        return self._pool
 
     @classmethod
     async def connect(cls, settings: StoreSettings, *, pool_size: int = POOL_SIZE) -> Store:
