@@ -19,10 +19,10 @@ import pytest
 from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.config import StoreSettings
 from hepsub_apiban.hep import build_hep3
-from hepsub_apiban.keys import SHARED_SIGHTINGS, SIGHTINGS
+from hepsub_apiban.keys import SETTINGS, SHARED_SIGHTINGS, SIGHTINGS
 from hepsub_apiban.lookups import LookupService
 from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.shared_sightings import BACKOFF_MAX, SharedSightings
+from hepsub_apiban.shared_sightings import BACKOFF_MAX, READ_PAUSE, SharedSightings
 from hepsub_apiban.sightings import Sightings
 from hepsub_apiban.sip import SipInfo
 from hepsub_apiban.store import Store
@@ -50,7 +50,8 @@ class Gate:
         self.target = target
         self.port = free_port()
         self._server: asyncio.Server | None = None
-        self._streams: set[asyncio.StreamWriter] = set()
+        self._relays: set[asyncio.Task[Any]] = set()
+        self.holding = False  # connections taken but never answered: a hung server
 
     def url(self, store_url: str) -> str:
         return store_url.replace(f":{self.target}/", f":{self.port}/")
@@ -59,28 +60,42 @@ class Gate:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
 
     async def shut(self) -> None:
+        """A dead server: the port refuses, every connection breaks without a goodbye."""
         assert self._server is not None
         self._server.close()
-        for stream in list(self._streams):
-            stream.transport.abort()  # a dead server: no goodbye, the connection just breaks
+        await self._cut()
         await self._server.wait_closed()
         self._server = None
 
+    async def hold(self) -> None:
+        """From now on the store hangs: every connection cut, new ones accepted and left unanswered."""
+        self.holding = True
+        await self._cut()
+
+    async def _cut(self) -> None:
+        for relay in self._relays:
+            relay.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        upstream: asyncio.StreamWriter | None = None
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._streams |= {writer, upstream_writer}
-        try:
-            await asyncio.gather(
-                _pipe(reader, upstream_writer), _pipe(upstream_reader, writer), return_exceptions=True
-            )
+            if self.holding:
+                while await reader.read(65536):
+                    pass
+                return
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target)
+            await asyncio.gather(_pipe(reader, upstream), _pipe(upstream_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
         finally:
-            for stream in (writer, upstream_writer):
-                self._streams.discard(stream)
-                stream.transport.abort()
+            self._relays.discard(task)
+            for stream in (writer, upstream):
+                if stream is not None:
+                    stream.transport.abort()
 
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -252,12 +267,39 @@ async def test_a_packet_received_by_agent_a_shows_in_agent_b_enrichment_within_3
     assert b.app[SIGHTINGS].get(SCANNER).packets == 1  # type: ignore[union-attr]
 
 
+async def test_enrichment_answers_from_memory_within_the_deadline_while_the_store_hangs(
+    agent: AgentFactory, gate: Gate, stores: Callable[..., Any], store_url: str
+) -> None:
+    b = await hep_agent(agent, HEPSUB_STORE_URL=store_url)
+    sharing = b.app[SHARED_SIGHTINGS]
+    sharing.attach(await stores(gate.url(store_url)))
+    udp_send(b, build_hep3(sip_packet(SCANNER, method="INVITE", call_id="b1")))
+    await until(lambda: decoded(b, "udp") == 1, "B's packet")
+    await gate.hold()
+    body = {"data": {"sid": ["b1"], "source_ip": [SCANNER]}, "fromts": 1_700_000_000_000}
+    deadline = b.app[SETTINGS].agent.deadline
+    for _ in range(3):
+        began = time.monotonic()
+        response = await b.post("/get/cdr", json=body)
+        answer = await response.json()
+        assert response.status == 200
+        assert time.monotonic() - began < deadline
+        assert answer[SCANNER]["seen"]["packets"] == 1
+        assert answer[SCANNER]["seen"]["methods"] == {"INVITE": 1}
+    # One read waited for its timeout; the next ones did not ask the hung store again.
+    assert (sharing.stats.reads, sharing.stats.read_failures, sharing.stats.reads_skipped) == (1, 1, 2)
+    gate.holding = False  # the writer's flush under way gets its answer; the app closes quickly
+
+
 async def test_the_store_down_and_back_loses_and_double_counts_nothing(
     gate: Gate, stores: Callable[..., Any], store_url: str
 ) -> None:
     a_memory, b_memory = memory(), memory()
     a = SharedSightings(await stores(gate.url(store_url)), a_memory, "agent-a")
-    b = SharedSightings(await stores(gate.url(store_url)), b_memory, "agent-b", read_timeout=0.2)
+    clock = ManualClock()
+    b = SharedSightings(
+        await stores(gate.url(store_url)), b_memory, "agent-b", read_timeout=0.2, monotonic=clock
+    )
     for n in range(5):
         a_memory.record(SCANNER, SBC, REGISTER, 1_700_000_000.0 + n)
     b_memory.record(SCANNER, SBC, INVITE, 1_700_000_000.0)
@@ -292,6 +334,14 @@ async def test_the_store_down_and_back_loses_and_double_counts_nothing(
     assert total(await stored(store_url, SBC)) == 13
     assert await a.flush()  # nothing new: nothing written, nothing added
     assert total(await stored(store_url, SCANNER)) == 12
+    assert (await b.seen([SCANNER]))[SCANNER].packets == 1  # within READ_PAUSE: memory only
+    clock.advance(READ_PAUSE)
+    for _ in range(3):  # B's pool too may hand out a connection broken by the outage once
+        seen = await b.seen([SCANNER])
+        if seen[SCANNER].packets > 1:
+            break
+        clock.advance(READ_PAUSE)
+    assert seen[SCANNER].packets == 13
 
 
 async def test_the_writer_backs_off_while_the_store_fails(
