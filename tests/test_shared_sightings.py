@@ -370,3 +370,18 @@ async def test_the_writer_backs_off_while_the_store_fails(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_agent_stopping_writes_its_last_sightings(
+    agent: AgentFactory, stores: Callable[..., Any], store_url: str
+) -> None:
+    a = await hep_agent(agent, HEPSUB_STORE_URL=store_url)
+    sharing = a.app[SHARED_SIGHTINGS]
+    udp_send(a, build_hep3(sip_packet(SCANNER, call_id="last")))
+    await until(lambda: decoded(a, "udp") == 1, "the packet")
+    store = await stores()
+    assert total(await stored(store_url, SCANNER)) == 0  # no store yet: nothing was written
+    sharing.attach(store)  # and the agent stops at once, before its next flush
+    await a.close()
+    assert total(await stored(store_url, SCANNER)) == 1
+    assert sharing.stats.flushes == 1
