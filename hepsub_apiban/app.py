@@ -47,6 +47,7 @@ from .keys import (
     REFUSALS,
     REGISTRAR,
     SETTINGS,
+    SHARED_SIGHTINGS,
     SIGHTINGS,
     SITE_API,
     STARTED_AT,
@@ -59,6 +60,7 @@ from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
 from .shared_mirror import StoreLink
+from .shared_sightings import SharedSightings
 from .sightings import Sightings
 from .site_access import SiteAccess
 from .site_api import SiteApi
@@ -106,6 +108,8 @@ def create_app(
     if settings.store.url:
         app.cleanup_ctx.append(_store_link(clocks))
     app.cleanup_ctx.append(_collector(clocks))
+    if settings.store.url:
+        app.cleanup_ctx.append(_sightings_sharing)
     app.cleanup_ctx.append(_registration(clocks))
     setup_routes(app, settings.agent.path.rstrip("/"))
     if settings.site.keys:
@@ -208,6 +212,26 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
         await sightings.close()
 
     return context
+
+
+LAST_FLUSH_TIMEOUT = 2.0  # seconds the shutdown waits to write the last sightings to the store
+
+
+async def _sightings_sharing(app: web.Application) -> AsyncIterator[None]:
+    """With store.url: sightings written to the store about once a second and read back by
+    enrichment. The store is attached (``attach``) by whoever connects it; until then, memory."""
+    sharing = SharedSightings(None, app[SIGHTINGS], app[AGENT_UUID])
+    app[SHARED_SIGHTINGS] = sharing
+    if STORE_LINK in app:
+        app[STORE_LINK].when_connected(sharing.attach)
+    # Real time, as the detection upkeep: the injected sleep belongs to the sync loop tests drive.
+    task = asyncio.create_task(sharing.run(), name="sightings-sharing")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(sharing.flush(), LAST_FLUSH_TIMEOUT)
 
 
 DETECTIONS_FILE = "detections.json"

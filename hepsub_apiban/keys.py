@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .mirror import MirrorSync
 from .registration import Registrar
 from .shared_mirror import StoreLink
+from .shared_sightings import SharedSightings
 from .sightings import Sightings
 from .site_api import SiteApi
 
@@ -37,6 +38,7 @@ STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
 MIRROR_SYNC = web.AppKey("mirror_sync", MirrorSync)
 SIGHTINGS = web.AppKey("sightings", Sightings)
+SHARED_SIGHTINGS = web.AppKey("shared_sightings", SharedSightings)
 COLLECTOR = web.AppKey("collector", HepCollector)
 SITE_API = web.AppKey("site_api", SiteApi)
 REFUSALS = web.AppKey("refusals", Refusals)

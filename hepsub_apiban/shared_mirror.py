@@ -214,6 +214,13 @@ class StoreLink:
         self._lost = asyncio.Event()
         self._pull_task: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self._on_connected: list[Callable[[Store], None]] = []
+
+    def when_connected(self, callback: Callable[[Store], None]) -> None:
+        """Call ``callback`` with the store once it is connected and migrated (at once if it is)."""
+        self._on_connected.append(callback)
+        if self.store is not None and self.status.connected:
+            callback(self.store)
 
     @property
     def lease_name(self) -> str:
@@ -228,6 +235,8 @@ class StoreLink:
                 self.status.schema_version = await self.store.migrate()
                 self.status.connected = True
                 self.status.last_error = None
+                for callback in self._on_connected:
+                    callback(self.store)
                 delay = RECONNECT_FIRST
                 await self._mirror_role()
             except STORE_FAILURES as exc:

@@ -177,6 +177,11 @@ class Sightings:
         self.listed_packets = 0
         # Whether local detection holds an address now; set by the application when detection runs.
         self.detected: Callable[[str], bool] | None = None
+        # Addresses touched since the shared store last took them (shared_sightings.py sets it):
+        # only remembered ones, so never more than ``capacity``. One forgotten before it was
+        # written is counted in ``evicted_unwritten`` (its last counts never reach the store).
+        self.touched: set[str] | None = None
+        self.evicted_unwritten = 0
 
     def __len__(self) -> int:
         return len(self._ordinary) + len(self._protected)
@@ -258,6 +263,8 @@ class Sightings:
                 if sighting is None:
                     return None
         sighting.order = next(self._sequence)
+        if self.touched is not None:
+            self.touched.add(sighting.ip)
         if seen_at > sighting.last_seen:
             sighting.last_seen = seen_at
         sighting.packets += 1
@@ -287,13 +294,16 @@ class Sightings:
 
     def _evict(self) -> None:
         if self._ordinary:
-            self._ordinary.popitem(last=False)
+            key, _ = self._ordinary.popitem(last=False)
         else:
-            _, sighting = self._protected.popitem(last=False)
+            key, sighting = self._protected.popitem(last=False)
             self.evicted_protected += 1
             if sighting.listed:
                 self._listed -= 1
         self.evicted += 1
+        if self.touched is not None and key in self.touched:
+            self.touched.discard(key)
+            self.evicted_unwritten += 1
 
     def _judge(self, sighting: Sighting) -> None:
         before = sighting.verdict

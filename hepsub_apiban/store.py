@@ -85,8 +85,32 @@ CREATE TABLE {SCHEMA}.leases (
 );
 """
 
+# Sightings shared by agents (shared_sightings.py). Each writer (one agent process, a random ID
+# per start) upserts its own cumulative totals per address and per *life* of the address in its
+# memory (``first_seen``: an address forgotten and seen again starts a new life, a new row), so a
+# batch sent twice sets the same totals and nothing is counted twice; readers add rows up.
+V2_SHARED_SIGHTINGS = f"""
+CREATE TABLE {SCHEMA}.sightings (
+    ip inet NOT NULL,
+    writer uuid NOT NULL,                   -- one agent process; a restart writes new rows
+    first_seen double precision NOT NULL,   -- Unix seconds; also names the life of the row
+    agent text NOT NULL,                    -- the agent's HEPSUB UUID, for people reading the table
+    last_seen double precision NOT NULL,
+    packets bigint NOT NULL,
+    methods jsonb NOT NULL,                 -- {{"INVITE": 3, "401": 2}}: sightings.py's buckets
+    user_agents jsonb NOT NULL,             -- samples, as bounded as in memory
+    users jsonb NOT NULL,
+    call_ids jsonb NOT NULL,
+    -- The database's clock, for pruning: HEP timestamps are the sender's word, forgeable.
+    written_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (ip, writer, first_seen)    -- leads with ip: the enrichment lookup's index
+);
+CREATE INDEX sightings_written_at ON {SCHEMA}.sightings (written_at);  -- pruning by age
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "APIBAN list, sync position per source, leases", V1_LIST_AND_LEASES),
+    Migration(2, "sightings shared by agents", V2_SHARED_SIGHTINGS),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -145,6 +169,12 @@ class Store:
         self._pool = pool
         self.shown = settings.shown
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """For the modules that keep their own tables and statements (shared_mirror.py,
+        shared_sightings.py)."""
+        return self._pool
+
     @classmethod
     async def connect(cls, settings: StoreSettings, *, pool_size: int = POOL_SIZE) -> Store:
         """Open the pool (one connection at once, so a wrong URL or password fails here)."""
@@ -163,11 +193,6 @@ class Store:
                 f"cannot connect to the store {settings.shown}: {_reason(exc, settings)}"
             ) from None
         return cls(pool, settings)
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        """For the modules that keep their own tables here (shared_mirror.py)."""
-        return self._pool
 
     async def close(self) -> None:
         await self._pool.close()

@@ -7,6 +7,7 @@ APIBAN down, a bug), within the configured deadline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -41,6 +42,7 @@ from .keys import (
     REFUSALS,
     REGISTRAR,
     SETTINGS,
+    SHARED_SIGHTINGS,
     SIGHTINGS,
     STARTED_AT,
     STORE_LINK,
@@ -141,16 +143,22 @@ async def answer_enrichment(app: web.Application, raw: bytes) -> tuple[web.Respo
         parsed = parse_request(raw, settings.enrichment)
     except BadEnrichmentRequest as exc:
         return json_response({"error": str(exc)}), "bad_request"
-    verdicts = await app[LOOKUPS].lookup_many(parsed.addresses, settings.agent.deadline)
-    answer = build_answer(parsed, verdicts, _known(app, [v.ip for v in verdicts]))
+    lookups = app[LOOKUPS].lookup_many(parsed.addresses, settings.agent.deadline)
+    shared = app.get(SHARED_SIGHTINGS)
+    if shared is None:
+        verdicts, seen = await lookups, None
+    else:  # what every agent saw, read while the verdicts are looked up (a short timeout of its own)
+        verdicts, seen = await asyncio.gather(lookups, shared.seen([a.text for a in parsed.addresses]))
+    answer = build_answer(parsed, verdicts, _known(app, [v.ip for v in verdicts], seen))
     return web.Response(body=answer, content_type="application/json"), "ok"
 
 
-def _known(app: web.Application, ips: list[str]) -> Known:
-    """What the HEP capture saw of the call's IPs, their active detections, and the data's age."""
+def _known(app: web.Application, ips: list[str], shared: dict[str, Sighting] | None = None) -> Known:
+    """What the HEP capture saw of the call's IPs (``shared``: what every agent saw), their
+    active detections, and the data's age."""
     sightings, book = app[SIGHTINGS], app.get(DETECTIONS)
-    seen: dict[str, Sighting] = {}
-    if len(sightings):
+    seen: dict[str, Sighting] = {} if shared is None else shared
+    if shared is None and len(sightings):
         for ip in ips:
             sighting = sightings.get(ip)
             if sighting is not None:

@@ -93,7 +93,13 @@ async def test_migrate_creates_the_schema_from_empty_and_again_does_nothing(
     assert await tables(store_url) == set()
     assert await store.migrate() == LATEST
     assert await store.schema_version() == LATEST
-    assert await tables(store_url) == {"schema_version", "apiban_sources", "apiban_entries", "leases"}
+    assert await tables(store_url) == {
+        "schema_version",
+        "apiban_sources",
+        "apiban_entries",
+        "leases",
+        "sightings",
+    }
     connection = await asyncpg.connect(store_url)
     try:
         applied = await connection.fetch("SELECT version, applied_at FROM hepsub.schema_version")
