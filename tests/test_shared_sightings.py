@@ -250,7 +250,7 @@ async def test_a_packet_received_by_agent_a_shows_in_agent_b_enrichment_within_3
     )
     for client in (a, b):  # each application attaches its sightings once its store is connected
         link = client.app[STORE_LINK]
-        await until(lambda link=link: link.status.connected, "the store connected")  # type: ignore[misc]
+        await until(lambda link=link: link.status.connected, "the store connected")
     udp_send(b, build_hep3(sip_packet(SCANNER, method="INVITE", call_id="b1")))
     await until(lambda: decoded(b, "udp") == 1, "B's packet")
     began = time.monotonic()
