@@ -9,7 +9,7 @@ must answer as the regular expression does, also after it was emptied for being 
 
 from __future__ import annotations
 
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hepsub_apiban.config import DetectSettings
@@ -22,7 +22,7 @@ DELTAS = st.integers(-4, 60).map(lambda halves: halves / 2)
 STEPS = st.lists(st.one_of(st.none(), st.tuples(DELTAS, st.sampled_from([1.0, 5.0, 30.0]))), max_size=200)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(size=st.integers(1, 12), steps=STEPS)
 @example(size=2, steps=[(0.0, 5.0), (5.0, 5.0)])  # filling up exactly a window after the first
 @example(size=2, steps=[(0.0, 5.0), (1.0, 5.0), (4.0, 5.0), None, (0.0, 5.0), (4.5, 5.0), (4.5, 5.0)])
@@ -43,7 +43,7 @@ def test_events_answers_as_the_last_size_times_within_the_window(
         assert events.add(now, window) == expected
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     size=st.integers(1, 8),
     steps=st.lists(
