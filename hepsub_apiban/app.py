@@ -222,6 +222,7 @@ async def _sightings_sharing(app: web.Application) -> AsyncIterator[None]:
     enrichment. The store is attached (``attach``) by whoever connects it; until then, memory."""
     sharing = SharedSightings(None, app[SIGHTINGS], app[AGENT_UUID])
     app[SHARED_SIGHTINGS] = sharing
+    app[METRICS].sources.shared_sightings = sharing
     if STORE_LINK in app:
         app[STORE_LINK].when_connected(sharing.attach)
     # Real time, as the detection upkeep: the injected sleep belongs to the sync loop tests drive.

@@ -26,6 +26,7 @@ from .lookups import LookupService
 from .mirror import MirrorSync
 from .registration import Registrar
 from .shared_mirror import StoreLink
+from .shared_sightings import SharedSightings
 from .sightings import Sightings
 
 PREFIX = "hepsub_apiban"
@@ -75,6 +76,7 @@ class Sources:
     detections: Detections | None = None
     detector: Detector | None = None
     store: StoreLink | None = None
+    shared_sightings: SharedSightings | None = None
     enrichment: EnrichmentStats = field(default_factory=EnrichmentStats)
 
 
@@ -279,6 +281,27 @@ class _AgentCollector(Collector):
             "1 while this agent pulls the APIBAN list for all agents of its key",
             float(link.status.role == "puller"),
         )
+        sharing = self._sources.shared_sightings
+        if sharing is not None:
+            stats = sharing.stats
+            yield CounterMetricFamily(
+                f"{PREFIX}_store_sightings_rows", "Sighting rows written to the store", stats.rows_written
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_store_sightings_failures",
+                "Sighting writes that failed (their addresses are written by a later one)",
+                stats.failures,
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_store_sightings_read_failures",
+                "Store reads of sightings that timed out or failed (answered from memory)",
+                stats.read_failures,
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_store_sightings_waiting",
+                "Addresses touched since the last write",
+                sharing.pending(),
+            )
 
     def _mirror(self) -> Iterator[Metric]:
         sync = self._sources.sync

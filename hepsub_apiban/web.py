@@ -457,7 +457,25 @@ def _address(address: tuple[str, int] | None) -> str | None:
 
 def _store_status(app: web.Application) -> dict[str, Any] | None:
     link = app.get(STORE_LINK)
-    return None if link is None else link.to_json()
+    if link is None:
+        return None
+    body = link.to_json()
+    sharing = app.get(SHARED_SIGHTINGS)
+    if sharing is not None:
+        stats = sharing.stats
+        body["sightings"] = {
+            "up": stats.up,
+            "waiting": sharing.pending(),  # addresses touched since the last write
+            "flushes": stats.flushes,
+            "rows_written": stats.rows_written,
+            "round_trips": stats.round_trips,
+            "failures": stats.failures,
+            "reads": stats.reads,
+            "read_failures": stats.read_failures,
+            "reads_skipped": stats.reads_skipped,
+            "evicted_unwritten": sharing.evicted_unwritten,
+        }
+    return body
 
 
 def _mirror_status(app: web.Application) -> dict[str, Any] | None:

@@ -266,6 +266,12 @@ async def test_a_packet_received_by_agent_a_shows_in_agent_b_enrichment_within_3
     assert answer[SCANNER]["seen"]["methods"] == {"REGISTER": 3, "INVITE": 1}
     assert answer[SCANNER]["seen"]["user_agents"] == ["friendly-scanner"]
     assert b.app[SIGHTINGS].get(SCANNER).packets == 1  # type: ignore[union-attr]
+    written = (await (await a.get("/api/v1/status")).json())["store"]["sightings"]
+    assert written["up"] is True
+    assert written["rows_written"] >= 2  # the scanner and the SBC it sent to
+    assert written["failures"] == 0
+    metrics = await (await a.get("/metrics")).text()
+    assert f"hepsub_apiban_store_sightings_rows_total {float(written['rows_written'])}" in metrics
 
 
 async def test_enrichment_answers_from_memory_within_the_deadline_while_the_store_hangs(
