@@ -109,7 +109,7 @@ class HepCollector:
         detector = self._detector
         if detector is not None:
             # The receive time, not the packet's own: a sender's clock cannot stretch a detection.
-            if sender and not detector.is_local(sender):
+            if sender:
                 detector.hep_sender(sender)
             detector.observe(result.src_ip, result.dst_ip, sip, result.ip_proto, self._clock())
         evidence = self._evidence

@@ -282,7 +282,7 @@ class Detector:
     # ---------------------------------------------------------------- packets
 
     def observe(self, src_ip: str, dst_ip: str, sip: SipInfo, ip_proto: int, now: float) -> None:
-        """One captured SIP message (``now``: its capture time)."""
+        """One captured SIP message (``now``: when it was received; a sender's clock is not trusted)."""
         self.stats.packets += 1
         self._since_sweep += 1
         if self._since_sweep >= SWEEP_EVERY:

@@ -32,7 +32,7 @@ import orjson
 
 from .addresses import Addr, parse_ip
 from .logs import safe_text
-from .sightings import CALL_ID_SAMPLE, USER_AGENT_SAMPLE, USER_SAMPLE, Sighting, Sightings, _sampled
+from .sightings import CALL_ID_SAMPLE, USER_AGENT_SAMPLE, USER_SAMPLE, Sighting, Sightings, sampled
 from .store import SCHEMA, Store
 from .timing import Sleep
 
@@ -286,7 +286,7 @@ def _union(items: tuple[str, ...], stored: str, limit: int) -> tuple[str, ...]:
         if len(items) >= limit:
             break
         if isinstance(value, str):
-            items = _sampled(items, value, limit)
+            items = sampled(items, value, limit)
     return items
 
 

@@ -125,7 +125,7 @@ class Sighting:
         }
 
 
-def _sampled(items: tuple[str, ...], value: str | None, limit: int) -> tuple[str, ...]:
+def sampled(items: tuple[str, ...], value: str | None, limit: int) -> tuple[str, ...]:
     """``items`` with ``value`` added if the sample has room and does not hold it yet."""
     if not value or len(items) >= limit or value in items:
         return items
@@ -236,17 +236,17 @@ class Sightings:
             if sip.status is None:
                 action = _METHOD_KEY.get(sip.method, OTHER_METHOD)
                 methods[action] = methods.get(action, 0) + 1
-                sender.users = _sampled(sender.users, sip.from_user, USER_SAMPLE)
+                sender.users = sampled(sender.users, sip.from_user, USER_SAMPLE)
             else:
                 # Responses count by status code ("401" answers to a scanner).
                 action = _STATUS_KEY.get(sip.status, "?")
                 methods[action] = methods.get(action, 0) + 1
-            sender.user_agents = _sampled(sender.user_agents, sip.user_agent, USER_AGENT_SAMPLE)
-            sender.call_ids = _sampled(sender.call_ids, sip.call_id, CALL_ID_SAMPLE)
+            sender.user_agents = sampled(sender.user_agents, sip.user_agent, USER_AGENT_SAMPLE)
+            sender.call_ids = sampled(sender.call_ids, sip.call_id, CALL_ID_SAMPLE)
             self._judge(sender)
         receiver = self._touch(dst_ip, seen_at)
         if receiver is not None:
-            receiver.call_ids = _sampled(receiver.call_ids, sip.call_id, CALL_ID_SAMPLE)
+            receiver.call_ids = sampled(receiver.call_ids, sip.call_id, CALL_ID_SAMPLE)
             self._judge(receiver)
 
     def _touch(self, ip: str, seen_at: float) -> Sighting | None:

@@ -28,7 +28,7 @@ from .detections import Detection
 from .enrichment import DOWNLOAD_IPS, BadEnrichmentRequest, Known, build_answer, parse_request
 from .evidence import Evidence
 from .httpserver import BodyError, read_body
-from .jsonutil import json_response
+from .jsonutil import json_response, loads_object
 from .keys import (
     AGENT_UUID,
     APIBAN,
@@ -309,11 +309,8 @@ async def download(request: web.Request) -> web.Response:
 def download_ips(raw: bytes) -> list[str] | None:
     """The canonical addresses ``__hep__[0].ips`` names (the first MAX_DOWNLOAD_IPS that are IPs);
     None when the body does not have that shape."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    hep = body.get("__hep__") if isinstance(body, dict) else None
+    body = loads_object(raw)
+    hep = body.get("__hep__") if body is not None else None
     first = hep[0] if isinstance(hep, list) and hep else None
     ips = first.get("ips") if isinstance(first, dict) else None
     if not isinstance(ips, list):
