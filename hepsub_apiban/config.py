@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -209,6 +209,16 @@ class StoreSettings:
     @property
     def shown(self) -> str:
         return redact_store_url(self.url)
+
+    @property
+    def database(self) -> str:
+        """The database the URL names (PostgreSQL's default: the user's name)."""
+        parts = urlsplit(self.url)
+        return unquote(parts.path.lstrip("/")) or self.user
+
+    @property
+    def user(self) -> str:
+        return unquote(urlsplit(self.url).username or "")
 
     def secrets(self) -> tuple[str, ...]:
         """The URL and every password in it (in the user part or a ``password=`` parameter)."""

@@ -83,6 +83,13 @@ ON CONFLICT (source, ip) DO UPDATE SET apiban_id = excluded.apiban_id,
     last_reported = excluded.last_reported, serial = excluded.serial, change = excluded.change,
     removed_at = NULL
 """
+# Removed entries are kept for the decision stream's "deleted" as long as the mirror keeps its own
+# tombstones; older ones go, at most once an hour, in the puller's write (by its clock, as removed_at).
+PRUNE_REMOVED = f"""
+DELETE FROM {SCHEMA}.apiban_entries WHERE source = $1 AND removed_at < $2
+"""
+TOMBSTONE_SECONDS = 7 * 86400.0
+PRUNE_EVERY = 3600.0
 REMOVE_ENTRIES = f"""
 UPDATE {SCHEMA}.apiban_entries SET change = $3, removed_at = $4
 WHERE source = $1 AND ip = ANY($2::text[]::inet[]) AND removed_at IS NULL
@@ -99,6 +106,8 @@ class MirrorStore:
     def __init__(self, store: Store, source: str) -> None:
         self._store = store
         self.source = source
+        self._pruned_at: float | None = None  # the puller's clock at the last prune of removed rows
+        self.pruned = 0
 
     async def ensure_source(self) -> None:
         await self._store.pool.execute(
@@ -162,6 +171,10 @@ class MirrorStore:
                 )
             if gone:
                 await connection.execute(REMOVE_ENTRIES, self.source, gone, version, now)
+            if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY:
+                status = await connection.execute(PRUNE_REMOVED, self.source, now - TOMBSTONE_SECONDS)
+                self.pruned += int(status.rsplit(" ", 1)[-1])
+                self._pruned_at = now
         return version
 
 
@@ -257,6 +270,8 @@ class StoreLink:
             self._budget.shut_for(self._budget.limit.window)
         self.status.connected = False
         self.status.role = None
+        # Rows removed while it was away may be pruned by the time it is back: reload whole then.
+        self._diverged = True
         self.status.last_error = {"at": self._now(), "message": words}
 
     def _now(self) -> float:

@@ -33,6 +33,7 @@ SCHEMA = "hepsub"
 MIGRATION_LOCK = 0x6865_7073_7562_0001
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection, the password exchange included
 COMMAND_TIMEOUT = 30.0  # seconds a statement may take; a migration step included
+CREATED_ATTEMPTS = 5  # opens of a database another agent is still creating (about 2 s in all)
 POOL_SIZE = 4  # the store carries batches about once a second, not a query per packet
 
 
@@ -177,17 +178,21 @@ class Store:
 
     @classmethod
     async def connect(cls, settings: StoreSettings, *, pool_size: int = POOL_SIZE) -> Store:
-        """Open the pool (one connection at once, so a wrong URL or password fails here)."""
+        """Open the pool (one connection at once, so a wrong URL or password fails here).
+
+        A database that does not exist yet is created when the user may (homer-app and
+        heplify-server create theirs the same way), so pointing agents at HOMER's PostgreSQL
+        needs no manual step; otherwise the error says what to run.
+        """
         try:
-            pool = await asyncpg.create_pool(
-                dsn=settings.url,
-                min_size=1,
-                max_size=pool_size,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "hepsub-apiban"},
-            )
-        except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            try:
+                pool = await _open_pool(settings, pool_size)
+            except asyncpg.InvalidCatalogNameError:
+                await _create_database(settings)
+                pool = await _open_created(settings, pool_size)
+        except StoreError:
+            raise
+        except CONNECT_FAILURES as exc:
             # `from None`: the driver's exception may carry the URL; only its redacted words go on.
             raise StoreError(
                 f"cannot connect to the store {settings.shown}: {_reason(exc, settings)}"
@@ -239,6 +244,54 @@ class Store:
     async def release(self, name: str, holder: str) -> bool:
         """Free a lease ``holder`` holds, for another agent to take at once; False if it did not."""
         return await self._pool.fetchval(RELEASE, name, holder) is not None
+
+
+CONNECT_FAILURES = (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+async def _open_pool(settings: StoreSettings, pool_size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn=settings.url,
+        min_size=1,
+        max_size=pool_size,
+        timeout=CONNECT_TIMEOUT,
+        command_timeout=COMMAND_TIMEOUT,
+        server_settings={"application_name": "hepsub-apiban"},
+    )
+
+
+async def _open_created(settings: StoreSettings, pool_size: int) -> asyncpg.Pool:
+    # Another agent's CREATE DATABASE may still be committing ("it seems to have just been dropped").
+    for attempt in range(CREATED_ATTEMPTS):
+        try:
+            return await _open_pool(settings, pool_size)
+        except asyncpg.InvalidCatalogNameError:
+            if attempt == CREATED_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def _create_database(settings: StoreSettings) -> None:
+    """Create the URL's database through the server's maintenance database ``postgres``."""
+    name = settings.database
+    user = settings.user or "the user of store.url"
+    if not name:
+        raise StoreError(f"the store {settings.shown} names no database: end store.url with /DATABASE")
+    admin = await asyncpg.connect(dsn=settings.url, database="postgres", timeout=CONNECT_TIMEOUT)
+    try:
+        quoted = '"' + name.replace('"', '""') + '"'
+        await admin.execute(f"CREATE DATABASE {quoted}")
+        log.info("store: created the database %s on %s", name, settings.shown)
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        pass  # another agent starting at the same moment created it
+    except asyncpg.InsufficientPrivilegeError:
+        raise StoreError(
+            f"the database {name} does not exist on {settings.shown} and {user} may not create it; "
+            f"as a PostgreSQL superuser run: CREATE DATABASE {name} OWNER {user}"
+        ) from None
+    finally:
+        await admin.close()
 
 
 def _positive(ttl: float) -> float:

@@ -260,6 +260,14 @@ async def test_a_follower_applies_additions_and_removals_and_keeps_tombstones(st
     assert {verdict.ip for _, verdict, _ in follower.removed} == {"45.0.0.1", "45.0.0.2", "2a01:4f8::5"}
     assert [serial for _, serial in follower.after(0)] == [serial for _, serial in puller.after(0)]
 
+    # A week on, the removed rows go (the mirror's own tombstones last as long); the live one stays.
+    week = later + shared_mirror.TOMBSTONE_SECONDS + 1
+    puller.add(["45.0.0.10"], "1700000010", week)
+    await shared.save(puller, puller.changed, lease, week)
+    rows = await store.pool.fetch("SELECT host(ip) AS ip, removed_at FROM hepsub.apiban_entries")
+    assert {row["ip"] for row in rows} == {"45.0.0.9", "45.0.0.10"}
+    assert shared.pruned == 3
+
 
 async def test_the_puller_keeps_its_lease_when_the_store_drops_its_connections(
     agent: AgentFactory, apiban: ApibanPeer, store_url: str, quick_lease: float

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -214,3 +215,43 @@ async def test_a_refused_connection_is_a_clear_error_without_the_password() -> N
     assert f"cannot connect to the store postgresql://hepsub:***@127.0.0.1:{port}/hepsub" in message
     assert_no_secret(message)
     logging.getLogger("test").error("store: %s", message)  # what the agent will log: the guard checks it
+
+
+async def test_a_missing_database_is_created_once_by_agents_starting_together(
+    postgres_cluster: Cluster,
+) -> None:
+    name = f"new_{uuid.uuid4().hex[:10]}"
+    settings = StoreSettings(postgres_cluster.url(name))
+    admin = await asyncpg.connect(postgres_cluster.url())
+    try:
+        stores = await asyncio.gather(Store.connect(settings), Store.connect(settings))
+        try:
+            assert [await store.migrate() for store in stores] == [LATEST, LATEST]
+        finally:
+            for store in stores:
+                await store.close()
+        assert await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 1
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_a_missing_database_the_user_may_not_create_says_what_to_run(
+    postgres_cluster: Cluster,
+) -> None:
+    role = f"agent_{uuid.uuid4().hex[:8]}"
+    password = f"{PASSWORD}-{role}"
+    admin = await asyncpg.connect(postgres_cluster.url())
+    await admin.execute(f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD '{password}'")
+    try:
+        url = f"postgresql://{role}:{password}@127.0.0.1:{postgres_cluster.port}/hepsub_{role}"
+        with pytest.raises(StoreError) as error:
+            await Store.connect(StoreSettings(url))
+        message = str(error.value)
+        assert f"the database hepsub_{role} does not exist" in message
+        assert f"CREATE DATABASE hepsub_{role} OWNER {role}" in message
+        assert password not in message
+        assert error.value.__cause__ is None
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
