@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -52,7 +53,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 SETTING_ENV = {key.env for key in KEYS}
 LEGACY_NAMES = set(LEGACY_ENV) | {"HOMER_IP", "HOMER_PORT"}  # HOMER_IP + HOMER_PORT make homer.url
 ENV_NAME = re.compile(r"\b(HEPSUB_[A-Z0-9_]+|PUBLIC_IP|HOMER_IP|HOMER_PORT|HOMER_TOKEN|APIBAN_KEY)\b")
-SERVICES = {"db", "heplify-server", "homer-webapp", "hepsub-apiban", "heplify"}
+SERVICES = {"db", "heplify-server", "homer-webapp", "hepsub-apiban", "hepsub-apiban-b", "heplify"}
 DEFAULTS = Settings()
 
 
@@ -181,6 +182,36 @@ def test_compose_environment_configures_the_agent(services: dict[str, str]) -> N
     assert settings.agent.host == "hepsub-apiban"
     assert settings.agent.host in services
     assert (settings.apiban.key, settings.homer.token) == ("the-apiban-key", "the-homer-token")
+
+
+def test_compose_second_agent_shares_homers_postgresql_with_the_first(services: dict[str, str]) -> None:
+    given = {"APIBAN_KEY": "the-apiban-key", "HOMER_TOKEN": "the-homer-token"}
+    agents = {}
+    for name in ("hepsub-apiban", "hepsub-apiban-b"):
+        env = {key: given.get(key, value) for key, value in compose_env(services[name]).items()}
+        agents[name] = load_settings(None, env)
+    a, b = agents["hepsub-apiban"], agents["hepsub-apiban-b"]
+    # One store: HOMER's database service, with its credentials, in a database of the agents' own.
+    db = dict(re.findall(r"^      (POSTGRES_\w+): (\S+)$", services["db"], re.MULTILINE))
+    store = urlsplit(a.store.url)
+    assert a.store.url == b.store.url
+    assert (store.hostname, store.port) == ("db", 5432)
+    assert (store.username, store.password) == (db["POSTGRES_USER"], db["POSTGRES_PASSWORD"])
+    assert store.path.lstrip("/") not in {"homer_config", "homer_data", "postgres"}
+    # Two HEPSUB agents to homer-app: each its own address, node and uuid (state volume).
+    assert b.agent.host == "hepsub-apiban-b"
+    assert b.agent.host in services
+    assert a.agent.node != b.agent.node
+    assert (a.apiban.key, a.homer.url) == (b.apiban.key, b.homer.url)
+    volumes = [re.findall(r"^\s+- (hepsub-state[\w-]*):", services[name], re.MULTILINE) for name in agents]
+    assert volumes[0] != volumes[1]
+    assert all(len(v) == 1 for v in volumes)
+    # Published ports of all services on one host do not clash; the second agent only in its profile.
+    taken = [(p.published, p.protocol) for block in services.values() for p in compose_ports(block)]
+    assert len(taken) == len(set(taken))
+    assert published(compose_ports(services["hepsub-apiban-b"]), 9062, "udp").target == 9060
+    assert compose_value(services["hepsub-apiban-b"], "profiles") == '["second-agent"]'
+    assert "profiles" not in services["hepsub-apiban"]
 
 
 def test_compose_state_volume_is_the_image_state_dir(services: dict[str, str]) -> None:
