@@ -8,9 +8,10 @@ process (no network), then ``SharedSightings.flush`` writes what they touched: r
 (round trips) and the flush's time, for two kinds of traffic: a registrar's (10,000 phones and
 their SBC: at most 10,001 addresses a second whatever the rate) and a flood where every packet
 comes from a new spoofed source (the worst case: one row per packet, into a full store of
-100,000). Baseline in the same run: the same rows written by asyncpg's pipelined ``executemany``
-of a one-row statement per batch (also one round trip) instead of the agent's one ``INSERT ...
-SELECT FROM unnest(...)``, and a ``SELECT 1`` round trip. Then the enrichment read: 10 addresses, each
+100,000; a flush writes every address with more than one packet and at most
+``SINGLES_PER_FLUSH`` one-packet ones, the rest wait). Baseline in the same run: every row the
+second touched, written by asyncpg's pipelined ``executemany`` of a one-row statement per batch
+(also one round trip a batch), and a ``SELECT 1`` round trip. Then the enrichment read: 10 addresses, each
 written by two agents.
 """
 
@@ -108,6 +109,7 @@ async def scenario(store: Store, name: str, source: str, rate: int, seconds: int
         f"{rate:,}",
         f"{rows:,.0f}",
         f"{statements:.0f}",
+        f"{shared.pending():,}",
         f"{median:.0f} / {max(flush_ms):.0f}",
         f"{median / 10:.1f} %",
         f"{statistics.median(cpu_ms):.0f}",
@@ -158,10 +160,11 @@ async def main(rate: int, seconds: int) -> None:
                 "packets/s",
                 "rows/s",
                 "round trips/s",
+                "addresses waiting after the last flush",
                 "flush ms median / max",
                 "of each second",
                 "agent CPU ms",
-                "executemany per batch: ms (/ flush), agent CPU ms",
+                "every touched row by executemany: ms (/ flush), agent CPU ms",
             ],
             rows,
         )

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 1.0  # seconds between writes: "within a few seconds" on every agent
 BATCH_ROWS = 5000  # rows per statement (one round trip); a flush of more takes several
+# One-packet addresses written per flush when a flush has more rows than one statement carries: a
+# flood of spoofed sources (one packet each) tells other agents little and would cost this agent
+# most of a core to encode; the rest wait for a quieter flush or are forgotten (counted).
+SINGLES_PER_FLUSH = 5000
 WRITE_TIMEOUT = 10.0  # seconds one statement may take before the flush counts as failed
 BACKOFF_MAX = 30.0  # seconds between attempts while the store fails, doubling up to this
 READ_TIMEOUT = 0.15  # seconds enrichment waits for the store (agent.deadline is about 1 s)
@@ -152,7 +156,7 @@ class SharedSightings:
             return True
         sightings.touched = set()
         # The totals of this moment, taken before the first await: one consistent batch.
-        rows = [sighting for ip in touched if (sighting := sightings.get(ip)) is not None]
+        rows = self._batch(touched)
         statements = 0
         try:
             for start in range(0, len(rows), BATCH_ROWS):
@@ -178,6 +182,33 @@ class SharedSightings:
         self.stats.rows_written += len(rows)
         self.stats.round_trips += statements
         return True
+
+    def _batch(self, touched: set[str]) -> list[Sighting]:
+        """The sightings of ``touched`` to write now: all of them, unless they are more than one
+        statement carries; then every address with more than one packet (or listed, or detected)
+        and at most SINGLES_PER_FLUSH of the others, the rest left waiting for a later flush."""
+        get = self._sightings.get
+        if len(touched) <= BATCH_ROWS:
+            return [sighting for ip in touched if (sighting := get(ip)) is not None]
+        rows: list[Sighting] = []
+        waiting: list[str] = []
+        room = SINGLES_PER_FLUSH
+        for ip in touched:
+            sighting = get(ip)
+            if sighting is None:
+                continue
+            if sighting.packets > 1 or sighting.protected:
+                rows.append(sighting)
+            elif room:
+                rows.append(sighting)
+                room -= 1
+            else:
+                waiting.append(ip)
+        if waiting:
+            left = self._sightings.touched
+            assert left is not None  # set in __init__, replaced (never removed) by flush
+            left.update(waiting)
+        return rows
 
     def _keep(self, failed: set[str]) -> None:
         """Put a failed batch's addresses back beside those touched meanwhile: those still

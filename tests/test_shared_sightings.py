@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from hepsub_apiban import shared_sightings
 from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.config import StoreSettings
 from hepsub_apiban.hep import build_hep3
@@ -229,6 +230,36 @@ async def test_rows_not_written_for_days_are_pruned(stores: Callable[..., Any], 
     assert total(await stored(store_url, SCANNER)) == 1
 
 
+async def test_a_flood_of_one_packet_sources_is_written_a_slice_per_flush(
+    stores: Callable[..., Any], store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_sightings, "BATCH_ROWS", 20)
+    monkeypatch.setattr(shared_sightings, "SINGLES_PER_FLUSH", 10)
+    sightings = memory()
+    shared = SharedSightings(await stores(), sightings, "agent-a")
+    spoofed = [f"45.1.0.{n}" for n in range(1, 51)]
+    for ip in spoofed:  # one packet each, to the SBC, which every packet touches
+        sightings.record(ip, SBC, REGISTER, 1_700_000_000.0)
+    sightings.record(SCANNER, SBC, REGISTER, 1_700_000_001.0)
+    sightings.record(SCANNER, SBC, REGISTER, 1_700_000_002.0)
+    assert await shared.flush()
+    # The SBC and the scanner (more than one packet each) and 10 of the 50 singles.
+    assert shared.stats.rows_written == 12
+    assert total(await stored(store_url, SBC)) == 52
+    assert total(await stored(store_url, SCANNER)) == 2
+    assert shared.pending() == 40
+    # Quieter flushes write the rest, nothing twice: 40 left, 10 a flush while more than 20 wait.
+    while shared.pending():
+        assert await shared.flush()
+    connection = await asyncpg.connect(store_url)
+    try:
+        written = await connection.fetch("SELECT host(ip) AS ip, packets FROM hepsub.sightings")
+    finally:
+        await connection.close()
+    assert sorted(row["ip"] for row in written) == sorted([*spoofed, SBC, SCANNER])
+    assert shared.stats.rows_written == 52
+
+
 def test_the_addresses_waiting_for_a_write_are_bounded_by_the_sightings() -> None:
     sightings = memory(capacity=3)
     sightings.touched = set()
@@ -279,6 +310,9 @@ async def test_enrichment_answers_from_memory_within_the_deadline_while_the_stor
 ) -> None:
     b = await hep_agent(agent, HEPSUB_STORE_URL=store_url)
     sharing = b.app[SHARED_SIGHTINGS]
+    link = b.app[STORE_LINK]
+    # Once the agent's own link attached its store, so the one through the gate is not replaced.
+    await until(lambda: link.status.connected, "the store connected")
     sharing.attach(await stores(gate.url(store_url)))
     udp_send(b, build_hep3(sip_packet(SCANNER, method="INVITE", call_id="b1")))
     await until(lambda: decoded(b, "udp") == 1, "B's packet")
