@@ -149,6 +149,10 @@ async def main(rate: int, seconds: int) -> None:
             await scenario(store, "flood (a new source per packet)", "spoofed", rate, seconds),
         ]
         read_ms, ping_ms = await read_cost(store)
+        sizes = await store.pool.fetchrow(
+            f"SELECT count(*) AS rows, pg_total_relation_size('{SCHEMA}.sightings') AS bytes "
+            f"FROM {SCHEMA}.sightings"
+        )
         await store.close()
     finally:
         remove_cluster(cluster)
@@ -170,6 +174,9 @@ async def main(rate: int, seconds: int) -> None:
         )
     )
     print(f"enrichment read, 10 addresses x 2 agents: {read_ms:.2f} ms median (SELECT 1: {ping_ms:.2f} ms)")
+    count, size = sizes["rows"], sizes["bytes"]
+    mib, per_row = size / 2**20, size / count
+    print(f"the sightings table: {count:,} rows, {mib:.0f} MiB with indexes, {per_row:.0f} B a row")
 
 
 if __name__ == "__main__":
