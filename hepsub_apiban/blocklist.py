@@ -124,11 +124,13 @@ class Blocklist:
 
     def page_after(self, after: int, limit: int, now: float) -> tuple[list[str], int | None]:
         """Up to ``limit`` addresses numbered after ``after``, leaving out skipped ones; and the serial
-        to continue from (None when nothing is numbered after ``after``)."""
+        to continue from (None when nothing is numbered after ``after``). A page never ends between
+        two entries of one ID: with a store, a detection numbered by the store while the APIBAN
+        puller numbers a page may share an ID with an entry of it (shared_detections.py)."""
         page: list[str] = []
         last: int | None = None
         for serial, ip in self.sequence(after, now):
-            if len(page) == limit:
+            if len(page) >= limit and serial != last:
                 break
             last = serial
             if not self.skip(ip):

@@ -147,6 +147,7 @@ class SharedDetections:
         self._store: Store | None = None
         # ip -> (the detection, when it ended or None); the latest mark of an address wins.
         self._pending: dict[str, tuple[Detection, float | None]] = {}
+        self._writing = 0  # marks taken by the write under way
         self.held = 0  # the counter's change this book holds every row up to
         self._followed_at: float | None = None
         self._pruned_at: float | None = None
@@ -171,7 +172,8 @@ class SharedDetections:
         pending[detection.ip] = (detection, ended_at)
 
     def pending(self) -> int:
-        return len(self._pending)
+        """Addresses marked and not written yet (the write under way included)."""
+        return len(self._pending) + self._writing
 
     async def run(self) -> None:
         delay = FLUSH_EVERY
@@ -223,11 +225,14 @@ class SharedDetections:
         batch = dict(list(self._pending.items())[:BATCH_ROWS])
         for ip in batch:
             del self._pending[ip]
+        self._writing = len(batch)
         try:
             rows = await self._write(store, batch)
         except BaseException:
             self._pending = {**batch, **self._pending}  # a later mark is newer than the batch's
             raise
+        finally:
+            self._writing = 0
         self._reached()
         now = self._wall_clock()
         for row in rows:
@@ -318,7 +323,7 @@ class SharedDetections:
         stats = self.stats
         return {
             "up": stats.up,
-            "waiting": len(self._pending),
+            "waiting": self.pending(),
             "writes": stats.writes,
             "rows_written": stats.rows_written,
             "ends_written": stats.ends_written,

@@ -22,16 +22,19 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from hepsub_apiban import shared_detections, shared_mirror
+from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.app import Clocks
+from hepsub_apiban.blocklist import Blocklist
 from hepsub_apiban.config import DetectSettings
 from hepsub_apiban.detection import PROOF_NONCE, PROOF_TCP, Finding
-from hepsub_apiban.detections import Detections
+from hepsub_apiban.detections import Detection, Detections
 from hepsub_apiban.keys import DETECTIONS, MIRROR_SYNC, SHARED_DETECTIONS, STORE_LINK
 from hepsub_apiban.mirror import Mirror
 from hepsub_apiban.shared_detections import SharedDetections
 from hepsub_apiban.store import Store
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock
+from .test_collector import decoded
 from .test_detection_agent import ATTACKER, scan, send
 from .test_shared_sightings import Gate, gate, stores  # noqa: F401 (fixtures used below)
 from .test_site_api import SITE_KEY, addresses, page_all, write_list
@@ -241,11 +244,21 @@ async def test_a_detection_served_by_a_is_served_by_bs_site_api_and_decision_str
     assert of(startup["new"], ATTACKER) == []
 
     send(a, scan())
-    await until(lambda: a.app[DETECTIONS].get(ATTACKER) is not None, "A's detection")
+    await until(lambda: decoded(a, "udp") == 50, "the scan on A")
     assert a.app[DETECTIONS].get(ATTACKER).served  # type: ignore[union-attr]
-    await until(lambda: b.app[DETECTIONS].get(ATTACKER) is not None, "the detection on B")
+    # Every finding of the scan written (a finding marks the address at once, on the ingest path).
+    await until(lambda: a.app[SHARED_DETECTIONS].pending() == 0, "A's writes")
     [row] = await rows(store_url)
-    await until(lambda: a.app[DETECTIONS].get(ATTACKER).serial == row["serial"], "A's ID from the store")  # type: ignore[union-attr]
+    for client in (a, b):  # A adopts what the store made of its writes, B follows
+        book = client.app[DETECTIONS]
+        await until(
+            lambda book=book: (
+                (found := book.get(ATTACKER)) is not None
+                and (found.serial, found.until, list(found.rules))
+                == (row["serial"], row["until"], [*orjson.loads(row["rules"])])
+            ),
+            "the store's entry",
+        )
     shared_id = str(row["serial"])
 
     # The site API: the same ID on both, after every APIBAN entry (a client resuming sees it).
@@ -336,3 +349,21 @@ async def test_without_a_store_url_nothing_is_shared(agent: AgentFactory) -> Non
     found = (await (await client.get("/api/v1/detections")).json())["detections"]
     assert "agents" not in found[0]
     assert client.app[DETECTIONS].on_shared is None
+
+
+def test_a_site_api_page_never_ends_between_two_entries_of_one_id(agent: AgentFactory) -> None:
+    """An ID shared with an APIBAN entry (the store numbered a detection while the puller numbered
+    a page): a client resuming from the page's last ID still gets both."""
+    clock = ManualClock(time.time())
+    mirror = Mirror()
+    mirror.add(["45.0.0.1", "45.0.0.2", "45.0.0.3"], "1700000000", clock())
+    book = Detections(agent.settings().detect, mirror.new_serial, clock=clock)
+    tied = mirror.serials["45.0.0.2"]
+    end = clock() + 3600
+    shared = Detection(ATTACKER, clock(), end, {"scanner_ua": "e"}, PROOF_TCP, serial=tied)
+    assert book.adopt(shared, clock()) is shared
+    blocklist = Blocklist(NetworkSet(), include_local=True, clock=clock)
+    blocklist.mirror, blocklist.book = mirror, book
+    first, last = blocklist.page_after(0, 2, clock())
+    assert (first, last) == (["45.0.0.1", "45.0.0.2", ATTACKER], tied)
+    assert blocklist.page_after(tied, 2, clock()) == (["45.0.0.3"], mirror.serials["45.0.0.3"])
