@@ -269,6 +269,7 @@ class Detections:
         flagged detection of it is served from now on: another agent had the proof). The breaker is
         the detecting agent's; the book's bound is this one's. None if the book is full or it is over."""
         shared.rules = {rule: text for rule, text in shared.rules.items() if rule in self._settings.rules}
+        shared.until = min(shared.until, now + MAX_DURATION)  # no agent may list an address for good
         detection = self._current(shared.ip, now)
         if shared.until <= now:
             return None
