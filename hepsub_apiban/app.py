@@ -61,8 +61,8 @@ from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
 from .shared_detections import SharedDetections
-from .shared_mirror import StoreLink
-from .shared_sightings import STORE_ERRORS, SharedSightings
+from .shared_mirror import STORE_FAILURES, StoreLink
+from .shared_sightings import SharedSightings
 from .sightings import Sightings
 from .site_access import SiteAccess
 from .site_api import SiteApi
@@ -247,7 +247,7 @@ async def _detections_sharing(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        with contextlib.suppress(TimeoutError, *STORE_ERRORS):
+        with contextlib.suppress(TimeoutError, *STORE_FAILURES):
             await asyncio.wait_for(sharing.flush(), LAST_FLUSH_TIMEOUT)
 
 

@@ -38,7 +38,7 @@ import orjson
 from .addresses import parse_ip
 from .detections import REANNOUNCE_AFTER, Detection, Detections
 from .logs import safe_text
-from .shared_sightings import STORE_ERRORS
+from .shared_mirror import STORE_FAILURES
 from .store import SCHEMA, Store
 from .timing import Sleep
 
@@ -186,11 +186,16 @@ class SharedDetections:
                     self._followed_at = now
                     await self.follow()
                     await self._prune_now_and_then(now)
-            except STORE_ERRORS as exc:
+            except STORE_FAILURES as exc:
                 self._failed(exc)
-                delay = min(BACKOFF_MAX, max(FLUSH_EVERY, delay * 2))
+            except Exception as exc:
+                # A bug here must not silently end the sharing (the marks wait for the next try).
+                log.exception("sharing detections failed; trying again")
+                self._failed(exc)
+            else:
+                delay = FLUSH_EVERY
                 continue
-            delay = FLUSH_EVERY
+            delay = min(BACKOFF_MAX, max(FLUSH_EVERY, delay * 2))
 
     def _failed(self, exc: BaseException) -> None:
         self.stats.failures += 1

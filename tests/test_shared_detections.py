@@ -82,11 +82,13 @@ async def rows(store_url: str) -> list[asyncpg.Record]:
 class Book:
     """A detection book with its serial source (a mirror, as in mirror mode) and its sharing."""
 
-    def __init__(self, settings: DetectSettings, store: Store, agent: str, clock: ManualClock) -> None:
+    def __init__(
+        self, settings: DetectSettings, store: Store, agent: str, clock: ManualClock, **options: Any
+    ) -> None:
         self.clock = clock
         self.mirror = Mirror()
         self.book = Detections(settings, self.mirror.new_serial, clock=clock)
-        self.sharing = SharedDetections(self.book, agent, self.mirror, wall_clock=clock)
+        self.sharing = SharedDetections(self.book, agent, self.mirror, wall_clock=clock, **options)
         self.sharing.attach(store)
 
     def report(self, ip: str, rule: str, proof: str | None, after: float = 0.0) -> None:
@@ -367,3 +369,38 @@ def test_a_site_api_page_never_ends_between_two_entries_of_one_id(agent: AgentFa
     first, last = blocklist.page_after(0, 2, clock())
     assert (first, last) == (["45.0.0.1", "45.0.0.2", ATTACKER], tied)
     assert blocklist.page_after(tied, 2, clock()) == (["45.0.0.3"], mirror.serials["45.0.0.3"])
+
+
+async def test_the_writer_backs_off_while_the_store_fails_and_catches_up(
+    store_url: str,
+    gate: Gate,  # noqa: F811 (the fixture)
+    stores: Callable[..., Awaitable[Store]],  # noqa: F811 (the fixture)
+    agent: AgentFactory,
+) -> None:
+    clock = ManualClock(time.time())
+    store = await stores(gate.url(store_url))
+    a = Book(agent.settings().detect, store, "agent-a", clock, monotonic=clock, sleep=clock.sleep)
+    sharing = a.sharing
+    task = asyncio.create_task(sharing.run())
+    try:
+        await gate.shut()
+        a.report(ATTACKER, "scanner_ua", PROOF_TCP)
+        delays = []
+        for n in range(6):
+            delays.append(await clock.next_sleep())
+            if n < 5:
+                clock.wake()
+        assert delays == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]  # quick_sharing's FLUSH_EVERY and BACKOFF_MAX
+        assert (sharing.stats.up, sharing.stats.failures, sharing.pending()) == (False, 5, 1)
+        await gate.open()
+        for _ in range(5):  # a connection broken by the outage may fail one more try
+            clock.wake()
+            if await clock.next_sleep() == 0.05:
+                break
+        assert sharing.stats.up is True
+        assert sharing.pending() == 0
+        [row] = await rows(store_url)
+        assert a.book.get(ATTACKER).serial == row["serial"]  # type: ignore[union-attr]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
