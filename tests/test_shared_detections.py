@@ -27,7 +27,7 @@ from hepsub_apiban.app import Clocks
 from hepsub_apiban.blocklist import Blocklist
 from hepsub_apiban.config import DetectSettings
 from hepsub_apiban.detection import PROOF_NONCE, PROOF_TCP, Finding
-from hepsub_apiban.detections import Detection, Detections
+from hepsub_apiban.detections import MAX_DURATION, Detection, Detections
 from hepsub_apiban.keys import DETECTIONS, MIRROR_SYNC, SHARED_DETECTIONS, STORE_LINK
 from hepsub_apiban.mirror import Mirror
 from hepsub_apiban.shared_detections import SharedDetections
@@ -404,3 +404,35 @@ async def test_the_writer_backs_off_while_the_store_fails_and_catches_up(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_rows_are_checked_before_they_are_served(
+    store_url: str,
+    stores: Callable[..., Awaitable[Store]],  # noqa: F811 (the fixture)
+    agent: AgentFactory,
+) -> None:
+    """The store is shared, not blindly trusted: an agent serves only rules it knows, never longer
+    than its own longest detection, and skips a row it cannot read."""
+    clock = ManualClock(time.time())
+    b = Book(agent.settings().detect, await stores(), "agent-b", clock)
+    connection = await asyncpg.connect(store_url)
+    try:
+        insert = (
+            "INSERT INTO hepsub.detections (ip, serial, since, until, announced_until, rules, proof,"
+            " repeats, agents, change) VALUES ($1, $2, $3, $4, $4, $5, 'used TCP/TLS', 0, $6, $7)"
+        )
+        decade = clock() + 10 * 365 * 86400
+        rules = '{"no_such_rule": "x", "scanner_ua": "y"}'
+        await connection.execute(insert, ATTACKER, 5, clock(), decade, rules, '["agent-x"]', 1)
+        await connection.execute(insert, OTHER, 6, clock(), decade, rules, '{"not": "a list"}', 2)
+        await connection.execute("UPDATE hepsub.detection_counter SET change = 2, serial = 6")
+    finally:
+        await connection.close()
+    assert await b.sharing.follow() == 1
+    assert b.sharing.held == 2
+    detection = b.book.get(ATTACKER)
+    assert detection is not None
+    assert (detection.serial, list(detection.rules), detection.agents) == (5, ["scanner_ua"], ("agent-x",))
+    assert detection.until == clock() + MAX_DURATION
+    assert b.book.get(OTHER) is None
+    assert b.mirror.next_serial == 6  # its own serials continue above every ID it serves
