@@ -4,7 +4,9 @@ CrowdSec decision stream.
 Two sources: the APIBAN mirror (an entry is active for 7 days after it was last reported) and,
 with ``site.include_local``, the local detections that are served. Both take their numbers from
 one sequence (the book draws its serials from the mirror), so one ID orders the merged list and a
-client resumes from the last ID it got, whichever source that ID came from. The mirror keeps its
+client resumes from the last ID it got, whichever source that ID came from (with ``store.url``,
+served detections carry the store's IDs, taken above every APIBAN serial: shared_detections.py,
+so every agent lists them under the same ID). The mirror keeps its
 order sorted; the few served detections are merged into it as it is read, so a page costs what it
 reads. Allow-listed addresses are never handed out: the allow-list is site policy.
 """

@@ -82,11 +82,11 @@ ORDER BY last_seen DESC LIMIT $2
 RECENT = f"""
 WITH newest AS (
     SELECT ip FROM {SCHEMA}.sightings ORDER BY written_at DESC LIMIT $1
-), top AS (
-    SELECT DISTINCT ip FROM newest LIMIT $2
+), wanted AS (
+    (SELECT DISTINCT ip FROM newest LIMIT $2) UNION SELECT unnest($3::inet[])
 )
 SELECT ip, writer, first_seen, last_seen, packets, methods, user_agents, users, call_ids
-FROM {SCHEMA}.sightings WHERE ip IN (SELECT ip FROM top) OR ip = ANY($3::inet[])
+FROM {SCHEMA}.sightings WHERE ip = ANY(ARRAY(SELECT ip FROM wanted))
 ORDER BY last_seen DESC LIMIT $4
 """
 RECENT_TIMEOUT = 1.0  # seconds the listing waits for the store before answering from memory

@@ -286,7 +286,10 @@ async def test_a_detection_served_by_a_is_served_by_bs_site_api_and_decision_str
     ]
     body = {"data": {"sid": ["call-1"], "source_ip": [ATTACKER]}, "fromts": 1, "tots": 2}
     answer = await (await b.post("/get/cdr", json=body)).json()
-    assert answer[ATTACKER]["detected"]["action"] == "serve"
+    assert (answer[ATTACKER]["detected"]["action"], answer[ATTACKER]["detected"]["agents"]) == (
+        "serve",
+        [UUID_A],
+    )
     status = (await (await a.get("/api/v1/status")).json())["store"]["detections"]
     assert (status["up"], status["rows_written"] >= 1, status["failures"]) == (True, True, 0)
     metrics = await (await b.get("/metrics")).text()
