@@ -47,6 +47,7 @@ from .keys import (
     REFUSALS,
     REGISTRAR,
     SETTINGS,
+    SHARED_DETECTIONS,
     SHARED_SIGHTINGS,
     SIGHTINGS,
     SITE_API,
@@ -59,7 +60,8 @@ from .metrics import Metrics
 from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
-from .shared_mirror import StoreLink
+from .shared_detections import SharedDetections
+from .shared_mirror import STORE_FAILURES, StoreLink
 from .shared_sightings import SharedSightings
 from .sightings import Sightings
 from .site_access import SiteAccess
@@ -110,6 +112,7 @@ def create_app(
     app.cleanup_ctx.append(_collector(clocks))
     if settings.store.url:
         app.cleanup_ctx.append(_sightings_sharing)
+        app.cleanup_ctx.append(_detections_sharing)
     app.cleanup_ctx.append(_registration(clocks))
     setup_routes(app, settings.agent.path.rstrip("/"))
     if settings.site.keys:
@@ -235,6 +238,19 @@ async def _sightings_sharing(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(sharing.flush(), LAST_FLUSH_TIMEOUT)
 
 
+async def _detections_sharing(app: web.Application) -> AsyncIterator[None]:
+    """With store.url and detection on: served detections written to the store and followed."""
+    sharing = app.get(SHARED_DETECTIONS)
+    task = None if sharing is None else asyncio.create_task(sharing.run(), name="detections-sharing")
+    yield
+    if sharing is not None and task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(TimeoutError, *STORE_FAILURES):
+            await asyncio.wait_for(sharing.flush(), LAST_FLUSH_TIMEOUT)
+
+
 DETECTIONS_FILE = "detections.json"
 UPKEEP_EVERY = 10.0  # seconds between expiring detections, forgetting idle counters and saving
 
@@ -244,8 +260,8 @@ def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> De
     settings = app[SETTINGS]
     sync = app.get(MIRROR_SYNC)
     # Served detections take their IDs from the mirror's sequence, so site clients see one list.
-    new_serial = sync.mirror.new_serial if sync is not None else _serials()
-    book = Detections(settings.detect, new_serial, clock=clocks.wall, on_change=sightings.flag)
+    serials = sync.mirror if sync is not None else _Serials()
+    book = Detections(settings.detect, serials.new_serial, clock=clocks.wall, on_change=sightings.flag)
     authenticated = book.load(settings.state.dir / DETECTIONS_FILE)
     if sync is not None:
         highest = max((d.serial or 0 for d in book.active()), default=-1)
@@ -259,19 +275,25 @@ def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> De
     app[DETECTOR] = detector
     app[METRICS].sources.detections = book
     app[METRICS].sources.detector = detector
+    if STORE_LINK in app:
+        # Served detections go to the store and come back with the ID every agent serves.
+        sharing = SharedDetections(book, app[AGENT_UUID], serials, wall_clock=clocks.wall)
+        app[SHARED_DETECTIONS] = sharing
+        app[METRICS].sources.shared_detections = sharing
+        app[STORE_LINK].when_connected(sharing.attach)
     return detector
 
 
-def _serials() -> Callable[[float], int]:
+class _Serials:
     """Check mode has no mirror: the same numbering (milliseconds, always increasing) on its own."""
-    last = -1
 
-    def new_serial(now: float) -> int:
-        nonlocal last
-        last = max(last + 1, int(now * 1000))
-        return last
+    def __init__(self) -> None:
+        self.next_serial = 0
 
-    return new_serial
+    def new_serial(self, now: float) -> int:
+        serial = max(self.next_serial, int(now * 1000))
+        self.next_serial = serial + 1
+        return serial
 
 
 async def _detection_upkeep(app: web.Application, clocks: Clocks) -> None:

@@ -4,7 +4,9 @@ CrowdSec decision stream.
 Two sources: the APIBAN mirror (an entry is active for 7 days after it was last reported) and,
 with ``site.include_local``, the local detections that are served. Both take their numbers from
 one sequence (the book draws its serials from the mirror), so one ID orders the merged list and a
-client resumes from the last ID it got, whichever source that ID came from. The mirror keeps its
+client resumes from the last ID it got, whichever source that ID came from (with ``store.url``,
+served detections carry the store's IDs, taken above every APIBAN serial: shared_detections.py,
+so every agent lists them under the same ID). The mirror keeps its
 order sorted; the few served detections are merged into it as it is read, so a page costs what it
 reads. Allow-listed addresses are never handed out: the allow-list is site policy.
 """
@@ -124,11 +126,13 @@ class Blocklist:
 
     def page_after(self, after: int, limit: int, now: float) -> tuple[list[str], int | None]:
         """Up to ``limit`` addresses numbered after ``after``, leaving out skipped ones; and the serial
-        to continue from (None when nothing is numbered after ``after``)."""
+        to continue from (None when nothing is numbered after ``after``). A page never ends between
+        two entries of one ID: with a store, a detection numbered by the store while the APIBAN
+        puller numbers a page may share an ID with an entry of it (shared_detections.py)."""
         page: list[str] = []
         last: int | None = None
         for serial, ip in self.sequence(after, now):
-            if len(page) == limit:
+            if len(page) >= limit and serial != last:
                 break
             last = serial
             if not self.skip(ip):

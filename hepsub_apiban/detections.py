@@ -65,6 +65,7 @@ class Detection:
     held_back: str | None = None  # why a rule that serves only flagged it
     repeats: int = 0  # earlier detections within REPEAT_WINDOW
     announced_until: float = 0.0  # the end blocklist clients were told with the current serial
+    agents: tuple[str, ...] = ()  # with store.url: the agents that detected it (HEPSUB UUIDs)
 
     @property
     def action(self) -> str:
@@ -85,6 +86,8 @@ class Detection:
             body["served_because"] = self.proof
         elif self.held_back:
             body["not_served_because"] = self.held_back
+        if self.agents:
+            body["agents"] = list(self.agents)
         return body
 
 
@@ -96,6 +99,8 @@ class DetectionStats:
 
 
 Listener = Callable[[str, bool], object]  # (ip, detected now)
+# (served detection, when it ended or None): served, extended or renumbered by a finding, or ended.
+SharedListener = Callable[[Detection, float | None], object]
 
 
 class Detections:
@@ -119,6 +124,7 @@ class Detections:
         self.ended: deque[tuple[float, Detection]] = deque(maxlen=MAX_TOMBSTONES)
         self.stats = DetectionStats()
         self.dirty = False
+        self.on_shared: SharedListener | None = None  # with store.url (shared_detections.py)
 
     # ---------------------------------------------------------------- findings
 
@@ -152,6 +158,8 @@ class Detections:
         if not detection.served and self._wants_serving(detection):
             self._serve(detection, now)
         outcome = detection.action
+        if detection.served and self.on_shared is not None:
+            self.on_shared(detection, None)
         self.stats.findings[(finding.rule, outcome)] += 1
         self.dirty = True
         self._log(finding, self._describe(detection))
@@ -235,10 +243,12 @@ class Detections:
 
     # ---------------------------------------------------------------- ending
 
-    def _end(self, detection: Detection, now: float) -> None:
+    def _end(self, detection: Detection, now: float, *, share: bool = True) -> None:
         del self._active[detection.ip]
         if detection.served:
             self.ended.append((now, detection))
+            if share and self.on_shared is not None:
+                self.on_shared(detection, now)
         self.dirty = True
         if self._on_change is not None:
             self._on_change(detection.ip, False)
@@ -250,6 +260,48 @@ class Detections:
         for detection in sorted(ended, key=lambda d: d.until):
             self._end(detection, detection.until)
         return len(ended)
+
+    # ---------------------------------------------------------------- shared (store.url)
+
+    def adopt(self, shared: Detection, now: float) -> Detection | None:
+        """A served detection as the store holds it (shared_detections.py), this agent's or another's:
+        served here under the store's ID and end, merged with what this book holds of the address (a
+        flagged detection of it is served from now on: another agent had the proof). The breaker is
+        the detecting agent's; the book's bound is this one's. None if the book is full or it is over."""
+        shared.rules = {rule: text for rule, text in shared.rules.items() if rule in self._settings.rules}
+        shared.until = min(shared.until, now + MAX_DURATION)  # no agent may list an address for good
+        detection = self._current(shared.ip, now)
+        if shared.until <= now:
+            return None
+        if detection is None:
+            if len(self._active) >= self._settings.max_tracked:
+                self.stats.full += 1
+                return None
+            shared.served, shared.held_back = True, None
+            self._active[shared.ip] = detection = shared
+            if self._on_change is not None:
+                self._on_change(shared.ip, True)
+        else:
+            # The store's order first (the first rule names the CrowdSec scenario on every agent).
+            detection.rules = {**shared.rules, **detection.rules}
+            detection.until = max(detection.until, shared.until)
+            detection.serial, detection.announced_until = shared.serial, shared.announced_until
+            detection.served, detection.held_back = True, None
+            detection.proof = detection.proof or shared.proof
+            detection.repeats = max(detection.repeats, shared.repeats)
+            detection.since = min(detection.since, shared.since)
+            detection.agents = shared.agents
+        self.dirty = True
+        return detection
+
+    def end_shared(self, ip: str, serial: int, at: float) -> bool:
+        """An agent ended the served detection ``serial`` of ``ip`` (its end came by its clock before
+        this one's): it ends here too, unless this book has renumbered it since."""
+        detection = self._active.get(ip)
+        if detection is None or detection.serial != serial or detection.until > at:
+            return False
+        self._end(detection, at, share=False)
+        return True
 
     # ---------------------------------------------------------------- reading
 

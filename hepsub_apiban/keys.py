@@ -22,6 +22,7 @@ from .lookups import LookupService
 from .metrics import Metrics
 from .mirror import MirrorSync
 from .registration import Registrar
+from .shared_detections import SharedDetections
 from .shared_mirror import StoreLink
 from .shared_sightings import SharedSightings
 from .sightings import Sightings
@@ -39,6 +40,7 @@ METRICS = web.AppKey("metrics", Metrics)
 MIRROR_SYNC = web.AppKey("mirror_sync", MirrorSync)
 SIGHTINGS = web.AppKey("sightings", Sightings)
 SHARED_SIGHTINGS = web.AppKey("shared_sightings", SharedSightings)
+SHARED_DETECTIONS = web.AppKey("shared_detections", SharedDetections)
 COLLECTOR = web.AppKey("collector", HepCollector)
 SITE_API = web.AppKey("site_api", SiteApi)
 REFUSALS = web.AppKey("refusals", Refusals)

@@ -25,6 +25,7 @@ from .detections import Detections
 from .lookups import LookupService
 from .mirror import MirrorSync
 from .registration import Registrar
+from .shared_detections import SharedDetections
 from .shared_mirror import StoreLink
 from .shared_sightings import SharedSightings
 from .sightings import Sightings
@@ -77,6 +78,7 @@ class Sources:
     detector: Detector | None = None
     store: StoreLink | None = None
     shared_sightings: SharedSightings | None = None
+    shared_detections: SharedDetections | None = None
     enrichment: EnrichmentStats = field(default_factory=EnrichmentStats)
 
 
@@ -103,6 +105,7 @@ class _AgentCollector(Collector):
         yield from self._hep()
         yield from self._refusals()
         yield from self._store()
+        yield from self._store_detections()
         yield from self._detections()
 
     def _detections(self) -> Iterator[Metric]:
@@ -302,6 +305,28 @@ class _AgentCollector(Collector):
                 "Addresses touched since the last write",
                 sharing.pending(),
             )
+
+    def _store_detections(self) -> Iterator[Metric]:
+        sharing = self._sources.shared_detections
+        if sharing is None:
+            return
+        stats = sharing.stats
+        yield CounterMetricFamily(
+            f"{PREFIX}_store_detections_rows", "Served detections written to the store", stats.rows_written
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_store_detections_adopted",
+            "Shared detection rows applied to this agent's book (its own and other agents')",
+            stats.adopted,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_store_detections_failures",
+            "Detection writes or follows that failed (retried; nothing is lost)",
+            stats.failures,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_detections_waiting", "Detections marked for the next write", sharing.pending()
+        )
 
     def _mirror(self) -> Iterator[Metric]:
         sync = self._sources.sync

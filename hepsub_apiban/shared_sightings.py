@@ -81,6 +81,20 @@ SELECT ip, writer, first_seen, last_seen, packets, methods, user_agents, users, 
 FROM {SCHEMA}.sightings WHERE ip = ANY($1::inet[])
 ORDER BY last_seen DESC LIMIT $2
 """
+# /api/v1/sightings: the addresses of the newest rows (the written_at index; a row is rewritten
+# each second its address is seen), with every row of them and of the listing's own addresses.
+RECENT = f"""
+WITH newest AS (
+    SELECT ip FROM {SCHEMA}.sightings ORDER BY written_at DESC LIMIT $1
+), wanted AS (
+    (SELECT DISTINCT ip FROM newest LIMIT $2) UNION SELECT unnest($3::inet[])
+)
+SELECT ip, writer, first_seen, last_seen, packets, methods, user_agents, users, call_ids
+FROM {SCHEMA}.sightings WHERE ip = ANY(ARRAY(SELECT ip FROM wanted))
+ORDER BY last_seen DESC LIMIT $4
+"""
+RECENT_TIMEOUT = 1.0  # seconds the listing waits for the store before answering from memory
+RECENT_ROWS_PER_IP = 4  # rows (writers x lives) read per address listed, at most on average
 # By the database's clock: the rows' own times come from HEP packets, which anyone may forge.
 PRUNE = f"DELETE FROM {SCHEMA}.sightings WHERE written_at < now() - make_interval(secs => $1)"
 
@@ -254,6 +268,27 @@ class SharedSightings:
             self.stats.read_failures += 1
             self._read_paused_until = self._monotonic() + READ_PAUSE
             return local
+        return merge(ips, local, rows, self.writer)
+
+    async def recent(self, limit: int, mine: Sequence[str]) -> dict[str, Sighting] | None:
+        """/api/v1/sightings: every agent's newest ``limit`` addresses and ``mine`` (the listing's
+        own), added up with this agent's memory; None if the store does not answer in time. The
+        rows read are bounded by ``limit``."""
+        store = self._store
+        if store is None:
+            return None
+        rows_read = (limit + len(mine)) * RECENT_ROWS_PER_IP
+        try:
+            rows = await asyncio.wait_for(
+                store.pool.fetch(RECENT, limit * RECENT_ROWS_PER_IP, limit, list(mine), rows_read),
+                RECENT_TIMEOUT,
+            )
+        except STORE_ERRORS:
+            self.stats.read_failures += 1
+            return None
+        found = [address.text for row in rows if (address := _address(row["ip"])) is not None]
+        ips = list(dict.fromkeys([*mine, *found]))
+        local = {ip: sighting for ip in ips if (sighting := self._sightings.get(ip)) is not None}
         return merge(ips, local, rows, self.writer)
 
 

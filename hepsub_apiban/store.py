@@ -109,9 +109,42 @@ CREATE TABLE {SCHEMA}.sightings (
 CREATE INDEX sightings_written_at ON {SCHEMA}.sightings (written_at);  -- pruning by age
 """
 
+# Served detections shared by agents (shared_detections.py): one row per address, its ID the one
+# every agent's site API and decision stream hands out. IDs and changes come from one counter row,
+# not a SEQUENCE: every write locks that row until it commits, so rows become visible in the order
+# of their IDs and changes (a reader polling ``change > held`` never misses a row that committed
+# late), and an ID can be taken above the APIBAN entries' serials (the millisecond scale of
+# mirror.py), so one ID orders the merged list and a client resuming from its last ID sees it.
+V3_SHARED_DETECTIONS = f"""
+CREATE TABLE {SCHEMA}.detection_counter (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),  -- a single row
+    serial bigint NOT NULL DEFAULT 0,       -- the last ID handed out
+    change bigint NOT NULL DEFAULT 0        -- grows with every write; followers poll it
+);
+INSERT INTO {SCHEMA}.detection_counter DEFAULT VALUES;
+
+CREATE TABLE {SCHEMA}.detections (
+    ip inet PRIMARY KEY,                    -- two agents detecting one address share one row
+    serial bigint NOT NULL,                 -- its ID in every agent's site API and decision stream
+    since double precision NOT NULL,        -- Unix seconds, the detecting agents' clocks
+    until double precision NOT NULL,        -- the later end of every agent's wins
+    announced_until double precision NOT NULL,  -- the end clients were told with this serial
+    rules jsonb NOT NULL,                   -- {{"rule": "evidence"}}, in the order they fired
+    proof text,                             -- why it evidently talks to us
+    repeats integer NOT NULL,
+    agents jsonb NOT NULL,                  -- HEPSUB UUIDs of the agents that detected it
+    ended_at double precision,              -- set when it ended; NULL while it lasts
+    change bigint NOT NULL,                 -- detection_counter.change of its last write
+    written_at timestamptz NOT NULL DEFAULT now()  -- the database's clock, for pruning
+);
+CREATE INDEX detections_change ON {SCHEMA}.detections (change);
+CREATE INDEX detections_written_at ON {SCHEMA}.detections (written_at);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "APIBAN list, sync position per source, leases", V1_LIST_AND_LEASES),
     Migration(2, "sightings shared by agents", V2_SHARED_SIGHTINGS),
+    Migration(3, "served detections shared by agents", V3_SHARED_DETECTIONS),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -173,7 +206,7 @@ class Store:
     @property
     def pool(self) -> asyncpg.Pool:
         """For the modules that keep their own tables and statements (shared_mirror.py,
-        shared_sightings.py)."""
+        shared_sightings.py, shared_detections.py)."""
         return self._pool
 
     @classmethod

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -42,6 +43,7 @@ from .keys import (
     REFUSALS,
     REGISTRAR,
     SETTINGS,
+    SHARED_DETECTIONS,
     SHARED_SIGHTINGS,
     SIGHTINGS,
     STARTED_AT,
@@ -217,13 +219,39 @@ async def sightings_list(request: web.Request) -> web.Response:
         return error_response(f"limit must be a whole number from 0 to {MAX_SIGHTINGS_LIMIT}", 400)
     limit = int(limit_text)
     sightings = request.app[SIGHTINGS]
+    listed = None if listed_text is None else (filters[listed_text],)
     chosen = (
-        sightings.values()
-        if listed_text is None
-        else (s for s in sightings.values() if s.listed is filters[listed_text])
+        sightings.values() if listed is None else (s for s in sightings.values() if s.listed is listed[0])
     )
-    items = [_sighting_json(request.app, s) for _, s in zip(range(limit), chosen, strict=False)]
-    return json_response({"sightings": items, "total": len(sightings)})
+    picked = [s for _, s in zip(range(limit), chosen, strict=False)]
+    body: dict[str, Any] = {}
+    shared = request.app.get(SHARED_SIGHTINGS)
+    if shared is not None:  # what every agent saw; this agent's view alone (partial) if the store fails
+        everyone = await shared.recent(limit, [s.ip for s in picked])
+        body["partial"] = everyone is None
+        if everyone is not None:
+            picked = _newest(request.app, everyone.values(), listed, limit)
+    items = [_sighting_json(request.app, s) for s in picked]
+    return json_response({"sightings": items, "total": len(sightings), **body})
+
+
+def _newest(
+    app: web.Application, merged: Iterable[Sighting], listed: tuple[bool | None] | None, limit: int
+) -> list[Sighting]:
+    """Merged sightings newest first, those only other agents saw given this agent's verdict if it
+    needs no upstream request (the mirror's, the cache's)."""
+    lookups = app[LOOKUPS]
+    chosen = []
+    for sighting in sorted(merged, key=_last_seen, reverse=True):
+        if sighting.verdict is None:
+            sighting.verdict = lookups.answer_now(sighting.address)
+        if listed is None or sighting.listed is listed[0]:
+            chosen.append(sighting)
+    return chosen[:limit]
+
+
+def _last_seen(sighting: Sighting) -> float:
+    return sighting.last_seen
 
 
 def _sighting_json(app: web.Application, sighting: Sighting) -> dict[str, Any]:
@@ -472,6 +500,9 @@ def _store_status(app: web.Application) -> dict[str, Any] | None:
             "reads_skipped": stats.reads_skipped,
             "evicted_unwritten": sharing.evicted_unwritten,
         }
+    detections = app.get(SHARED_DETECTIONS)
+    if detections is not None:
+        body["detections"] = detections.to_json()
     return body
 
 
