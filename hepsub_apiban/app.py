@@ -59,6 +59,7 @@ from .metrics import Metrics
 from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
+from .shared_budget import SharedBudget
 from .shared_mirror import StoreLink
 from .shared_sightings import SharedSightings
 from .sightings import Sightings
@@ -312,8 +313,16 @@ def _store_link(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[Non
         )
         app[STORE_LINK] = link
         app[METRICS].sources.store = link
+        shared = None
+        if sync is None:  # check mode: every agent's /check requests spend one budget for the key
+            shared = SharedBudget(app[APIBAN].budget, link.source, link.holder, monotonic=clocks.monotonic)
+            app[APIBAN].shared = shared
+            link.shared_budget = shared
+            link.when_connected(shared.attach)
         link.start()
         yield
+        if shared is not None:
+            await shared.close()
         await link.close()
 
     return context

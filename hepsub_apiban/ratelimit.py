@@ -7,6 +7,7 @@ agent throttles itself instead of being throttled.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 from .config import RateLimit
@@ -51,10 +52,21 @@ class Budget:
 
     def try_acquire(self, reserve: int = 0) -> bool:
         """Spend one request if the window allows it (leaving ``reserve`` unspent), without waiting."""
+        return self.take(reserve) is not None
+
+    def take(self, reserve: int = 0) -> float | None:
+        """``try_acquire``, giving the time the request was counted at (for ``refund``), or None."""
         if self.headroom(reserve) <= 0:
-            return False
-        self._sent.append(self._clock())
-        return True
+            return None
+        at = self._clock()
+        self._sent.append(at)
+        return at
+
+    def refund(self, at: float) -> None:
+        """Give back the request counted at ``at``: another gate (shared_budget.py) refused it, so it
+        was never sent. That one exactly, not the newest: a later one may have gone out."""
+        with contextlib.suppress(ValueError):  # already aged out of the window
+            self._sent.remove(at)
 
     def block_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (after a 429 the upstream window is full, whatever we counted)."""

@@ -37,6 +37,7 @@ from .logs import Redactor
 from .lookups import Verdict
 from .mirror import Mirror, MirrorSync
 from .ratelimit import Budget
+from .shared_budget import SharedBudget
 from .store import SCHEMA, Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -215,12 +216,17 @@ class StoreLink:
         self._pull_task: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self._on_connected: list[Callable[[Store], None]] = []
+        self.shared_budget: SharedBudget | None = None  # check mode: the key's budget (shared_budget.py)
 
     def when_connected(self, callback: Callable[[Store], None]) -> None:
         """Call ``callback`` with the store once it is connected and migrated (at once if it is)."""
         self._on_connected.append(callback)
         if self.store is not None and self.status.connected:
             callback(self.store)
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     @property
     def lease_name(self) -> str:
@@ -387,4 +393,5 @@ class StoreLink:
             "schema_version": self.status.schema_version,
             "last_error": self.status.last_error,
             "role": self.status.role,
+            "budget": None if self.shared_budget is None else self.shared_budget.to_json(),
         }

@@ -108,9 +108,29 @@ CREATE TABLE {SCHEMA}.sightings (
 CREATE INDEX sightings_written_at ON {SCHEMA}.sightings (written_at);  -- pruning by age
 """
 
+# The APIBAN request budget of a key shared by agents in check mode (shared_budget.py): one row per
+# source holding the key's requests of the current window, by the database's clock. A request is
+# spent by one UPDATE of that row, which PostgreSQL serialises, so two agents asking at once cannot
+# both take the last slot. (Version 3 is taken by the shared detections.)
+V4_SHARED_BUDGET = f"""
+CREATE TABLE {SCHEMA}.apiban_budget (
+    source text PRIMARY KEY,                -- mirror.snapshot_source(url, key), as apiban_sources
+    sent timestamptz[] NOT NULL DEFAULT '{{}}',  -- the key's requests still in the window, oldest first
+    blocked_until timestamptz NOT NULL DEFAULT '-infinity',  -- after a 429: nothing until then
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {SCHEMA}.apiban_budget_agents (
+    source text NOT NULL,
+    holder text NOT NULL,                   -- one agent process (StoreLink.holder)
+    seen_at timestamptz NOT NULL,           -- its last request: the agents sharing the key lately
+    PRIMARY KEY (source, holder)
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "APIBAN list, sync position per source, leases", V1_LIST_AND_LEASES),
     Migration(2, "sightings shared by agents", V2_SHARED_SIGHTINGS),
+    Migration(4, "APIBAN request budget shared by agents in check mode", V4_SHARED_BUDGET),
 )
 LATEST = MIGRATIONS[-1].version
 
