@@ -313,16 +313,17 @@ def _store_link(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[Non
         )
         app[STORE_LINK] = link
         app[METRICS].sources.store = link
-        shared = None
-        if sync is None:  # check mode: every agent's /check requests spend one budget for the key
-            shared = SharedBudget(app[APIBAN].budget, link.source, link.holder, monotonic=clocks.monotonic)
-            app[APIBAN].shared = shared
-            link.shared_budget = shared
-            link.when_connected(shared.attach)
+        # Check mode: every agent's /check requests spend one budget for the key. Mirror mode: the
+        # puller's requests are recorded in it, for the agent that takes over from it.
+        shared = SharedBudget(
+            app[APIBAN].budget, link.source, link.holder, gating=sync is None, monotonic=clocks.monotonic
+        )
+        app[APIBAN].shared = shared
+        link.shared_budget = shared
+        link.when_connected(shared.attach)
         link.start()
         yield
-        if shared is not None:
-            await shared.close()
+        await shared.close()
         await link.close()
 
     return context

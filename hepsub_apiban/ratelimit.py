@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Iterable
 
 from .config import RateLimit
 from .timing import Clock
@@ -71,6 +72,13 @@ class Budget:
     def block_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (after a 429 the upstream window is full, whatever we counted)."""
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
+
+    def adopt(self, ages: Iterable[float], blocked_for: float = 0.0) -> None:
+        """The key's window as the store recorded it (shared_budget.py): requests sent ``ages``
+        seconds ago and nothing for ``blocked_for`` seconds, in place of what this budget counted."""
+        now = self._clock()
+        self._sent = deque(sorted(now - age for age in ages))
+        self._blocked_until = now + max(0.0, blocked_for)
 
     def shut_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` from now, replacing any earlier block, even a longer one:

@@ -13,9 +13,13 @@ The wait for the store is bounded (``SPEND_TIMEOUT``, well inside ``agent.deadli
 the store does not answer, the agent is on its own with a conservative share of the key's
 budget: ``floor(limit / max(2, agents))`` per window, ``agents`` being how many agents of the key
 asked the store lately. Nothing at all goes out for the first window of an outage, since the
-other agents' requests in that window are unknown (as a new puller waits out a window in
-shared_mirror.py). Mirror mode does not use this: its puller holds the key's budget through the
-lease and is the only agent that sends (followers' budgets are shut), so nothing is counted twice.
+other agents' requests in that window are unknown.
+
+Mirror mode records instead of gating (``gating=False``): the puller holds the key's budget
+through its lease and is the only agent that sends (followers' budgets are shut), so its own
+budget decides, and each request it sends is written to the same window, once. An agent that
+takes the lease over reads that window (``adopt_window``) and goes on with what is left of it,
+instead of waiting a whole window for requests it cannot see.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ SLACK = 1.0
 AGENTS_LATELY = 3600.0  # seconds: an agent that asked within this counts as sharing the key
 FORGET_AGENTS = 86400.0  # seconds before a silent agent's row is deleted
 WRITE_TIMEOUT = 5.0  # seconds a background write (a 429's block) may take
+RECORD_ALL = 2**31 - 1  # mirror mode: every request is written, the puller's own budget decides
 
 STORE_ERRORS = (StoreError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -79,6 +84,12 @@ SELECT
     (SELECT greatest(extract(epoch FROM blocked_until)::float8, 0) FROM {SCHEMA}.apiban_budget
      WHERE source = $1) AS blocked_until
 """
+WINDOW = f"""
+SELECT extract(epoch FROM clock_timestamp())::float8 AS now,
+    ARRAY(SELECT extract(epoch FROM t)::float8 FROM unnest(sent) AS t ORDER BY t) AS sent,
+    greatest(extract(epoch FROM blocked_until)::float8, 0) AS blocked_until
+FROM {SCHEMA}.apiban_budget WHERE source = $1
+"""
 BLOCK = f"""
 UPDATE {SCHEMA}.apiban_budget
 SET blocked_until = greatest(blocked_until, clock_timestamp() + make_interval(secs => $2)), updated_at = now()
@@ -105,6 +116,7 @@ class SharedBudget:
         source: str,
         holder: str,
         *,
+        gating: bool = True,
         timeout: float = SPEND_TIMEOUT,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -112,7 +124,9 @@ class SharedBudget:
         self.limit = local.limit
         self.source = source
         self.holder = holder
-        self._timeout = timeout
+        self._gating = gating
+        # The puller has no deadline to keep, and a record it cannot write costs it the request.
+        self._timeout = timeout if gating else WRITE_TIMEOUT
         self._monotonic = monotonic
         self._store: Store | None = None
         self._ensured = False
@@ -175,6 +189,8 @@ class SharedBudget:
             self.stats.fallback_granted += 1
         else:
             self.stats.fallback_refused += 1
+            if not self._gating:
+                self._local.block_for(PAUSE)  # the mirror sync asks again when its budget says
         return refusal
 
     async def _ask_store(self, store: Store, reserve: int) -> tuple[bool, str | None]:
@@ -195,6 +211,8 @@ class SharedBudget:
             return True, None
         self.stats.refused += 1
         self._full = (reserve, now + wait)
+        if not self._gating:
+            self._local.block_for(wait)  # a 429 blocked the key: the mirror sync waits it out
         return True, self._refusal_text()
 
     def _refusal_text(self) -> str:
@@ -226,7 +244,7 @@ class SharedBudget:
             await store.pool.execute(ENSURE, self.source, FORGET_AGENTS)
             self._ensured = True
         window = self.limit.window + SLACK
-        allowed = self.limit.requests - reserve
+        allowed = self.limit.requests - reserve if self._gating else RECORD_ALL
         row = await store.pool.fetchrow(SPEND, self.source, self.holder, allowed, window, AGENTS_LATELY)
         assert row is not None  # a SELECT without FROM: always one row
         self.agents = max(1, int(row["agents"]))
@@ -257,6 +275,22 @@ class SharedBudget:
             if self.stats.failures:
                 log.info("store: the shared APIBAN budget answers again")
             self._lost_at = None
+
+    async def adopt_window(self) -> None:
+        """Take the key's window as recorded in the store into this agent's own budget (a new
+        puller: its predecessors' requests). Each request still in the window counts as sent now:
+        this agent's clock and the database's need not agree, and only the count matters to
+        what may be sent at once."""
+        store = self._store
+        if store is None:
+            raise StoreError("the store is not connected")
+        row = await store.pool.fetchrow(WINDOW, self.source, timeout=WRITE_TIMEOUT)
+        if row is None:
+            self._local.adopt((), 0.0)  # no request of this key was ever recorded
+            return
+        now: float = row["now"]
+        recent = sum(1 for t in row["sent"] if t > now - self.limit.window - SLACK)
+        self._local.adopt([0.0] * recent, (row["blocked_until"] or 0.0) - now)
 
     def block_for(self, seconds: float) -> None:
         """A 429: the key's window is full for every agent; written in the background."""

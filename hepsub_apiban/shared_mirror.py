@@ -5,12 +5,13 @@ it connects and migrates with a capped backoff, so a database that is down never
 agent, which meanwhile serves what it holds (memory, the state dir's snapshot).
 
 In mirror mode the agents of one key elect a puller with a lease (``apiban-puller:<source>``,
-``LEASE_TTL`` seconds by the database's clock, renewed every ``RENEW_EVERY``). Only the holder
+``store.lease_ttl`` seconds by the database's clock, renewed every third of it). Only the holder
 runs ``MirrorSync`` and so only it sends APIBAN requests: the key's budget is the puller's.
 After every step that changed the mirror it writes the changed entries and the sync position
 in one transaction fenced by the lease's epoch, bumping ``apiban_sources.version``; the rows
 carry that version in ``change``. A renew that fails, or a write the fence refuses, stops the
-pull at once. The others poll the version every ``FOLLOW_EVERY`` seconds and apply the rows
+pull at once. The others poll the version every ``FOLLOW_EVERY`` seconds (a tenth of the lease
+if that is shorter, so a takeover comes within the lease time) and apply the rows
 whose ``change`` is above what they hold to their in-memory ``Mirror`` (lookups stay a dict
 probe; site API IDs are the stored serials). When the lease lapses (the puller died), a follower
 takes it and goes on from the stored cursor; it first waits out one rate-limit window, since the
@@ -42,8 +43,7 @@ from .store import SCHEMA, Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-LEASE_TTL = 30.0  # seconds a puller may go silent before another agent takes over
-RENEW_EVERY = 10.0  # three renewals per ttl: one slow round-trip does not cost the lease
+RENEWALS_PER_TTL = 3  # one slow round-trip does not cost the lease
 FOLLOW_EVERY = 2.0  # seconds between a follower's polls of the list's version (one cheap row)
 RECONNECT_FIRST = 1.0
 FOLLOWER_SHUT = 365 * 86400.0  # a follower's own budget: shut until it pulls or loses the store
@@ -199,6 +199,7 @@ class StoreLink:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._ttl = settings.lease_ttl
         self._redact = Redactor(settings.secrets())
         # A new holder per process: a restarted agent does not inherit its old lease's budget.
         self.holder = f"{holder}:{secrets.token_hex(4)}"
@@ -223,6 +224,10 @@ class StoreLink:
         self._on_connected.append(callback)
         if self.store is not None and self.status.connected:
             callback(self.store)
+
+    @property
+    def _follow_every(self) -> float:
+        return min(FOLLOW_EVERY, self._ttl / 10)
 
     @property
     def source(self) -> str:
@@ -275,12 +280,12 @@ class StoreLink:
             self.status.role = None
             while True:  # nothing shared outside mirror mode yet: only tell whether the store answers
                 self.status.schema_version = await self.store.schema_version()
-                await asyncio.sleep(FOLLOW_EVERY)
+                await asyncio.sleep(self._follow_every)
         shared = MirrorStore(self.store, self._source)
         await shared.ensure_source()
         await self._reload(shared)
         while True:
-            lease = await self.store.try_acquire(self.lease_name, self.holder, LEASE_TTL)
+            lease = await self.store.try_acquire(self.lease_name, self.holder, self._ttl)
             if lease is not None:
                 await self._pull(shared, lease)
                 await self._reload(shared)
@@ -293,7 +298,7 @@ class StoreLink:
             if await shared.version() > self._held:
                 self._held = await shared.apply_changes(self._sync.mirror, self._held)
                 await self._sync.save()  # the state dir's snapshot: what a restart without the store serves
-            await asyncio.sleep(FOLLOW_EVERY)
+            await asyncio.sleep(self._follow_every)
 
     async def _reload(self, shared: MirrorStore) -> None:
         """After a start or a pull that ended, the store's list replaces what is held (a snapshot
@@ -316,8 +321,7 @@ class StoreLink:
         # A list held locally (the state dir) that the store has never seen is published whole.
         mirror.changed = set(mirror.entries) if self._held == 0 else set()
         if self._budget is not None:
-            # The previous holder's requests in this window are unknown: wait the window out.
-            self._budget.shut_for(self._budget.limit.window if lease.epoch > 1 else 0.0)
+            await self._adopt_window(lease)
         self._lease = lease
         self._lost.clear()
         self.status.role = "puller"
@@ -330,9 +334,9 @@ class StoreLink:
         try:
             while not self._lost.is_set():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(RENEW_EVERY):
+                    async with asyncio.timeout(self._ttl / RENEWALS_PER_TTL):
                         await self._lost.wait()
-                if self._lost.is_set() or await self.store.renew(lease.name, self.holder, LEASE_TTL) is None:
+                if self._lost.is_set() or await self.store.renew(lease.name, self.holder, self._ttl) is None:
                     break
         finally:
             task.cancel()
@@ -345,6 +349,21 @@ class StoreLink:
             self._lease = None
             self.status.role = None
         log.warning("store: this agent no longer pulls the APIBAN list (lease lost)")
+
+    async def _adopt_window(self, lease: Lease) -> None:
+        """The key's requests still in APIBAN's window, as the previous pullers recorded them
+        (shared_budget.py); if they cannot be read, the window is waited out whole."""
+        assert self._budget is not None
+        if self.shared_budget is not None:
+            try:
+                await self.shared_budget.adopt_window()
+            except STORE_FAILURES as exc:
+                log.warning(
+                    "store: the key's request window unread (%s); waiting it out", self._redact(str(exc))
+                )
+            else:
+                return
+        self._budget.shut_for(self._budget.limit.window if lease.epoch > 1 else 0.0)
 
     async def _publish(self, shared: MirrorStore, mirror: Mirror) -> None:
         lease = self._lease
