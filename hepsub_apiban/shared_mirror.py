@@ -47,7 +47,10 @@ RENEWALS_PER_TTL = 3  # one slow round-trip does not cost the lease
 FOLLOW_EVERY = 2.0  # seconds between a follower's polls of the list's version (one cheap row)
 RECONNECT_FIRST = 1.0
 FOLLOWER_SHUT = 365 * 86400.0  # a follower's own budget: shut until it pulls or loses the store
-RECONNECT_MAX = 60.0
+# A refused connection costs the store nothing, and each module that uses the store waits for
+# this link's news (``when_connected``) to write what it buffered: so a store back from an
+# outage is in use again within this many seconds.
+RECONNECT_MAX = 10.0
 CLOSE_TIMEOUT = 5.0
 STORE_FAILURES = (
     StoreError,
