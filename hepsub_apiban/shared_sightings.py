@@ -175,6 +175,11 @@ class SharedSightings:
                 columns = _columns(rows[start : start + BATCH_ROWS])
                 await store.pool.execute(UPSERT, self.writer, self.agent, *columns, timeout=WRITE_TIMEOUT)
                 statements += 1
+        except asyncio.CancelledError:
+            # Stopped mid-write (the agent shutting down): the last flush writes the batch. The
+            # totals are cumulative, so a batch that did commit is only written again.
+            self._keep(touched)
+            raise
         except STORE_ERRORS as exc:
             self._keep(touched)
             self.stats.failures += 1
