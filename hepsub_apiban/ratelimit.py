@@ -74,10 +74,11 @@ class Budget:
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
 
     def adopt(self, ages: Iterable[float], blocked_for: float = 0.0) -> None:
-        """The key's window as the store recorded it (shared_budget.py): requests sent ``ages``
-        seconds ago and nothing for ``blocked_for`` seconds, in place of what this budget counted."""
+        """Add the key's window as the store recorded it (shared_budget.py): requests sent ``ages``
+        seconds ago, and nothing for ``blocked_for`` seconds in place of any earlier shut. A request
+        of this process that the store recorded too counts twice: the safe side."""
         now = self._clock()
-        self._sent = deque(sorted(now - age for age in ages))
+        self._sent = deque(sorted([*self._sent, *(now - age for age in ages)]))
         self._blocked_until = now + max(0.0, blocked_for)
 
     def shut_for(self, seconds: float) -> None:

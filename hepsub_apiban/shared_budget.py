@@ -319,6 +319,7 @@ class SharedBudget:
         stats = self.stats
         opens = None if self._lost_at is None else max(0.0, self._lost_at + self.limit.window - now)
         return {
+            "gating": self._gating,  # check mode; mirror mode only records the puller's requests
             "shared": self.shared,
             "agents": self.agents,
             "fallback_allowance": self.fallback_allowance(),

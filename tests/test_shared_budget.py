@@ -19,9 +19,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from hepsub_apiban import shared_budget
 from hepsub_apiban.app import Clocks
+from hepsub_apiban.config import RateLimit, StoreSettings
 from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.keys import APIBAN, STORE_LINK
+from hepsub_apiban.ratelimit import Budget
 from hepsub_apiban.shared_budget import SharedBudget
+from hepsub_apiban.store import Store
 
 from . import test_shared_sightings
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock
@@ -215,3 +218,72 @@ async def test_the_shared_window_slides_by_the_database_clock(
     assert max_in_any_window(accepted, 1.0) <= 3
     # 3 per window of 1 s and the store's second of slack: about 3 every 2 s, so at least 6.
     assert len(accepted) >= 6
+
+
+@pytest.fixture
+async def stores(store_url: str) -> AsyncIterator[Callable[[], Awaitable[Store]]]:
+    opened: list[Store] = []
+
+    async def open_store() -> Store:
+        store = await Store.connect(StoreSettings(store_url))
+        await store.migrate()
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        await store.close()
+
+
+async def test_many_agents_asking_at_once_get_exactly_the_limit(
+    stores: Callable[[], Awaitable[Store]],
+) -> None:
+    # Eight agents, each with its own connections, five requests each, all at the same moment:
+    # the row's UPDATE is re-checked on its newest version, so the eleventh slot goes once.
+    budgets = []
+    for n in range(8):
+        budget = SharedBudget(
+            Budget(RateLimit(11, 120.0), ManualClock()), "source-x", f"agent-{n}", timeout=10.0
+        )
+        budget.attach(await stores())
+        budgets.append(budget)
+    answers = await asyncio.gather(*(budget.admit() for budget in budgets for _ in range(5)))
+    assert sum(answer is None for answer in answers) == 11
+    assert sum(budget.stats.granted for budget in budgets) == 11
+    assert all(budget.shared for budget in budgets)
+    assert max(budget.agents for budget in budgets) == 8
+
+
+async def test_a_new_puller_takes_over_the_window_its_predecessor_recorded(
+    stores: Callable[[], Awaitable[Store]],
+) -> None:
+    old_clock, new_clock = ManualClock(), ManualClock(5_000.0)  # two hosts' clocks disagree
+    old = SharedBudget(Budget(RateLimit(11, 120.0), old_clock), "source-y", "old", gating=False)
+    old.attach(await stores())
+    for _ in range(4):
+        assert await old.admit() is None  # recorded, never refused: the puller's own budget decides
+    old.block_for(0.0)  # a 429 of no length: the key is not blocked
+    await asyncio.gather(*old._writes)
+    local = Budget(RateLimit(11, 120.0), new_clock)
+    local.shut_for(365 * 86400.0)  # it was a follower
+    new = SharedBudget(local, "source-y", "new", gating=False)
+    new.attach(await stores())
+    await new.adopt_window()
+    assert local.used() == 4  # the predecessor's requests, counted as sent now
+    assert local.headroom() == 7
+    assert local.wait_time(reserve=8) == pytest.approx(120.0)
+    new_clock.advance(120.0)
+    assert local.used() == 0
+
+
+def test_a_refund_gives_back_that_request_not_a_later_one() -> None:
+    clock = ManualClock()
+    budget = Budget(RateLimit(3, 10.0), clock)
+    first = budget.take()
+    clock.advance(4.0)
+    assert budget.take() is not None
+    assert first is not None
+    budget.refund(first)  # the first was refused by the shared window; the second went out
+    clock.advance(7.0)  # 11 s after the first, 7 after the second
+    assert budget.used() == 1
+    assert budget.wait_time(reserve=2) == pytest.approx(3.0)
