@@ -186,6 +186,7 @@ class StoreStatus:
     schema_version: int | None = None
     last_error: dict[str, Any] | None = None
     role: str | None = None  # puller, follower; None outside mirror mode or while unconnected
+    next_attempt: float | None = None  # wall clock of the next connection attempt while unconnected
 
 
 class StoreLink:
@@ -249,6 +250,7 @@ class StoreLink:
                 self.status.schema_version = await self.store.migrate()
                 self.status.connected = True
                 self.status.last_error = None
+                self.status.next_attempt = None
                 for callback in self._on_connected:
                     callback(self.store)
                 delay = RECONNECT_FIRST
@@ -259,6 +261,7 @@ class StoreLink:
                 # A bug here must not silently end the link (and with it the pull for every agent).
                 log.exception("store link failed; starting it again in %.0f s", delay)
                 self._failed(exc)
+            self.status.next_attempt = self._now() + delay
             await asyncio.sleep(delay)
             delay = min(delay * 2.0, RECONNECT_MAX)
 
@@ -409,11 +412,14 @@ class StoreLink:
             self.store.pool.terminate()  # a connection still busy (cancelled mid-statement)
 
     def to_json(self) -> dict[str, Any]:
+        next_attempt = None if self.status.connected else self.status.next_attempt
         return {
             "url": self._settings.shown,
             "connected": self.status.connected,
             "schema_version": self.status.schema_version,
             "last_error": self.status.last_error,
             "role": self.status.role,
+            # While unconnected: seconds until the next attempt (the agent serves from memory).
+            "reconnect_in": None if next_attempt is None else round(max(0.0, next_attempt - self._now()), 3),
             "budget": None if self.shared_budget is None else self.shared_budget.to_json(),
         }

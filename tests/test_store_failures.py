@@ -272,7 +272,7 @@ async def test_postgresql_stopped_for_30_s_under_enrichment_load(
         await asyncio.sleep(3.0)
         during = await (await client.get("/api/v1/status")).json()
         metrics_during = await (await client.get("/metrics")).text()
-        ready_during = (await client.get("/readyz")).status
+        ready_during = await client.get("/readyz")
         await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
         await asyncio.to_thread(own_cluster.launch)
         restarted = time.monotonic()
@@ -299,7 +299,9 @@ async def test_postgresql_stopped_for_30_s_under_enrichment_load(
     assert len(load.answers) >= OUTAGE / (LOAD_EVERY + deadline)
 
     store = during["store"]
-    assert ready_during == 200  # readiness is about the lookups, which answer from memory
+    assert ready_during.status == 200  # readiness is about the lookups, which answer from memory
+    assert "reconnecting" in (await ready_during.json())["store"]
+    assert 0 < store["reconnect_in"] <= shared_mirror.RECONNECT_MAX
     assert store["connected"] is False
     assert store["last_error"] is not None
     assert store["sightings"]["up"] is False
@@ -314,6 +316,8 @@ async def test_postgresql_stopped_for_30_s_under_enrichment_load(
     store = after["store"]
     assert store["connected"] is True
     assert store["last_error"] is None
+    assert store["reconnect_in"] is None
+    assert (await (await client.get("/readyz")).json()) == {"ready": True}
     assert store["sightings"]["up"] is True
     assert store["sightings"]["waiting"] == 0
     assert store["sightings"]["evicted_unwritten"] == 0
