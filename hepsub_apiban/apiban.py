@@ -235,7 +235,7 @@ class ApibanClient:
         self._redact = redactor
         self._wall_clock = wall_clock
         self.budget = budget
-        self.shared: SharedGate | None = None  # check mode with store.url: the key's shared budget
+        self.shared: SharedGate | None = None  # with store.url: the key's window shared by its agents
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, outcome) -> count
         self.last_error: UpstreamError | None = None
         self.last_success: float | None = None

@@ -14,10 +14,12 @@ pull at once. The others poll the version every ``FOLLOW_EVERY`` seconds (a tent
 if that is shorter, so a takeover comes within the lease time) and apply the rows
 whose ``change`` is above what they hold to their in-memory ``Mirror`` (lookups stay a dict
 probe; site API IDs are the stored serials). When the lease lapses (the puller died), a follower
-takes it and goes on from the stored cursor; it first waits out one rate-limit window, since the
-requests the dead puller sent in the current window are unknown to it. A follower sends no
-APIBAN request at all (its budget is shut while it follows, and for a window after it stops
-following), so the agents of one key together stay within ``apiban.rate_limit``.
+takes it and goes on from the stored cursor. Every request a puller sends is first recorded in
+the key's window in the store (shared_budget.py), so the new puller counts its predecessors'
+requests still in the window as its own and spends only what is left of it (if that window cannot
+be read, it waits the window out). A follower sends no APIBAN request at all (its budget is shut
+while it follows, and for a window after it stops following), so the agents of one key together
+stay within ``apiban.rate_limit``.
 """
 
 from __future__ import annotations
@@ -221,7 +223,9 @@ class StoreLink:
         self._pull_task: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self._on_connected: list[Callable[[Store], None]] = []
-        self.shared_budget: SharedBudget | None = None  # check mode: the key's budget (shared_budget.py)
+        # The key's request window in the store (shared_budget.py): gating in check mode, recording
+        # the puller's requests in mirror mode.
+        self.shared_budget: SharedBudget | None = None
 
     def when_connected(self, callback: Callable[[Store], None]) -> None:
         """Call ``callback`` with the store once it is connected and migrated (at once if it is)."""
