@@ -251,8 +251,11 @@ async def test_many_agents_asking_at_once_get_exactly_the_limit(
     assert sum(answer is None for answer in answers) == 11
     assert sum(budget.stats.granted for budget in budgets) == 11
     assert all(budget.shared for budget in budgets)
-    assert await budgets[0].admit() is not None  # the window is full; the agents are all known now
-    assert budgets[0].agents == 8
+    late = SharedBudget(Budget(RateLimit(11, 120.0), ManualClock()), "source-x", "agent-late")
+    late.attach(await stores())
+    assert await late.admit() is not None  # the window is full, for a ninth agent too
+    assert late.agents == 9  # the eight that asked and itself: its fallback share would be 11 // 9
+    assert late.fallback_allowance() == 1
 
 
 async def test_a_new_puller_takes_over_the_window_its_predecessor_recorded(
