@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -73,6 +73,16 @@ class BudgetSpent(ApibanError):
     """Our own budget is spent; nothing was sent."""
 
     outcome = "budget_spent"
+
+
+class SharedGate(Protocol):
+    """The key's budget shared with other agents (shared_budget.py), behind this agent's own."""
+
+    def may_spend(self, reserve: int = 0) -> bool: ...
+
+    async def admit(self, reserve: int = 0) -> str | None: ...
+
+    def block_for(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +235,7 @@ class ApibanClient:
         self._redact = redactor
         self._wall_clock = wall_clock
         self.budget = budget
+        self.shared: SharedGate | None = None  # with store.url: the key's window shared by its agents
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, outcome) -> count
         self.last_error: UpstreamError | None = None
         self.last_success: float | None = None
@@ -248,6 +259,8 @@ class ApibanClient:
             if isinstance(exc, RateLimited):
                 # Whatever we counted, APIBAN's window is full: wait a whole window.
                 self.budget.block_for(self.budget.limit.window)
+                if self.shared is not None:
+                    self.shared.block_for(self.budget.limit.window)
             raise
         self.requests[(endpoint, "ok")] += 1
         self.last_success = self._wall_clock()
@@ -256,7 +269,8 @@ class ApibanClient:
     async def _get(self, endpoint: str, path: str, reserve: int = 0) -> tuple[int, bytes]:
         # Never waits for the budget: lookups have a deadline, and the mirror sync waits on its
         # own (injectable) clock before it asks.
-        if not self.budget.try_acquire(reserve):
+        spent_at = self.budget.take(reserve)
+        if spent_at is None:
             exc: ApibanError = BudgetSpent(
                 f"APIBAN request budget ({self.budget.limit} s) is spent; next request in "
                 f"{self.budget.wait_time():.0f} s"
@@ -266,6 +280,13 @@ class ApibanClient:
             )
             self.requests[(endpoint, exc.outcome)] += 1
             raise exc
+        if self.shared is not None:
+            refusal = await self.shared.admit(reserve)
+            if refusal is not None:
+                self.budget.refund(spent_at)  # not sent: this agent's own window keeps the slot
+                exc = BudgetSpent(refusal)
+                self.requests[(endpoint, exc.outcome)] += 1
+                raise exc
         try:
             async with self._session.get(
                 f"{self._base}/{path}", timeout=self._timeout, allow_redirects=False

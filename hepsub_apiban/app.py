@@ -60,6 +60,7 @@ from .metrics import Metrics
 from .mirror import Mirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
+from .shared_budget import SharedBudget
 from .shared_detections import SharedDetections
 from .shared_mirror import STORE_FAILURES, StoreLink
 from .shared_sightings import SharedSightings
@@ -334,8 +335,17 @@ def _store_link(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[Non
         )
         app[STORE_LINK] = link
         app[METRICS].sources.store = link
+        # Check mode: every agent's /check requests spend one budget for the key. Mirror mode: the
+        # puller's requests are recorded in it, for the agent that takes over from it.
+        shared = SharedBudget(
+            app[APIBAN].budget, link.source, link.holder, gating=sync is None, monotonic=clocks.monotonic
+        )
+        app[APIBAN].shared = shared
+        link.shared_budget = shared
+        link.when_connected(shared.attach)
         link.start()
         yield
+        await shared.close()
         await link.close()
 
     return context

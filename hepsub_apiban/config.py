@@ -205,6 +205,7 @@ class LogSettings:
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     url: str = field(default="", repr=False)  # a password may be in it: shown only as ``shown``
+    lease_ttl: float = 30.0  # seconds a puller may go silent before another agent takes over
 
     @property
     def shown(self) -> str:
@@ -609,6 +610,12 @@ KEYS: tuple[Key, ...] = (
         "PostgreSQL shared by several agents: postgresql://USER:PASSWORD@HOST:PORT/DATABASE; "
         "empty: none, all in memory and state.dir",
         secret=True,
+    ),
+    Key(
+        "store.lease_ttl",
+        _float_between(2, 300),
+        "seconds the APIBAN puller's lease lasts unrenewed (renewed every third): after a puller "
+        "dies, another agent takes over within this",
     ),
     Key("log.level", _log_level, "debug, info, warning or error"),
     Key("log.format", _choice("text", "json"), "text, or json: one JSON object per line"),

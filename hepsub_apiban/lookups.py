@@ -146,7 +146,11 @@ class LookupService:
         """
         if self._client is None:
             return False
-        return self._client.budget.headroom(self._reserve(share)) > len(self._queued) + starting
+        reserve = self._reserve(share)
+        shared = self._client.shared
+        if shared is not None and not shared.may_spend(reserve):
+            return False  # the key's budget shared with other agents is spent (shared_budget.py)
+        return self._client.budget.headroom(reserve) > len(self._queued) + starting
 
     def _reserve(self, share: float) -> int:
         """Requests of the window a lookup limited to ``share`` of the budget must leave to others."""

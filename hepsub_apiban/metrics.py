@@ -25,6 +25,7 @@ from .detections import Detections
 from .lookups import LookupService
 from .mirror import MirrorSync
 from .registration import Registrar
+from .shared_budget import SharedBudget
 from .shared_detections import SharedDetections
 from .shared_mirror import StoreLink
 from .shared_sightings import SharedSightings
@@ -284,6 +285,7 @@ class _AgentCollector(Collector):
             "1 while this agent pulls the APIBAN list for all agents of its key",
             float(link.status.role == "puller"),
         )
+        yield from _shared_budget(link.shared_budget)
         sharing = self._sources.shared_sightings
         if sharing is not None:
             stats = sharing.stats
@@ -377,3 +379,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _shared_budget(shared: SharedBudget | None) -> Iterator[Metric]:
+    """Check mode with a store: the key's APIBAN budget shared by its agents (shared_budget.py)."""
+    if shared is None:
+        return
+    yield GaugeMetricFamily(
+        f"{PREFIX}_store_budget_shared",
+        "1 while /check requests spend the key's budget in the store; 0: this agent's fallback share",
+        float(shared.shared),
+    )
+    outcomes = CounterMetricFamily(
+        f"{PREFIX}_store_budget_requests",
+        "APIBAN requests asked of the shared budget, by outcome (fallback_*: the store did not answer)",
+        labels=["outcome"],
+    )
+    stats = shared.stats
+    for outcome in ("granted", "refused", "fallback_granted", "fallback_refused", "failures"):
+        outcomes.add_metric([outcome], getattr(stats, outcome))
+    yield outcomes

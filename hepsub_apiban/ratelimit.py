@@ -7,7 +7,9 @@ agent throttles itself instead of being throttled.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from collections.abc import Iterable
 
 from .config import RateLimit
 from .timing import Clock
@@ -51,14 +53,33 @@ class Budget:
 
     def try_acquire(self, reserve: int = 0) -> bool:
         """Spend one request if the window allows it (leaving ``reserve`` unspent), without waiting."""
+        return self.take(reserve) is not None
+
+    def take(self, reserve: int = 0) -> float | None:
+        """``try_acquire``, giving the time the request was counted at (for ``refund``), or None."""
         if self.headroom(reserve) <= 0:
-            return False
-        self._sent.append(self._clock())
-        return True
+            return None
+        at = self._clock()
+        self._sent.append(at)
+        return at
+
+    def refund(self, at: float) -> None:
+        """Give back the request counted at ``at``: another gate (shared_budget.py) refused it, so it
+        was never sent. That one exactly, not the newest: a later one may have gone out."""
+        with contextlib.suppress(ValueError):  # already aged out of the window
+            self._sent.remove(at)
 
     def block_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (after a 429 the upstream window is full, whatever we counted)."""
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
+
+    def adopt(self, ages: Iterable[float], blocked_for: float = 0.0) -> None:
+        """Add the key's window as the store recorded it (shared_budget.py): requests sent ``ages``
+        seconds ago, and nothing for ``blocked_for`` seconds in place of any earlier shut. A request
+        of this process that the store recorded too counts twice: the safe side."""
+        now = self._clock()
+        self._sent = deque(sorted([*self._sent, *(now - age for age in ages)]))
+        self._blocked_until = now + max(0.0, blocked_for)
 
     def shut_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` from now, replacing any earlier block, even a longer one:

@@ -5,18 +5,21 @@ it connects and migrates with a capped backoff, so a database that is down never
 agent, which meanwhile serves what it holds (memory, the state dir's snapshot).
 
 In mirror mode the agents of one key elect a puller with a lease (``apiban-puller:<source>``,
-``LEASE_TTL`` seconds by the database's clock, renewed every ``RENEW_EVERY``). Only the holder
+``store.lease_ttl`` seconds by the database's clock, renewed every third of it). Only the holder
 runs ``MirrorSync`` and so only it sends APIBAN requests: the key's budget is the puller's.
 After every step that changed the mirror it writes the changed entries and the sync position
 in one transaction fenced by the lease's epoch, bumping ``apiban_sources.version``; the rows
 carry that version in ``change``. A renew that fails, or a write the fence refuses, stops the
-pull at once. The others poll the version every ``FOLLOW_EVERY`` seconds and apply the rows
+pull at once. The others poll the version every ``FOLLOW_EVERY`` seconds (a tenth of the lease
+if that is shorter, so a takeover comes within the lease time) and apply the rows
 whose ``change`` is above what they hold to their in-memory ``Mirror`` (lookups stay a dict
 probe; site API IDs are the stored serials). When the lease lapses (the puller died), a follower
-takes it and goes on from the stored cursor; it first waits out one rate-limit window, since the
-requests the dead puller sent in the current window are unknown to it. A follower sends no
-APIBAN request at all (its budget is shut while it follows, and for a window after it stops
-following), so the agents of one key together stay within ``apiban.rate_limit``.
+takes it and goes on from the stored cursor. Every request a puller sends is first recorded in
+the key's window in the store (shared_budget.py), so the new puller counts its predecessors'
+requests still in the window as its own and spends only what is left of it (if that window cannot
+be read, it waits the window out). A follower sends no APIBAN request at all (its budget is shut
+while it follows, and for a window after it stops following), so the agents of one key together
+stay within ``apiban.rate_limit``.
 """
 
 from __future__ import annotations
@@ -37,16 +40,19 @@ from .logs import Redactor
 from .lookups import Verdict
 from .mirror import Mirror, MirrorSync
 from .ratelimit import Budget
+from .shared_budget import SharedBudget
 from .store import SCHEMA, Lease, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-LEASE_TTL = 30.0  # seconds a puller may go silent before another agent takes over
-RENEW_EVERY = 10.0  # three renewals per ttl: one slow round-trip does not cost the lease
+RENEWALS_PER_TTL = 3  # one slow round-trip does not cost the lease
 FOLLOW_EVERY = 2.0  # seconds between a follower's polls of the list's version (one cheap row)
 RECONNECT_FIRST = 1.0
 FOLLOWER_SHUT = 365 * 86400.0  # a follower's own budget: shut until it pulls or loses the store
-RECONNECT_MAX = 60.0
+# A refused connection costs the store nothing, and each module that uses the store waits for
+# this link's news (``when_connected``) to write what it buffered: so a store back from an
+# outage is in use again within this many seconds.
+RECONNECT_MAX = 10.0
 CLOSE_TIMEOUT = 5.0
 STORE_FAILURES = (
     StoreError,
@@ -195,6 +201,7 @@ class StoreStatus:
     schema_version: int | None = None
     last_error: dict[str, Any] | None = None
     role: str | None = None  # puller, follower; None outside mirror mode or while unconnected
+    next_attempt: float | None = None  # wall clock of the next connection attempt while unconnected
 
 
 class StoreLink:
@@ -211,6 +218,7 @@ class StoreLink:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._ttl = settings.lease_ttl
         self._redact = Redactor(settings.secrets())
         # A new holder per process: a restarted agent does not inherit its old lease's budget.
         self.holder = f"{holder}:{secrets.token_hex(4)}"
@@ -228,12 +236,23 @@ class StoreLink:
         self._pull_task: asyncio.Task[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self._on_connected: list[Callable[[Store], None]] = []
+        # The key's request window in the store (shared_budget.py): gating in check mode, recording
+        # the puller's requests in mirror mode.
+        self.shared_budget: SharedBudget | None = None
 
     def when_connected(self, callback: Callable[[Store], None]) -> None:
         """Call ``callback`` with the store once it is connected and migrated (at once if it is)."""
         self._on_connected.append(callback)
         if self.store is not None and self.status.connected:
             callback(self.store)
+
+    @property
+    def _follow_every(self) -> float:
+        return min(FOLLOW_EVERY, self._ttl / 10)
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     @property
     def lease_name(self) -> str:
@@ -248,6 +267,7 @@ class StoreLink:
                 self.status.schema_version = await self.store.migrate()
                 self.status.connected = True
                 self.status.last_error = None
+                self.status.next_attempt = None
                 for callback in self._on_connected:
                     callback(self.store)
                 delay = RECONNECT_FIRST
@@ -258,6 +278,7 @@ class StoreLink:
                 # A bug here must not silently end the link (and with it the pull for every agent).
                 log.exception("store link failed; starting it again in %.0f s", delay)
                 self._failed(exc)
+            self.status.next_attempt = self._now() + delay
             await asyncio.sleep(delay)
             delay = min(delay * 2.0, RECONNECT_MAX)
 
@@ -284,12 +305,12 @@ class StoreLink:
             self.status.role = None
             while True:  # nothing shared outside mirror mode yet: only tell whether the store answers
                 self.status.schema_version = await self.store.schema_version()
-                await asyncio.sleep(FOLLOW_EVERY)
+                await asyncio.sleep(self._follow_every)
         shared = MirrorStore(self.store, self._source)
         await shared.ensure_source()
         await self._reload(shared)
         while True:
-            lease = await self.store.try_acquire(self.lease_name, self.holder, LEASE_TTL)
+            lease = await self.store.try_acquire(self.lease_name, self.holder, self._ttl)
             if lease is not None:
                 await self._pull(shared, lease)
                 await self._reload(shared)
@@ -302,7 +323,7 @@ class StoreLink:
             if await shared.version() > self._held:
                 self._held = await shared.apply_changes(self._sync.mirror, self._held)
                 await self._sync.save()  # the state dir's snapshot: what a restart without the store serves
-            await asyncio.sleep(FOLLOW_EVERY)
+            await asyncio.sleep(self._follow_every)
 
     async def _reload(self, shared: MirrorStore) -> None:
         """After a start or a pull that ended, the store's list replaces what is held (a snapshot
@@ -325,8 +346,7 @@ class StoreLink:
         # A list held locally (the state dir) that the store has never seen is published whole.
         mirror.changed = set(mirror.entries) if self._held == 0 else set()
         if self._budget is not None:
-            # The previous holder's requests in this window are unknown: wait the window out.
-            self._budget.shut_for(self._budget.limit.window if lease.epoch > 1 else 0.0)
+            await self._adopt_window(lease)
         self._lease = lease
         self._lost.clear()
         self.status.role = "puller"
@@ -339,9 +359,9 @@ class StoreLink:
         try:
             while not self._lost.is_set():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(RENEW_EVERY):
+                    async with asyncio.timeout(self._ttl / RENEWALS_PER_TTL):
                         await self._lost.wait()
-                if self._lost.is_set() or await self.store.renew(lease.name, self.holder, LEASE_TTL) is None:
+                if self._lost.is_set() or await self.store.renew(lease.name, self.holder, self._ttl) is None:
                     break
         finally:
             task.cancel()
@@ -354,6 +374,21 @@ class StoreLink:
             self._lease = None
             self.status.role = None
         log.warning("store: this agent no longer pulls the APIBAN list (lease lost)")
+
+    async def _adopt_window(self, lease: Lease) -> None:
+        """The key's requests still in APIBAN's window, as the previous pullers recorded them
+        (shared_budget.py); if they cannot be read, the window is waited out whole."""
+        assert self._budget is not None
+        if self.shared_budget is not None:
+            try:
+                await self.shared_budget.adopt_window()
+            except STORE_FAILURES as exc:
+                log.warning(
+                    "store: the key's request window unread (%s); waiting it out", self._redact(str(exc))
+                )
+            else:
+                return
+        self._budget.shut_for(self._budget.limit.window if lease.epoch > 1 else 0.0)
 
     async def _publish(self, shared: MirrorStore, mirror: Mirror) -> None:
         lease = self._lease
@@ -396,10 +431,14 @@ class StoreLink:
             self.store.pool.terminate()  # a connection still busy (cancelled mid-statement)
 
     def to_json(self) -> dict[str, Any]:
+        next_attempt = None if self.status.connected else self.status.next_attempt
         return {
             "url": self._settings.shown,
             "connected": self.status.connected,
             "schema_version": self.status.schema_version,
             "last_error": self.status.last_error,
             "role": self.status.role,
+            # While unconnected: seconds until the next attempt (the agent serves from memory).
+            "reconnect_in": None if next_attempt is None else round(max(0.0, next_attempt - self._now()), 3),
+            "budget": None if self.shared_budget is None else self.shared_budget.to_json(),
         }

@@ -134,13 +134,17 @@ class SharedSightings:
         self._read_paused_until = 0.0
         self._pruned_at: float | None = None
         self.stats = SharingStats()
+        self._attached = asyncio.Event()
         if sightings.touched is None:
             sightings.touched = set()
 
     def attach(self, store: Store) -> None:
         """The store, once connected and migrated: until then writes wait (the addresses touched
-        meanwhile are written by the first flush) and reads are the memory's alone."""
+        meanwhile are written by the first flush) and reads are the memory's alone. Called again
+        each time the store link reconnects: the writer then writes what waits at once, not at the
+        end of its backoff."""
         self._store = store
+        self._attached.set()
 
     @property
     def evicted_unwritten(self) -> int:
@@ -155,12 +159,24 @@ class SharedSightings:
         """Flush about once a second; while the store fails, back off up to BACKOFF_MAX."""
         delay = self._flush_every
         while True:
-            await self._sleep(delay)
+            await self._nap(delay)
             if await self.flush():
                 delay = self._flush_every
                 await self._prune_now_and_then()
             else:
                 delay = min(BACKOFF_MAX, max(self._flush_every, delay * 2))
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep ``seconds``, less if the store is attached meanwhile (back from an outage)."""
+        if not self._attached.is_set():
+            nap = asyncio.ensure_future(self._sleep(seconds))
+            attached = asyncio.ensure_future(self._attached.wait())
+            try:
+                await asyncio.wait((nap, attached), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (nap, attached):
+                    waiter.cancel()
+        self._attached.clear()
 
     async def flush(self) -> bool:
         """Write the totals of every address touched since the last flush; False if the store failed."""
@@ -177,6 +193,11 @@ class SharedSightings:
                 columns = _columns(rows[start : start + BATCH_ROWS])
                 await store.pool.execute(UPSERT, self.writer, self.agent, *columns, timeout=WRITE_TIMEOUT)
                 statements += 1
+        except asyncio.CancelledError:
+            # Stopped mid-write (the agent shutting down): the last flush writes the batch. The
+            # totals are cumulative, so a batch that did commit is only written again.
+            self._keep(touched)
+            raise
         except STORE_ERRORS as exc:
             self._keep(touched)
             self.stats.failures += 1

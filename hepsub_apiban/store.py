@@ -141,10 +141,30 @@ CREATE INDEX detections_change ON {SCHEMA}.detections (change);
 CREATE INDEX detections_written_at ON {SCHEMA}.detections (written_at);
 """
 
+# The APIBAN request budget of a key shared by agents in check mode (shared_budget.py): one row per
+# source holding the key's requests of the current window, by the database's clock. A request is
+# spent by one UPDATE of that row, which PostgreSQL serialises, so two agents asking at once cannot
+# both take the last slot. (Version 3 is taken by the shared detections.)
+V4_SHARED_BUDGET = f"""
+CREATE TABLE {SCHEMA}.apiban_budget (
+    source text PRIMARY KEY,                -- mirror.snapshot_source(url, key), as apiban_sources
+    sent timestamptz[] NOT NULL DEFAULT '{{}}',  -- the key's requests still in the window, oldest first
+    blocked_until timestamptz NOT NULL DEFAULT '-infinity',  -- after a 429: nothing until then
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE {SCHEMA}.apiban_budget_agents (
+    source text NOT NULL,
+    holder text NOT NULL,                   -- one agent process (StoreLink.holder)
+    seen_at timestamptz NOT NULL,           -- its last request: the agents sharing the key lately
+    PRIMARY KEY (source, holder)
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "APIBAN list, sync position per source, leases", V1_LIST_AND_LEASES),
     Migration(2, "sightings shared by agents", V2_SHARED_SIGHTINGS),
     Migration(3, "served detections shared by agents", V3_SHARED_DETECTIONS),
+    Migration(4, "APIBAN request budget shared by agents in check mode", V4_SHARED_BUDGET),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -240,16 +260,18 @@ class Store:
         async with self._pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await connection.execute(BOOTSTRAP)
-            current: int = await connection.fetchval(
-                f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_version"
-            )
+            recorded = await connection.fetch(f"SELECT version FROM {SCHEMA}.schema_version")
+            applied: set[int] = {row["version"] for row in recorded}
+            current = max(applied, default=0)
             if current > LATEST:
                 raise StoreError(
                     f"the store {self.shown} has schema version {current}, newer than this agent's "
                     f"{LATEST}: upgrade this agent"
                 )
+            # Every step not recorded, not only those above the highest: a step numbered below
+            # one already applied (two lines of work merged) is still applied once.
             for step in MIGRATIONS:
-                if step.version > current:
+                if step.version not in applied:
                     log.info("store: migrating the schema to version %d (%s)", step.version, step.description)
                     await connection.execute(step.sql)
                     await connection.execute(
@@ -257,7 +279,7 @@ class Store:
                         step.version,
                         step.description,
                     )
-                    current = step.version
+                    current = max(current, step.version)
         return current
 
     async def schema_version(self) -> int:

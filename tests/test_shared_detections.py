@@ -43,18 +43,18 @@ Client = TestClient[web.Request, web.Application]
 OTHER = "5.6.7.9"
 BOUND = 30.0  # real seconds any wait for another agent or the database may take
 BOUNCER = {"X-Api-Key": SITE_KEY, "User-Agent": "crowdsec-firewall-bouncer/v0.0.31"}
+QUICK_LEASE = "3"  # store.lease_ttl, seconds: renewed every second
 UUID_A = "0a0a0a0a-0000-4000-8000-00000000000a"
 UUID_B = "0b0b0b0b-0000-4000-8000-00000000000b"
 
 
 @pytest.fixture(autouse=True)
 def quick_sharing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same protocol, faster: writes every 50 ms, follows every 100 ms, short backoff and lease."""
+    """The same protocol, faster: writes every 50 ms, follows every 100 ms, short backoff (and a
+    short lease: QUICK_LEASE for store.lease_ttl)."""
     monkeypatch.setattr(shared_detections, "FLUSH_EVERY", 0.05)
     monkeypatch.setattr(shared_detections, "FOLLOW_EVERY", 0.1)
     monkeypatch.setattr(shared_detections, "BACKOFF_MAX", 0.4)
-    monkeypatch.setattr(shared_mirror, "LEASE_TTL", 3.0)
-    monkeypatch.setattr(shared_mirror, "RENEW_EVERY", 0.5)
     monkeypatch.setattr(shared_mirror, "FOLLOW_EVERY", 0.1)
 
 
@@ -234,11 +234,11 @@ async def test_a_detection_served_by_a_is_served_by_bs_site_api_and_decision_str
     clock_a, clock_b = ManualClock(time.time()), ManualClock(time.time())
     a = await mirror_agent(
         tmp_path, "a", aiohttp_client, apiban, clock_a, listed,
-        HEPSUB_STORE_URL=store_url, HEPSUB_AGENT_UUID=UUID_A,
+        HEPSUB_STORE_LEASE_TTL=QUICK_LEASE, HEPSUB_STORE_URL=store_url, HEPSUB_AGENT_UUID=UUID_A,
     )  # fmt: skip
     b = await mirror_agent(
         tmp_path, "b", aiohttp_client, apiban, clock_b, listed,
-        HEPSUB_STORE_URL=store_url, HEPSUB_AGENT_UUID=UUID_B,
+        HEPSUB_STORE_LEASE_TTL=QUICK_LEASE, HEPSUB_STORE_URL=store_url, HEPSUB_AGENT_UUID=UUID_B,
     )  # fmt: skip
     await until(lambda: all(c.app[STORE_LINK].status.role for c in (a, b)), "the roles decided")
     await until(lambda: all(c.app[SHARED_DETECTIONS].stats.up for c in (a, b)), "sharing detections")
@@ -315,11 +315,14 @@ async def test_a_store_outage_loses_no_detection_once_it_is_back(
     agent: AgentFactory,
 ) -> None:
     a = await agent(
-        HEPSUB_HEP_UDP="127.0.0.1:0", HEPSUB_SITE_KEYS=SITE_KEY,
+        HEPSUB_HEP_UDP="127.0.0.1:0", HEPSUB_SITE_KEYS=SITE_KEY, HEPSUB_STORE_LEASE_TTL=QUICK_LEASE,
         HEPSUB_STORE_URL=gate.url(store_url), HEPSUB_STATE_DIR=str(agent.tmp_path / "a"),
     )  # fmt: skip
     b = await agent(
-        HEPSUB_SITE_KEYS=SITE_KEY, HEPSUB_STORE_URL=store_url, HEPSUB_STATE_DIR=str(agent.tmp_path / "b")
+        HEPSUB_SITE_KEYS=SITE_KEY,
+        HEPSUB_STORE_LEASE_TTL=QUICK_LEASE,
+        HEPSUB_STORE_URL=store_url,
+        HEPSUB_STATE_DIR=str(agent.tmp_path / "b"),
     )
     sharing = a.app[SHARED_DETECTIONS]
     await until(lambda: a.app[STORE_LINK].status.connected and sharing.stats.up is not False, "A's store")

@@ -37,13 +37,14 @@ def ips(count: int) -> list[str]:
     return [f"45.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" for i in range(count)]
 
 
+QUICK_LEASE = "3"  # store.lease_ttl: a lease of 3 s renewed every second
+
+
 @pytest.fixture
 def quick_lease(monkeypatch: pytest.MonkeyPatch) -> float:
-    """A lease of 3 s renewed every 0.5 s, followers polling every 0.1 s: the same protocol, faster."""
-    monkeypatch.setattr(shared_mirror, "LEASE_TTL", 3.0)
-    monkeypatch.setattr(shared_mirror, "RENEW_EVERY", 0.5)
+    """With QUICK_LEASE, followers polling every 0.1 s: the same protocol, faster."""
     monkeypatch.setattr(shared_mirror, "FOLLOW_EVERY", 0.1)
-    return 3.0
+    return float(QUICK_LEASE)
 
 
 class Pair:
@@ -104,7 +105,10 @@ async def pair(
         fake.add_many(ips(listed))
         agents = [
             await AgentFactory(tmp_path / name, aiohttp_client, peer)(
-                clocks, HEPSUB_APIBAN_MODE="mirror", HEPSUB_STORE_URL=store_url
+                clocks,
+                HEPSUB_APIBAN_MODE="mirror",
+                HEPSUB_STORE_URL=store_url,
+                HEPSUB_STORE_LEASE_TTL=QUICK_LEASE,
             )
             for name in ("a", "b")
         ]
@@ -273,7 +277,9 @@ async def test_the_puller_keeps_its_lease_when_the_store_drops_its_connections(
     agent: AgentFactory, apiban: ApibanPeer, store_url: str, quick_lease: float
 ) -> None:
     apiban.fake.add_many(ips(10))
-    client = await agent(HEPSUB_APIBAN_MODE="mirror", HEPSUB_STORE_URL=store_url)
+    client = await agent(
+        HEPSUB_APIBAN_MODE="mirror", HEPSUB_STORE_URL=store_url, HEPSUB_STORE_LEASE_TTL=QUICK_LEASE
+    )
     link = client.app[STORE_LINK]
     await until(lambda: link.status.role == "puller" and client.app[MIRROR_SYNC].mirror.loaded)
     mine = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1"

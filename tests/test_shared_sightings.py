@@ -38,6 +38,12 @@ REGISTER = SipInfo(method="REGISTER", call_id="r1", from_user="100", user_agent=
 INVITE = SipInfo(method="INVITE", call_id="i1", from_user="200", user_agent="sipvicious")
 
 
+def no_store() -> str:
+    """A store URL nothing answers at: the agent's own link never connects (nor attaches a store
+    the test did not choose), while the agent runs as it does with a store."""
+    return f"postgresql://hepsub:unused@127.0.0.1:{free_port()}/hepsub"
+
+
 def memory(capacity: int = 1000) -> Sightings:
     mirror = Mirror()
     mirror.last_full_sync = 1.0  # loaded and empty: every public address "not listed", no lookups
@@ -308,7 +314,7 @@ async def test_a_packet_received_by_agent_a_shows_in_agent_b_enrichment_within_3
 async def test_enrichment_answers_from_memory_within_the_deadline_while_the_store_hangs(
     agent: AgentFactory, gate: Gate, stores: Callable[..., Any], store_url: str
 ) -> None:
-    b = await hep_agent(agent, HEPSUB_STORE_URL=store_url)
+    b = await hep_agent(agent, HEPSUB_STORE_URL=no_store())  # the test attaches the store itself
     sharing = b.app[SHARED_SIGHTINGS]
     link = b.app[STORE_LINK]
     # Once the agent's own link attached its store, so the one through the gate is not replaced.
@@ -416,7 +422,7 @@ async def test_the_writer_backs_off_while_the_store_fails(
 async def test_an_agent_stopping_writes_its_last_sightings(
     agent: AgentFactory, stores: Callable[..., Any], store_url: str
 ) -> None:
-    a = await hep_agent(agent, HEPSUB_STORE_URL=store_url)
+    a = await hep_agent(agent, HEPSUB_STORE_URL=no_store())  # the test attaches the store itself
     sharing = a.app[SHARED_SIGHTINGS]
     udp_send(a, build_hep3(sip_packet(SCANNER, call_id="last")))
     await until(lambda: decoded(a, "udp") == 1, "the packet")

@@ -102,6 +102,8 @@ async def test_migrate_creates_the_schema_from_empty_and_again_does_nothing(
         "detection_counter",
         "detections",
         "sightings",
+        "apiban_budget",
+        "apiban_budget_agents",
     }
     connection = await asyncpg.connect(store_url)
     try:

@@ -96,6 +96,7 @@ class RecordedRequest:
     key_ok: bool
     status: int
     at: float
+    asked: str | None = None  # the ID a /banned (or apiv2 get) request asked for; None: from the start
 
 
 def _parse_ip(text: object) -> IPAddress | None:
@@ -255,7 +256,9 @@ class FakeApiban:
 
     async def _handle_banned(self, request: web.Request) -> web.Response:
         after = request.match_info.get("id")
-        return await self._serve(request, "banned", request.match_info["key"], lambda: self._page(after))
+        return await self._serve(
+            request, "banned", request.match_info["key"], lambda: self._page(after), asked=after
+        )
 
     async def _handle_check(self, request: web.Request) -> web.Response:
         ip = request.match_info["ip"]
@@ -273,7 +276,12 @@ class FakeApiban:
         return await self._serve(request, "ipset", request.match_info["key"], self._ipset)
 
     async def _serve(
-        self, request: web.Request, kind: str, key: str | None, answer: Callable[[], web.Response]
+        self,
+        request: web.Request,
+        kind: str,
+        key: str | None,
+        answer: Callable[[], web.Response],
+        asked: str | None = None,
     ) -> web.Response:
         await self._network()
         # Taken after the simulated network, i.e. when the "server" sees the request; the rate limiter
@@ -284,7 +292,7 @@ class FakeApiban:
         response = self._refusal(key, key_ok, now)
         if response is None:
             response = answer()
-        self.requests.append(RecordedRequest(request.method, kind, key_ok, response.status, now))
+        self.requests.append(RecordedRequest(request.method, kind, key_ok, response.status, now, asked))
         return response
 
     async def _network(self) -> None:
