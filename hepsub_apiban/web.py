@@ -52,6 +52,7 @@ from .lookups import Verdict
 from .pcap import pcap_file
 from .sightings import Sighting
 from .site_api import SITE_PATHS
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 MAX_CHECK_IPS = 1000
@@ -341,6 +342,14 @@ async def readyz(request: web.Request) -> web.Response:
     lookups = request.app.get(LOOKUPS)
     if lookups is None or not lookups.ready:
         return json_response({"ready": False, "reason": "the APIBAN list is not loaded yet"}, 503)
+    pool = request.app.get(COLLECTOR)
+    if isinstance(pool, WorkerPool):  # hep.workers > 1: ready while HEP has somewhere to go
+        workers = {"up": pool.up(), "configured": len(pool.slots)}
+        if not workers["up"]:
+            return json_response(
+                {"ready": False, "reason": "no HEP worker process is running", "hep_workers": workers}, 503
+            )
+        return json_response({"ready": True, "hep_workers": workers})
     return json_response({"ready": True})
 
 
@@ -404,10 +413,15 @@ def _detection_status(app: web.Application) -> dict[str, Any]:
             f"{rule_name(rule)}/{outcome}": n for (rule, outcome), n in sorted(book.stats.findings.items())
         },
         "breaker_trips": book.stats.breaker_trips,
-        "tracked": detector.tracked(),
+        "tracked": detector.tracked() + _worker_tracked(app),
         "exempted": detector.stats.exempted,
         "retransmissions": detector.stats.retransmissions,
     }
+
+
+def _worker_tracked(app: web.Application) -> int:
+    pool = app.get(COLLECTOR)
+    return pool.tracked() if isinstance(pool, WorkerPool) else 0
 
 
 def _hep_status(app: web.Application) -> dict[str, Any]:
@@ -425,6 +439,7 @@ def _hep_status(app: web.Application) -> dict[str, Any]:
         "unparsable_sip": stats.unparsable_sip,
         "udp_receive_buffer": stats.rcvbuf_granted,
         "udp_kernel_drops": collector.kernel_drops(),
+        "workers": collector.to_json() if isinstance(collector, WorkerPool) else None,
         "tcp_connections": {
             "open": stats.tcp_open,
             "accepted": stats.tcp_accepted,
