@@ -198,7 +198,7 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
         evidence = Evidence(sightings.protected_addresses())
         collector = (
             HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector, evidence)
-            if settings.hep.workers == 1
+            if settings.hep.workers == 1 or (settings.hep.udp is None and settings.hep.tcp is None)
             else WorkerPool(
                 sightings, settings, clocks.wall, app[REFUSALS], detector, evidence, _book_report(app)
             )

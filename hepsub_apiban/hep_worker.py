@@ -270,6 +270,7 @@ async def serve(control: socket.socket, udp: socket.socket | None, tcp: socket.s
     init: Message = pickle.loads(body)  # written by the agent that started us
     settings: Settings = init["settings"]
     setup_logging(settings.log.level, Redactor(settings.secrets()), settings.log.format)
+    _name_the_worker(init["index"])
     worker = Worker(settings, init["index"])
     worker.protect(init["protected"])
     if worker.detector is not None:
@@ -334,6 +335,18 @@ async def _upkeep(worker: Worker) -> None:
     while worker.detector is not None:
         await asyncio.sleep(UPKEEP_EVERY)
         worker.detector.forget_idle(time.time())
+
+
+def _name_the_worker(index: int) -> None:
+    """Every log line says which worker wrote it: they share the agent's stderr."""
+    prefix = f"HEP worker {index}: "
+
+    def named(record: logging.LogRecord) -> bool:
+        record.msg = prefix + str(record.msg)
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(named)
 
 
 def _socket(fd: int) -> socket.socket | None:

@@ -59,6 +59,7 @@ PUSH_EVERY = 1.0  # seconds between updates of the protected addresses and HEP s
 MAX_PROTECTED_PUSHED = 100_000
 MAX_SENDERS = 4096  # HEP senders remembered (as the detector's own bound)
 MERGE_SLICE = 2000  # addresses merged between two yields to the event loop
+MAX_BEHIND = 8 << 20  # bytes a worker may have unread before pushes to it wait
 
 Key = tuple[Any, ...]
 
@@ -109,14 +110,22 @@ class WorkerPool(HepCollector):
         report: Report | None = None,
     ) -> None:
         super().__init__(sightings, settings.hep, clock, refusals, detector, evidence)
-        self._all = settings
+        # What a worker uses, and no other secret: a process that parses what anyone may send
+        # gets neither the APIBAN key, nor HOMER's credentials, nor the store's password.
+        self.workers_settings = Settings(
+            hep=settings.hep,
+            allow=settings.allow,
+            log=settings.log,
+            sightings=settings.sightings,
+            detect=settings.detect,
+        )
         self._report = report
         self._evidence_store = evidence
         self.slots = [Slot(index) for index in range(1, settings.hep.workers + 1)]
         self._udp_at: Address | None = None
         self._tcp_at: Address | None = None
         self.senders: OrderedDict[str, None] = OrderedDict()
-        self._pushed: frozenset[str] = frozenset()
+        self.pushed: frozenset[str] = frozenset()
         self._senders_version = 0
         self._pushed_senders = 0
         self.restarts = 0
@@ -136,11 +145,13 @@ class WorkerPool(HepCollector):
             self._udp_at = _probe(hep.udp, socket.SOCK_DGRAM, "hep.udp")
         if hep.tcp is not None:
             self._tcp_at = _probe(hep.tcp, socket.SOCK_STREAM, "hep.tcp")
-        try:
-            await asyncio.gather(*(self._spawn(slot) for slot in self.slots))
-        except WorkerFailed as exc:
+        started = await asyncio.gather(*(self._spawn(slot) for slot in self.slots), return_exceptions=True)
+        failed = [exc for exc in started if isinstance(exc, BaseException)]
+        if failed:
             await self._kill_all()
-            raise ConfigError("hep.workers", f"a HEP worker process did not start: {exc}") from None
+            if isinstance(failed[0], WorkerFailed):
+                raise ConfigError("hep.workers", f"a HEP worker process did not start: {failed[0]}")
+            raise failed[0]
         self._tasks = [
             asyncio.create_task(self._supervise(slot), name=f"hep-worker-{slot.index}") for slot in self.slots
         ]
@@ -163,7 +174,7 @@ class WorkerPool(HepCollector):
     async def stop(self) -> None:
         self._stopping.set()
         for slot in self.slots:
-            _tell(slot, {"stop": True})
+            _tell(slot, {"stop": True}, urgent=True)
         supervisors = self._tasks[: len(self.slots)]
         if supervisors:
             await asyncio.wait(supervisors, timeout=STOP_TIMEOUT)
@@ -244,9 +255,9 @@ class WorkerPool(HepCollector):
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         slot.reader, slot.writer = reader, writer
         init = {
-            "settings": self._all,
+            "settings": self.workers_settings,
             "index": slot.index,
-            "protected": list(self._pushed),
+            "protected": list(self.pushed),
             "senders": list(self.senders),
             "authenticated": list(self._detector.authenticated().items()) if self._detector else [],
         }
@@ -420,21 +431,28 @@ class WorkerPool(HepCollector):
         if self._evidence_store is not None:
             # Least recently touched first: the newest MAX_PROTECTED_PUSHED.
             protected = frozenset(list(self.sightings.protected_addresses())[-MAX_PROTECTED_PUSHED:])
-            if protected != self._pushed:
-                self._pushed = protected
+            if protected != self.pushed:
+                self.pushed = protected
                 message["protected"] = list(protected)
         if self._senders_version != self._pushed_senders:
             self._pushed_senders = self._senders_version
             message["senders"] = list(self.senders)
-        if message:
-            for slot in self.slots:
-                _tell(slot, message)
+        behind = [slot.index for slot in self.slots if message and not _tell(slot, message)]
+        if behind:
+            # A worker that was not told is told everything again at the next push.
+            self.pushed, self._pushed_senders = frozenset(), -1
 
 
-def _tell(slot: Slot, message: dict[str, Any]) -> None:
+def _tell(slot: Slot, message: dict[str, Any], urgent: bool = False) -> bool:
+    """Send ``message`` to the worker; False when, not ``urgent``, it was not sent because the
+    worker is still behind with earlier ones (a worker not running is told all when it starts)."""
     writer = slot.writer
-    if slot.up and writer is not None and not writer.is_closing():
-        writer.write(frame(pickle.dumps(message)))
+    if not slot.up or writer is None or writer.is_closing():
+        return True
+    if not urgent and writer.transport.get_write_buffer_size() > MAX_BEHIND:
+        return False
+    writer.write(frame(pickle.dumps(message)))
+    return True
 
 
 def _probe(address: Address, kind: int, setting: str) -> Address:

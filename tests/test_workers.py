@@ -355,3 +355,26 @@ async def test_serve_stops_its_workers_and_they_never_outlive_it(
         assert all(gone(pid) for pid in workers)
     else:  # the agent could not stop them: they see their control socket close and stop
         await eventually(lambda: all(gone(pid) for pid in workers), "workers gone", within=10.0)
+
+
+async def test_a_listed_address_is_pushed_to_the_workers_and_its_packets_kept(
+    agent: AgentFactory, apiban: ApibanPeer
+) -> None:
+    listed = "45.9.9.9"
+    apiban.fake.add(listed)
+    client = await workers_agent(agent)
+    collector = pool(client)
+    assert collector.workers_settings.secrets() == ()  # the APIBAN key stays in the agent
+    udp = collector.udp_address()
+    assert udp is not None
+    first = build_hep3(sip_packet(listed, SERVER, call_id="before"))
+    later = build_hep3(sip_packet(listed, SERVER, call_id="after-the-push"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(first, udp)
+        # Check mode: the agent asks APIBAN about the new address, finds it listed, protects it,
+        # and tells the workers with its next push.
+        await eventually(lambda: listed in collector.pushed, "the listed address pushed")
+        sock.sendto(later, udp)
+    kept = await eventually(lambda: client.app[EVIDENCE].packets([listed]), "the packet after the push")
+    assert [b"after-the-push" in p.payload for p in kept] == [True]
+    assert client.app[SIGHTINGS].get(listed).packets == 2  # type: ignore[union-attr]
