@@ -63,6 +63,7 @@ MAX_FINDINGS = 10_000  # per batch
 EVIDENCE_BYTES = 8 << 20  # payload bytes per batch
 MAX_NEW_SENDERS = 4096  # HEP senders reported per batch
 MAX_OWN_FINDINGS = 4096  # addresses this worker detected, whose packets it keeps at once
+LAST_BATCH_TIMEOUT = 4.0  # seconds the last batch may take to reach the main process
 UPKEEP_EVERY = 10.0  # seconds between forgetting idle detector counters
 NO_FD = -1
 # What a worker counts as not handed over: addresses forgotten within a batch, findings and
@@ -298,9 +299,9 @@ async def serve(control: socket.socket, udp: socket.socket | None, tcp: socket.s
     await asyncio.gather(*tasks, return_exceptions=True)
     if not writer.is_closing():
         _send(writer, worker, final=True)
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(writer.drain(), 5.0)
-        writer.close()
+        writer.close()  # after what is buffered is written: wait_closed waits for that
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), LAST_BATCH_TIMEOUT)
     return 0
 
 

@@ -378,3 +378,23 @@ async def test_a_listed_address_is_pushed_to_the_workers_and_its_packets_kept(
     kept = await eventually(lambda: client.app[EVIDENCE].packets([listed]), "the packet after the push")
     assert [b"after-the-push" in p.payload for p in kept] == [True]
     assert client.app[SIGHTINGS].get(listed).packets == 2  # type: ignore[union-attr]
+
+
+async def test_hep_refused_in_a_worker_is_counted_by_the_agent(agent: AgentFactory) -> None:
+    client = await workers_agent(agent, HEPSUB_HEP_ALLOW_FROM="127.0.0.2/32")
+    collector = pool(client)
+    udp = collector.udp_address()
+    assert udp is not None
+    for host, count in (("127.0.0.1", 3), ("127.0.0.2", 2)):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((host, 0))
+            for datagram in registers(0, count):
+                sock.sendto(datagram, udp)
+
+    async def counted() -> dict[str, Any] | None:
+        body = await status(client)
+        refused = body["refusals"].get("hep_udp") == {"not in hep.allow_from": 3}
+        return body if refused and body["hep"]["packets"].get("udp") == 2 else None
+
+    await eventually(counted, "two packets counted and three refused")
+    assert set(await all_sightings(client)) == {source(0), source(1), SERVER}
