@@ -13,7 +13,6 @@ import dataclasses
 import os
 import signal
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +32,12 @@ from hepsub_apiban.workers import WorkerPool
 from .conftest import AgentFactory, ApibanPeer, HomerPeer, agent_env
 from .test_cli import assert_one_line_error, free_port, get_json, run, running, serve_env
 from .test_collector import Client, hep_agent, sip_packet
+from .test_detect_real_tools import eventually
 from .test_detection_agent import ATTACKER, scan
 
 SERVER = "198.51.100.1"
 UDP_SENDERS, UDP_EACH = 24, 5  # 24 source ports: all on one worker has a chance of 2 in 2^24
 TCP_SENDERS, TCP_EACH = 4, 5
-
-
-async def eventually(probe: Callable[[], Any], what: str, within: float = 20.0) -> Any:
-    """Poll until ``probe()`` is truthy: batches cross a process boundary twice a second."""
-    async with asyncio.timeout(within):
-        while True:
-            value = probe()
-            if asyncio.iscoroutine(value):
-                value = await value
-            if value:
-                return value
-            await asyncio.sleep(0.05)
-    raise AssertionError(what)  # pragma: no cover
 
 
 def pool(client: Client) -> WorkerPool:
@@ -150,15 +137,17 @@ async def test_a_bad_hep_workers_exits_2_naming_it(tmp_path: Path, value: str) -
 async def test_a_hep_port_in_use_exits_2_with_workers_too(
     tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
 ) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+    """Held by anything, even another agent's workers (SO_REUSEPORT would let them share it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
-        env = {
-            **serve_env(tmp_path, apiban, homer, free_port()),
-            "HEPSUB_HEP_UDP": f"127.0.0.1:{taken.getsockname()[1]}",
-            "HEPSUB_HEP_WORKERS": "2",
-        }
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = serve_env(tmp_path, apiban, homer, free_port())
+        env.update(HEPSUB_HEP_UDP="127.0.0.1:0", HEPSUB_HEP_TCP=f"127.0.0.1:{port}", HEPSUB_HEP_WORKERS="2")
         result = await run(["serve"], env, tmp_path, within=15.0)
-    assert_one_line_error(result, "hep.udp")
+    assert_one_line_error(result, "hep.tcp")
+    assert str(port) in result.stderr
     assert homer.fake.subscriptions == []
 
 
@@ -354,7 +343,7 @@ async def test_serve_stops_its_workers_and_they_never_outlive_it(
         result.assert_clean()
         assert all(gone(pid) for pid in workers)
     else:  # the agent could not stop them: they see their control socket close and stop
-        await eventually(lambda: all(gone(pid) for pid in workers), "workers gone", within=10.0)
+        await eventually(lambda: all(gone(pid) for pid in workers), "workers gone", deadline=10.0)
 
 
 async def test_a_listed_address_is_pushed_to_the_workers_and_its_packets_kept(
