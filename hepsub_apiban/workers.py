@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pickle
 import socket
 import sys
@@ -42,7 +43,7 @@ import orjson
 
 from .access import Refusals
 from .collector import HepCollector, bind_listener, exposure_warning, rcvbuf_warning, udp_socket
-from .config import Address, ConfigError, Settings
+from .config import LEGACY_ENV, Address, ConfigError, Settings
 from .detection import Detector, Finding, Report
 from .evidence import Evidence
 from .hep import HepPacket
@@ -149,9 +150,11 @@ class WorkerPool(HepCollector):
         failed = [exc for exc in started if isinstance(exc, BaseException)]
         if failed:
             await self._kill_all()
-            if isinstance(failed[0], WorkerFailed):
-                raise ConfigError("hep.workers", f"a HEP worker process did not start: {failed[0]}")
-            raise failed[0]
+            if isinstance(failed[0], ConfigError | asyncio.CancelledError):
+                raise failed[0]
+            # One line and exit 2, as for the ports: out of processes or memory, or a broken install.
+            problem = failed[0] if isinstance(failed[0], WorkerFailed) else _words(failed[0])
+            raise ConfigError("hep.workers", f"a HEP worker process did not start: {problem}")
         self._tasks = [
             asyncio.create_task(self._supervise(slot), name=f"hep-worker-{slot.index}") for slot in self.slots
         ]
@@ -242,6 +245,7 @@ class WorkerPool(HepCollector):
                 *map(str, fds),
                 pass_fds=[fd for fd in fds if fd != NO_FD],
                 stdin=asyncio.subprocess.DEVNULL,
+                env=_worker_environment(),
             )
         except OSError:
             ours.close()
@@ -453,6 +457,20 @@ def _tell(slot: Slot, message: dict[str, Any], urgent: bool = False) -> bool:
         return False
     writer.write(frame(pickle.dumps(message)))
     return True
+
+
+def _worker_environment() -> dict[str, str]:
+    """The agent's environment without its settings: a worker gets what it uses in its first
+    message, and so neither a secret set in the environment (HEPSUB_APIBAN_KEY, HOMER_TOKEN...)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("HEPSUB_", "HOMER_")) and name not in LEGACY_ENV
+    }
+
+
+def _words(exc: BaseException) -> str:
+    return str(exc.strerror) if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
 
 
 def _probe(address: Address, kind: int, setting: str) -> Address:

@@ -29,7 +29,7 @@ from hepsub_apiban.sightings import Sightings
 from hepsub_apiban.sip import parse_sip
 from hepsub_apiban.workers import WorkerPool
 
-from .conftest import AgentFactory, ApibanPeer, HomerPeer, agent_env
+from .conftest import APIBAN_KEY, HOMER_TOKEN, AgentFactory, ApibanPeer, HomerPeer, agent_env
 from .test_cli import assert_one_line_error, free_port, get_json, run, running, serve_env
 from .test_collector import Client, hep_agent, sip_packet
 from .test_detect_real_tools import eventually
@@ -92,6 +92,10 @@ async def all_sightings(client: Client) -> dict[str, dict[str, Any]]:
 
 def pids(body: dict[str, Any]) -> list[int]:
     return [p["pid"] for p in body["hep"]["workers"]["processes"] if p["pid"] is not None]
+
+
+def environment_and_arguments(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes() + Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def gone(pid: int) -> bool:
@@ -336,6 +340,10 @@ async def test_serve_stops_its_workers_and_they_never_outlive_it(
 
     async with running(["serve"], env, tmp_path) as child:
         workers = await child.until(two_up, within=30.0)
+        for pid in workers:  # the settings came in the first message, without the agent's secrets
+            seen = environment_and_arguments(pid)
+            assert APIBAN_KEY.encode() not in seen
+            assert HOMER_TOKEN.encode() not in seen
         child.proc.send_signal(stop)
         result = await child.finish(within=15.0)
     if stop == signal.SIGTERM:
