@@ -34,6 +34,7 @@ from .test_cli import assert_one_line_error, free_port, get_json, run, running, 
 from .test_collector import Client, hep_agent, sip_packet
 from .test_detect_real_tools import eventually
 from .test_detection_agent import ATTACKER, scan
+from .test_shared_sightings import stored, total
 
 SERVER = "198.51.100.1"
 UDP_SENDERS, UDP_EACH = 24, 5  # 24 source ports: all on one worker has a chance of 2 in 2^24
@@ -395,3 +396,20 @@ async def test_hep_refused_in_a_worker_is_counted_by_the_agent(agent: AgentFacto
 
     await eventually(counted, "two packets counted and three refused")
     assert set(await all_sightings(client)) == {source(0), source(1), SERVER}
+
+
+async def test_with_a_store_the_agent_writes_what_all_workers_counted(
+    agent: AgentFactory, store_url: str
+) -> None:
+    client = await workers_agent(agent, HEPSUB_STORE_URL=store_url)
+    udp = pool(client).udp_address()
+    assert udp is not None
+    sent = send_udp(udp, UDP_SENDERS, 2)
+
+    async def written() -> bool:
+        return total(await stored(store_url, SERVER)) == sent
+
+    await eventually(written, "the merged totals in the store")
+    rows = await stored(store_url, SERVER)
+    assert len(rows) == 1  # one writer: the agent, not one per worker
+    assert [total(await stored(store_url, source(n))) for n in range(sent)] == [1] * sent
