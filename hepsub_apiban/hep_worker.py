@@ -17,9 +17,11 @@ packets per address and ``EVIDENCE_BYTES``; while more than ``MAX_BUFFERED`` byt
 main process, a batch's addresses, findings and evidence are dropped and counted (its counters
 are not: the next batch carries them).
 
-Frames on CONTROL are a 4-byte length and a body: JSON from the worker (the main process reads
-nothing else from a process that parses hostile input), pickle from the main process (the settings
-object, which only the agent itself writes). The worker stops on ``{"stop": true}``, on SIGTERM
+Frames on CONTROL are a 4-byte length and a body. From the worker: a 4-byte length, a JSON
+message, then the evidence packets as binary records (``EVIDENCE``: JSON would escape every line
+break of a SIP message, which took the main process most of its time per batch); the main process
+reads nothing else from a process that parses hostile input. From the main process: pickle (the
+settings object, which only the agent itself writes). The worker stops on ``{"stop": true}``, on SIGTERM
 (after one last batch, with the authentication exemptions the detector learned) and when CONTROL
 closes: the main process is gone, so no worker outlives the agent. SIGINT is left to the main
 process, which stops the workers itself.
@@ -37,7 +39,7 @@ import struct
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -73,8 +75,53 @@ DROPPED = ("sightings", "findings", "evidence", "batches")
 Message = dict[str, Any]
 
 
+# An evidence record: capture time (s, us), ports, IP protocol, the lengths of the source and
+# destination address texts and of the payload; then those three.
+EVIDENCE = struct.Struct("!IIHHBBBI")
+
+
 def frame(body: bytes) -> bytes:
     return FRAME.pack(len(body)) + body
+
+
+def report(message: Message, evidence: bytes = b"") -> bytes:
+    """A frame from a worker: the JSON message, then the evidence records."""
+    body = orjson.dumps(message)
+    return frame(FRAME.pack(len(body)) + body + evidence)
+
+
+def read_report(body: bytes) -> tuple[Message, bytes]:
+    """The JSON message and the evidence records of a worker's frame."""
+    (length,) = FRAME.unpack_from(body)
+    message = orjson.loads(body[FRAME.size : FRAME.size + length])
+    if not isinstance(message, dict):
+        raise ValueError("a worker's message is not a JSON object")
+    return message, body[FRAME.size + length :]
+
+
+def evidence_record(packet: HepPacket) -> bytes:
+    src, dst, payload = packet.src_ip.encode(), packet.dst_ip.encode(), packet.payload
+    head = EVIDENCE.pack(
+        packet.ts_sec, packet.ts_usec, packet.src_port, packet.dst_port, packet.ip_proto,
+        len(src), len(dst), len(payload),
+    )  # fmt: skip
+    return head + src + dst + payload
+
+
+def evidence_packets(records: bytes) -> Iterator[HepPacket]:
+    """The packets of a frame's evidence records (what ``Evidence.keep`` needs of them)."""
+    view, offset, end = memoryview(records), 0, len(records)
+    while offset < end:
+        ts_sec, ts_usec, sport, dport, proto, src_len, dst_len, length = EVIDENCE.unpack_from(records, offset)
+        offset += EVIDENCE.size
+        src = bytes(view[offset : offset + src_len]).decode()
+        offset += src_len
+        dst = bytes(view[offset : offset + dst_len]).decode()
+        offset += dst_len
+        payload = bytes(view[offset : offset + length])
+        offset += length
+        family = socket.AF_INET6 if ":" in src else socket.AF_INET
+        yield HepPacket(3, family, proto, src, dst, sport, dport, ts_sec, ts_usec, 1, 0, payload)
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
@@ -100,7 +147,7 @@ class EvidenceBatch:
 
     def __init__(self, protected: set[str]) -> None:
         self.protected = protected  # replaced whenever the main process sends a new set
-        self.rings: dict[str, deque[tuple[Any, ...]]] = {}
+        self.rings: dict[str, deque[bytes]] = {}
         self.bytes = 0
         self.dropped = 0
 
@@ -110,16 +157,7 @@ class EvidenceBatch:
             self.dropped += 1
             return
         self.bytes += len(payload)
-        kept = (
-            packet.ts_sec,
-            packet.ts_usec,
-            packet.src_ip,
-            packet.dst_ip,
-            packet.src_port,
-            packet.dst_port,
-            packet.ip_proto,
-            payload.decode("latin-1"),  # JSON carries text; latin-1 gives the bytes back exactly
-        )
+        kept = evidence_record(packet)
         for ip in (packet.src_ip, packet.dst_ip):
             if ip in self.protected:
                 ring = self.rings.get(ip)
@@ -127,8 +165,8 @@ class EvidenceBatch:
                     ring = self.rings[ip] = deque(maxlen=PER_ADDRESS)
                 ring.append(kept)
 
-    def take(self) -> list[tuple[Any, ...]]:
-        """Each packet once (one between two protected addresses is in both rings)."""
+    def take(self) -> list[bytes]:
+        """Each packet's record once (one between two protected addresses is in both rings)."""
         packets = {id(kept): kept for ring in self.rings.values() for kept in ring}
         self.rings, self.bytes = {}, 0
         return list(packets.values())
@@ -194,8 +232,9 @@ class Worker:
     def protect(self, ips: Sequence[str]) -> None:
         self.evidence.protected = {*ips, *self.own_findings}
 
-    def batch(self, room: bool, final: bool = False) -> Message:
-        """What happened since the last batch; ``room``: False drops the bulk (counted)."""
+    def batch(self, room: bool, final: bool = False) -> tuple[Message, bytes]:
+        """What happened since the last batch, and its evidence records; ``room``: False drops
+        the bulk (counted)."""
         tally, self.collector.sightings = self.collector.sightings, self._tally()
         findings, self.findings = self.findings, []
         evidence = self.evidence.take()
@@ -212,16 +251,16 @@ class Worker:
                 for s in tally.values()
             ]
             message["findings"] = [(f.ip, f.rule, f.evidence, f.proof, f.at) for f in findings]
-            message["evidence"] = evidence
         else:
             self.dropped["batches"] += 1
             self.dropped["sightings"] += len(tally)
             self.dropped["findings"] += len(findings)
             self.dropped["evidence"] += len(evidence)
+            evidence = []
         if final and self.detector is not None:
             message["authenticated"] = list(self.detector.authenticated().items())
         message["counts"] = self.counts()  # last: with this batch's drops
-        return message
+        return message, b"".join(evidence)
 
     def counts(self) -> list[tuple[Any, ...]]:
         """Every counter so far, as (kind, key..., count)."""
@@ -280,10 +319,10 @@ async def serve(control: socket.socket, udp: socket.socket | None, tcp: socket.s
     try:
         await worker.collector.listen(udp, tcp)
     except OSError as exc:
-        writer.write(frame(orjson.dumps({"error": f"cannot serve the HEP sockets: {exc.strerror}"})))
+        writer.write(report({"error": f"cannot serve the HEP sockets: {exc.strerror}"}))
         await writer.drain()
         return 1
-    writer.write(frame(orjson.dumps({"ready": True})))
+    writer.write(report({"ready": True}))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -329,7 +368,7 @@ async def _flush(writer: asyncio.StreamWriter, worker: Worker) -> None:
 
 def _send(writer: asyncio.StreamWriter, worker: Worker, final: bool = False) -> None:
     room = writer.transport.get_write_buffer_size() <= MAX_BUFFERED
-    writer.write(frame(orjson.dumps(worker.batch(room, final))))
+    writer.write(report(*worker.batch(room, final)))
 
 
 async def _upkeep(worker: Worker) -> None:

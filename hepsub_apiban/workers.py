@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import socket
+import struct
 import sys
 import time
 from collections import Counter, OrderedDict
@@ -39,15 +40,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from .access import Refusals
 from .collector import HepCollector, bind_listener, exposure_warning, rcvbuf_warning, udp_socket
 from .config import LEGACY_ENV, Address, ConfigError, Settings
 from .detection import Detector, Finding, Report
 from .evidence import Evidence
-from .hep import HepPacket
-from .hep_worker import DETECTOR_COUNTERS, DROPPED, NO_FD, TCP_COUNTERS, frame, read_frame
+from .hep_worker import (
+    DETECTOR_COUNTERS,
+    DROPPED,
+    NO_FD,
+    TCP_COUNTERS,
+    evidence_packets,
+    frame,
+    read_frame,
+    read_report,
+)
 from .sightings import Sightings
 
 log = logging.getLogger(__name__)
@@ -268,8 +275,8 @@ class WorkerPool(HepCollector):
         writer.write(frame(pickle.dumps(init)))
         try:
             body = await asyncio.wait_for(read_frame(reader), START_TIMEOUT)
-            answer = orjson.loads(body) if body is not None else {"error": "it exited at start"}
-        except (TimeoutError, OSError, ValueError, orjson.JSONDecodeError) as exc:
+            answer = read_report(body)[0] if body is not None else {"error": "it exited at start"}
+        except (TimeoutError, OSError, ValueError, struct.error) as exc:
             answer = {"error": f"no answer ({type(exc).__name__})"}
         if not answer.get("ready"):
             writer.close()
@@ -315,8 +322,8 @@ class WorkerPool(HepCollector):
         assert reader is not None
         try:
             while (body := await read_frame(reader)) is not None:
-                await self._merge(slot, orjson.loads(body))
-        except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+                await self._merge(slot, *read_report(body))
+        except (OSError, ValueError, TypeError, KeyError, IndexError, struct.error) as exc:
             if slot.process is not None and slot.process.returncode is None:
                 log.error("HEP worker %d: broken batch stream (%s); stopping it", slot.index, exc)
             await self._kill(slot)
@@ -340,7 +347,7 @@ class WorkerPool(HepCollector):
 
     # ---------------------------------------------------------------- merging
 
-    async def _merge(self, slot: Slot, batch: dict[str, Any]) -> None:
+    async def _merge(self, slot: Slot, batch: dict[str, Any], evidence: bytes) -> None:
         self.batches += 1
         self._count(slot, batch["counts"])
         slot.gauges = batch["gauges"]
@@ -354,28 +361,12 @@ class WorkerPool(HepCollector):
                 add(*row)
         report = self._report
         if report is not None:
-            for ip, rule, evidence, proof, at in batch.get("findings", ()):
-                report(Finding(ip, rule, evidence, proof, at))
+            for ip, rule, words, proof, at in batch.get("findings", ()):
+                report(Finding(ip, rule, words, proof, at))
         store = self._evidence_store
         if store is not None:
-            for ts_sec, ts_usec, src, dst, sport, dport, proto, payload in batch.get("evidence", ()):
-                family = socket.AF_INET6 if ":" in src else socket.AF_INET
-                store.keep(
-                    HepPacket(
-                        3,
-                        family,
-                        proto,
-                        src,
-                        dst,
-                        sport,
-                        dport,
-                        ts_sec,
-                        ts_usec,
-                        1,
-                        0,
-                        payload.encode("latin-1"),
-                    )
-                )
+            for packet in evidence_packets(evidence):
+                store.keep(packet)
         self._learn_senders(batch["senders"])
         if "authenticated" in batch and self._detector is not None:
             self._detector.restore_authenticated(batch["authenticated"], self._clock())

@@ -21,8 +21,9 @@ import pytest
 
 from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.config import ConfigError, load_settings
-from hepsub_apiban.hep import build_hep3
-from hepsub_apiban.hep_worker import Worker
+from hepsub_apiban.evidence import PER_ADDRESS
+from hepsub_apiban.hep import HepPacket, build_hep3
+from hepsub_apiban.hep_worker import FRAME, Worker, evidence_packets, read_report, report
 from hepsub_apiban.keys import COLLECTOR, DETECTIONS, EVIDENCE, SIGHTINGS
 from hepsub_apiban.lookups import LookupService
 from hepsub_apiban.sightings import Sightings
@@ -179,11 +180,45 @@ def test_a_workers_batch_adds_up_to_what_one_process_records() -> None:
             sip = parse_sip(packet.payload)
             assert sip is not None
             one.record(packet.src_ip, packet.dst_ip, sip, packet.ts_sec)
-        for row in orjson.loads(orjson.dumps(worker.batch(room=True)))["rows"]:
+        for row in over_the_wire(worker)[0]["rows"]:
             merged.add(*row)
     expected = {s.ip: s.to_json() for s in one.values()}
     assert {s.ip: s.to_json() for s in merged.values()} == expected
     assert sum(s.packets for s in merged.values()) == 2 * len(packets)
+
+
+def over_the_wire(worker: Worker, room: bool = True) -> tuple[dict[str, Any], bytes]:
+    """A worker's batch as the agent reads it."""
+    return read_report(report(*worker.batch(room))[FRAME.size :])
+
+
+def test_evidence_crosses_to_the_agent_whole() -> None:
+    """The packets of protected addresses, the last PER_ADDRESS of each, each once, byte for byte."""
+    settings = load_settings(None, {"HEPSUB_HEP_UDP": "", "HEPSUB_HEP_TCP": ""})
+    worker = Worker(settings, 1)
+    worker.protect([ATTACKER, "2001:db8::7"])
+    big = b"OPTIONS sip:x SIP/2.0\r\n" + bytes(range(256)) * 40  # any bytes, past 4 KiB
+    packets = [
+        dataclasses.replace(sip_packet(ATTACKER, SERVER, call_id=f"p{n}"), ts_usec=n)
+        for n in range(PER_ADDRESS + 5)
+    ]
+    packets.append(dataclasses.replace(sip_packet("2001:db8::7", "2001:db8::8"), family=10, payload=big))
+    packets.append(sip_packet("45.1.1.1", SERVER))  # not protected: not kept
+    packets.append(sip_packet("2001:db8::7", ATTACKER))  # both protected: kept once
+    for packet in packets:
+        worker.collector.handle(packet, "udp", "127.0.0.1")
+    message, records = over_the_wire(worker)
+    assert "evidence" not in message
+    received = list(evidence_packets(records))
+    # The attacker's ring: its last PER_ADDRESS packets, the one to it from 2001:db8::7 included.
+    expected = [*packets[6 : PER_ADDRESS + 5], packets[-3], packets[-1]]
+    assert sorted(map(kept, received)) == sorted(map(kept, expected))
+
+
+def kept(packet: HepPacket) -> tuple[object, ...]:
+    """What evidence keeps of a packet."""
+    fields = ("ts_sec", "ts_usec", "src_ip", "dst_ip", "src_port", "dst_port", "ip_proto", "payload")
+    return tuple(getattr(packet, name) for name in fields)
 
 
 def test_a_batch_with_no_room_is_dropped_and_counted_its_counters_kept() -> None:
@@ -191,13 +226,13 @@ def test_a_batch_with_no_room_is_dropped_and_counted_its_counters_kept() -> None
     worker = Worker(settings, 1)
     for n in range(5):
         worker.collector.handle(sip_packet(source(n), SERVER), "udp", "127.0.0.1")
-    dropped = worker.batch(room=False)
+    dropped, _ = over_the_wire(worker, room=False)
     assert "rows" not in dropped
     counts = {tuple(item[:-1]): item[-1] for item in dropped["counts"]}
     assert counts[("packets", "udp")] == 5
     assert counts[("dropped", "sightings")] == 6  # five senders and the server
     assert counts[("dropped", "batches")] == 1
-    assert worker.batch(room=True)["rows"] == []  # what was dropped is not sent later
+    assert over_the_wire(worker)[0]["rows"] == []  # what was dropped is not sent later
 
 
 # ------------------------------------------------------------------------------- the agent
