@@ -18,10 +18,11 @@ Back to the workers, once a second when it changed: the protected addresses (lis
 at most ``MAX_PROTECTED_PUSHED``, most recent first), whose packets the workers then keep, and the
 HEP senders any worker met (capture agents are never attackers, whichever worker sees them).
 
-A worker that dies is logged and started again, after 0.5 s, doubling to 30 s while it keeps
-dying within a minute of its start; what it had not sent yet is lost, its counters up to its last
-batch are kept. Stopping the agent stops the workers (each sends a last batch); a worker whose
-agent is gone stops by itself (its control socket closes).
+A worker that dies, or sends no batch for ``STALL_TIMEOUT`` (stuck), is logged and started again,
+after 0.5 s, doubling to 30 s while it keeps dying within a minute of its start; what it had not
+sent yet is lost, its counters up to its last batch are kept. Stopping the agent stops the workers
+(each sends a last batch); a worker whose agent is gone stops by itself (its control socket
+closes).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0  # seconds a worker may take to start (an interpreter and the package imported)
 STOP_TIMEOUT = 5.0  # seconds a worker may take to send its last batch and exit
+STALL_TIMEOUT = 15.0  # seconds without a batch (they come twice a second) before a worker is killed
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # seconds before a dead worker is started again
 HEALTHY_AFTER = 60.0  # seconds a worker must have run for its next restart to wait BACKOFF_MIN
 PUSH_EVERY = 1.0  # seconds between updates of the protected addresses and HEP senders
@@ -90,6 +92,7 @@ class Slot:
     counts: dict[Key, int] = field(default_factory=dict)  # the current process' counters so far
     gauges: dict[str, Any] = field(default_factory=dict)
     packets: int = 0  # HEP packets decoded by this place's processes
+    batches: int = 0  # batches merged from them
 
     def to_json(self) -> dict[str, Any]:
         alive = self.up and self.process is not None
@@ -100,6 +103,7 @@ class Slot:
             "uptime": round(time.monotonic() - self.started, 3) if alive else None,
             "restarts": self.restarts,
             "packets": self.packets,
+            "batches": self.batches,
             "tcp_connections": self.gauges.get("tcp_open", 0) if alive else 0,
         }
 
@@ -141,6 +145,7 @@ class WorkerPool(HepCollector):
         self.batches = 0
         self._retired_drops = 0  # kernel drops on the sockets of workers that are gone
         self._stopping = asyncio.Event()
+        self.stall_timeout = STALL_TIMEOUT
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------------- start and stop
@@ -235,11 +240,16 @@ class WorkerPool(HepCollector):
     async def _spawn(self, slot: Slot) -> None:
         """Start the worker of ``slot`` and wait until it serves its sockets."""
         udp = udp_socket(self._settings, self._udp_at, reuse_port=True) if self._udp_at else None
-        tcp = (
-            bind_listener(self._tcp_at, socket.SOCK_STREAM, "hep.tcp", reuse_port=True)
-            if self._tcp_at
-            else None
-        )
+        try:
+            tcp = (
+                bind_listener(self._tcp_at, socket.SOCK_STREAM, "hep.tcp", reuse_port=True)
+                if self._tcp_at
+                else None
+            )
+        except ConfigError:
+            if udp is not None:
+                udp.close()
+            raise
         if udp is not None:
             self.stats.rcvbuf_granted = udp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         ours, theirs = socket.socketpair()
@@ -321,8 +331,13 @@ class WorkerPool(HepCollector):
         reader = slot.reader
         assert reader is not None
         try:
-            while (body := await read_frame(reader)) is not None:
+            # A worker sends a batch twice a second, with or without traffic: one that has sent
+            # nothing for stall_timeout is stuck (or stopped), and is started again.
+            while (body := await asyncio.wait_for(read_frame(reader), self.stall_timeout)) is not None:
                 await self._merge(slot, *read_report(body))
+        except TimeoutError:
+            log.error("HEP worker %d sent nothing for %.0f s; stopping it", slot.index, self.stall_timeout)
+            await self._kill(slot)
         except (OSError, ValueError, TypeError, KeyError, IndexError, struct.error) as exc:
             if slot.process is not None and slot.process.returncode is None:
                 log.error("HEP worker %d: broken batch stream (%s); stopping it", slot.index, exc)
@@ -349,6 +364,7 @@ class WorkerPool(HepCollector):
 
     async def _merge(self, slot: Slot, batch: dict[str, Any], evidence: bytes) -> None:
         self.batches += 1
+        slot.batches += 1
         self._count(slot, batch["counts"])
         slot.gauges = batch["gauges"]
         self._gauges()

@@ -448,3 +448,23 @@ async def test_with_a_store_the_agent_writes_what_all_workers_counted(
     rows = await stored(store_url, SERVER)
     assert len(rows) == 1  # one writer: the agent, not one per worker
     assert [total(await stored(store_url, source(n))) for n in range(sent)] == [1] * sent
+
+
+async def test_a_stuck_worker_is_replaced(agent: AgentFactory) -> None:
+    client = await workers_agent(agent)
+    collector = pool(client)
+    collector.stall_timeout = 1.5  # waited for from each worker's next batch on
+    merged = [slot.batches for slot in collector.slots]
+    await eventually(
+        lambda: all(slot.batches > n for slot, n in zip(collector.slots, merged, strict=True)), "a batch each"
+    )
+    stuck = pids(await status(client))[0]
+    os.kill(stuck, signal.SIGSTOP)  # alive, silent: as a worker caught in a loop
+
+    async def replaced() -> bool:
+        body = await status(client)
+        return body["hep"]["workers"]["up"] == 2 and stuck not in pids(body)
+
+    await eventually(replaced, "the stuck worker replaced", deadline=15.0)
+    assert gone(stuck)
+    assert collector.restarts == 1
