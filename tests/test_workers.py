@@ -414,10 +414,14 @@ async def test_a_listed_address_is_pushed_to_the_workers_and_its_packets_kept(
 
 
 async def test_hep_refused_in_a_worker_is_counted_by_the_agent(agent: AgentFactory) -> None:
-    client = await workers_agent(agent, HEPSUB_HEP_ALLOW_FROM="127.0.0.2/32")
+    """Also: workers with UDP alone and detection off."""
+    client = await workers_agent(
+        agent, HEPSUB_HEP_ALLOW_FROM="127.0.0.2/32", HEPSUB_HEP_TCP="", HEPSUB_DETECT_ENABLED="false"
+    )
     collector = pool(client)
     udp = collector.udp_address()
     assert udp is not None
+    assert collector.tcp_address() is None
     for host, count in (("127.0.0.1", 3), ("127.0.0.2", 2)):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind((host, 0))
@@ -429,7 +433,9 @@ async def test_hep_refused_in_a_worker_is_counted_by_the_agent(agent: AgentFacto
         refused = body["refusals"].get("hep_udp") == {"not in hep.allow_from": 3}
         return body if refused and body["hep"]["packets"].get("udp") == 2 else None
 
-    await eventually(counted, "two packets counted and three refused")
+    body = await eventually(counted, "two packets counted and three refused")
+    assert body["detection"] == {"enabled": False}
+    assert body["hep"]["tcp_listen"] is None
     assert set(await all_sightings(client)) == {source(0), source(1), SERVER}
 
 
