@@ -474,3 +474,19 @@ async def test_a_stuck_worker_is_replaced(agent: AgentFactory) -> None:
     await eventually(replaced, "the stuck worker replaced", deadline=15.0)
     assert gone(stuck)
     assert collector.restarts == 1
+
+
+async def test_readyz_says_not_ready_while_no_worker_runs(agent: AgentFactory) -> None:
+    client = await workers_agent(agent)
+    slots = pool(client).slots
+    for slot in slots:  # as between the deaths of both and the first restart
+        slot.up = False
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert await response.json() == {
+        "ready": False,
+        "reason": "no HEP worker process is running",
+        "hep_workers": {"up": 0, "configured": 2},
+    }
+    for slot in slots:
+        slot.up = True
