@@ -27,7 +27,7 @@ from .blocklist import Blocklist
 from .collector import HepCollector
 from .config import Settings
 from .decisions import DecisionApi
-from .detection import Detector
+from .detection import Detector, Report
 from .detections import Detections
 from .evidence import Evidence
 from .httpserver import handler_args, quiet_bad_requests
@@ -70,6 +70,7 @@ from .site_api import SiteApi
 from .state import ensure_state_dir, load_or_create_uuid
 from .timing import Sleep
 from .web import allow_from, json_errors, setup_routes
+from .workers import WorkerPool
 
 USER_AGENT = f"hepsub-apiban/{__version__}"
 log = logging.getLogger(__name__)
@@ -199,7 +200,13 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
         )
         detector = _detection(app, sightings, clocks) if settings.detect.enabled else None
         evidence = Evidence(sightings.protected_addresses())
-        collector = HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector, evidence)
+        collector = (
+            HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector, evidence)
+            if settings.hep.workers == 1 or (settings.hep.udp is None and settings.hep.tcp is None)
+            else WorkerPool(
+                sightings, settings, clocks.wall, app[REFUSALS], detector, evidence, _book_report(app)
+            )
+        )
         app[SIGHTINGS] = sightings
         app[EVIDENCE] = evidence
         app[COLLECTOR] = collector
@@ -283,6 +290,11 @@ def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> De
         app[METRICS].sources.shared_detections = sharing
         app[STORE_LINK].when_connected(sharing.attach)
     return detector
+
+
+def _book_report(app: web.Application) -> Report | None:
+    book = app.get(DETECTIONS)
+    return None if book is None else book.report
 
 
 class _Serials:
@@ -413,4 +425,6 @@ def startup_summary(app: web.Application) -> str:
     addresses = (("udp", collector.udp_address()), ("tcp", collector.tcp_address()))
     listeners = [f"{name} {address[0]}:{address[1]}" for name, address in addresses if address]
     hep = "HEP on " + ", ".join(listeners) if listeners else "no HEP listener"
+    if isinstance(collector, WorkerPool) and listeners:
+        hep += f" ({len(collector.slots)} worker processes)"
     return f"{lookups}; {registration}; {hep}"

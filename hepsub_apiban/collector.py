@@ -23,14 +23,14 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .access import Refusals, SourceFilter
 from .config import Address, ConfigError, HepSettings
 from .detection import Detector
-from .evidence import Evidence
 from .hep import BadPacket, HepPacket, decode
 from .hep_tcp import CHANNEL as TCP_CHANNEL
 from .hep_tcp import NOT_ALLOWED, HepTcpListener, TcpStats
@@ -57,6 +57,16 @@ class CollectorStats(TcpStats):
     rcvbuf_granted: int | None = None
 
 
+class EvidenceSink(Protocol):
+    """Where the packets of protected addresses go: ``Evidence`` in the agent, a batch bound for
+    the main process in a HEP worker (``hep_worker``)."""
+
+    @property
+    def protected(self) -> Container[str]: ...
+
+    def keep(self, packet: HepPacket) -> None: ...
+
+
 def key_refusal(packet: HepPacket, key: bytes) -> str:
     """Why ``packet`` does not carry ``key`` (empty: it does). Constant time in the key's bytes."""
     if packet.version != 3:
@@ -76,9 +86,9 @@ class HepCollector:
         clock: Callable[[], float] = time.time,
         refusals: Refusals | None = None,
         detector: Detector | None = None,
-        evidence: Evidence | None = None,
+        evidence: EvidenceSink | None = None,
     ) -> None:
-        self._sightings = sightings
+        self.sightings = sightings  # a HEP worker swaps in a fresh one for each batch it sends
         self._detector = detector
         self._evidence = evidence
         self._settings = settings
@@ -105,7 +115,7 @@ class HepCollector:
         if sip is None:
             self.stats.unparsable_sip += 1
             return
-        self._sightings.record(result.src_ip, result.dst_ip, sip, result.ts_sec + result.ts_usec / 1e6)
+        self.sightings.record(result.src_ip, result.dst_ip, sip, result.ts_sec + result.ts_usec / 1e6)
         detector = self._detector
         if detector is not None:
             # The receive time, not the packet's own: a sender's clock cannot stretch a detection.
@@ -134,38 +144,37 @@ class HepCollector:
 
     async def start(self) -> None:
         if self._settings.udp is not None:
-            await self._start_udp(self._settings.udp)
+            await self._start_udp(udp_socket(self._settings, self._settings.udp))
         if self._settings.tcp is not None:
-            await self._start_tcp(self._settings.tcp)
+            await self._start_tcp(bind_listener(self._settings.tcp, socket.SOCK_STREAM, "hep.tcp"))
         warning = exposure_warning(self._settings, self.udp_address(), self.tcp_address())
         if warning:
             log.warning("%s", warning)
 
-    async def _start_udp(self, address: Address) -> None:
-        sock = _bind(address, socket.SOCK_DGRAM, "hep.udp")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._settings.rcvbuf)
-        # Linux doubles the request and caps it at net.core.rmem_max; say what we really got.
+    async def listen(self, udp: socket.socket | None, tcp: socket.socket | None) -> None:
+        """Serve sockets bound by another process (a HEP worker's, bound by the agent)."""
+        if udp is not None:
+            await self._start_udp(udp, announce=False)
+        if tcp is not None:
+            await self._start_tcp(tcp, announce=False)
+
+    async def _start_udp(self, sock: socket.socket, announce: bool = True) -> None:
         granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.stats.rcvbuf_granted = granted
-        if granted < self._settings.rcvbuf:
-            log.warning(
-                "HEP UDP receive buffer: asked for %d bytes, the kernel granted %d "
-                "(raise net.core.rmem_max to avoid drops under load)",
-                self._settings.rcvbuf,
-                granted,
-            )
+        if announce:
+            rcvbuf_warning(self._settings, granted)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(self.udp_protocol, sock=sock)
         self._udp = transport
-        log.info("HEP over UDP on %s:%s (receive buffer %d bytes)", *sock.getsockname()[:2], granted)
+        if announce:
+            log.info("HEP over UDP on %s:%s (receive buffer %d bytes)", *sock.getsockname()[:2], granted)
 
     def udp_protocol(self) -> asyncio.DatagramProtocol:
         """The datagram handler for this configuration: it checks only what is configured."""
         guarded = self.allowed.active or self._key is not None
         return (_GuardedUdpProtocol if guarded else _UdpProtocol)(self, self._clock)
 
-    async def _start_tcp(self, address: Address) -> None:
-        sock = _bind(address, socket.SOCK_STREAM, "hep.tcp")
+    async def _start_tcp(self, sock: socket.socket, announce: bool = True) -> None:
         listener = HepTcpListener(
             self._settings,
             lambda result, peer: self.receive(result, "tcp", peer),
@@ -176,7 +185,8 @@ class HepCollector:
         )
         await listener.start(sock)
         self._tcp = listener
-        log.info("HEP over TCP on %s:%s", *sock.getsockname()[:2])
+        if announce:
+            log.info("HEP over TCP on %s:%s", *sock.getsockname()[:2])
 
     def udp_address(self) -> tuple[str, int] | None:
         return None if self._udp is None else self._udp.get_extra_info("sockname")[:2]
@@ -186,7 +196,7 @@ class HepCollector:
 
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel dropped on our UDP socket (Linux /proc/net/udp*), if it says."""
-        if self._udp is None:
+        if self._udp is None or self._udp.is_closing():
             return None
         sock = self._udp.get_extra_info("socket")
         return _proc_udp_drops(sock.fileno(), sock.family) if sock is not None else None
@@ -249,14 +259,38 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _bind(address: Address, kind: int, setting: str) -> socket.socket:
+def udp_socket(settings: HepSettings, address: Address, reuse_port: bool = False) -> socket.socket:
+    """The HEP UDP socket, bound, with the receive buffer hep.rcvbuf asks for."""
+    sock = bind_listener(address, socket.SOCK_DGRAM, "hep.udp", reuse_port=reuse_port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, settings.rcvbuf)
+    return sock
+
+
+def rcvbuf_warning(settings: HepSettings, granted: int) -> None:
+    # Linux doubles the request and caps it at net.core.rmem_max; say what we really got.
+    if granted < settings.rcvbuf:
+        log.warning(
+            "HEP UDP receive buffer: asked for %d bytes, the kernel granted %d "
+            "(raise net.core.rmem_max to avoid drops under load)",
+            settings.rcvbuf,
+            granted,
+        )
+
+
+def bind_listener(
+    address: Address, kind: int, setting: str, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """A socket bound to ``address`` (a TCP one listening unless ``listen`` is False); a failure is
+    a ConfigError naming ``setting``. ``reuse_port``: one of the HEP workers' sockets on one port."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port))
-        if kind == socket.SOCK_STREAM:
+        if kind == socket.SOCK_STREAM and listen:
             sock.listen(128)
         sock.setblocking(False)
     except OSError as exc:

@@ -113,6 +113,9 @@ class StateSettings:
     dir: Path = Path("./state")
 
 
+MAX_HEP_WORKERS = 64  # hep.workers: more processes than this only contend for the same cores
+
+
 @dataclass(frozen=True, slots=True)
 class HepSettings:
     udp: Address | None = Address("0.0.0.0", 9060)
@@ -124,6 +127,7 @@ class HepSettings:
     auth_key: str = field(default="", repr=False)
     packet_timeout: float = 5.0
     max_connections_per_sender: int = 16
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,6 +580,11 @@ KEYS: tuple[Key, ...] = (
         "seconds a HEP TCP connection may take to deliver each packet, the first included",
     ),
     Key("hep.max_connections_per_sender", _int_between(1, 100_000), "HEP TCP connections per sender address"),
+    Key(
+        "hep.workers",
+        _int_between(1, MAX_HEP_WORKERS),
+        "HEP ingest processes sharing the listen ports (SO_REUSEPORT)",
+    ),
     Key(
         "sightings.max",
         _int_between(100, 100_000_000),

@@ -30,6 +30,7 @@ from .shared_detections import SharedDetections
 from .shared_mirror import StoreLink
 from .shared_sightings import SharedSightings
 from .sightings import Sightings
+from .workers import WorkerPool
 
 PREFIX = "hepsub_apiban"
 REGISTRATION_STATES = ("disabled", "starting", "registered", "failing", "unregistered")
@@ -132,8 +133,10 @@ class _AgentCollector(Collector):
             "Detections flagged instead of served because detect.max_new_served was reached",
             book.stats.breaker_trips,
         )
+        collector = self._sources.collector
+        tracked = detector.tracked() + (collector.tracked() if isinstance(collector, WorkerPool) else 0)
         yield GaugeMetricFamily(
-            f"{PREFIX}_detection_tracked", "Remote addresses whose counters are kept", detector.tracked()
+            f"{PREFIX}_detection_tracked", "Remote addresses whose counters are kept", tracked
         )
         yield CounterMetricFamily(
             f"{PREFIX}_detection_exempted",
@@ -175,6 +178,8 @@ class _AgentCollector(Collector):
                 f"{PREFIX}_hep_udp_kernel_drops", "Datagrams the kernel dropped on the HEP UDP socket", drops
             )
         yield GaugeMetricFamily(f"{PREFIX}_hep_tcp_connections", "HEP TCP connections open", stats.tcp_open)
+        if isinstance(collector, WorkerPool):
+            yield from _workers(collector)
         closed = CounterMetricFamily(
             f"{PREFIX}_hep_tcp_closed",
             "HEP TCP connections the agent closed, by why (refusals at accept are in refused_total)",
@@ -365,6 +370,21 @@ class _AgentCollector(Collector):
             "Full pulls not accepted because they reported under half of the last complete one",
             sync.status.full_pulls_rejected,
         )
+
+
+def _workers(pool: WorkerPool) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        f"{PREFIX}_hep_workers_up", "HEP worker processes running (hep.workers)", pool.up()
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_hep_worker_restarts", "HEP worker processes started again after one died", pool.restarts
+    )
+    yield _labelled_counter(
+        f"{PREFIX}_hep_worker_dropped",
+        "What HEP workers could not hand to the agent (sightings, findings, evidence, batches)",
+        ["what"],
+        pool.dropped,
+    )
 
 
 class Metrics:

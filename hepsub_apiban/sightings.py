@@ -24,7 +24,7 @@ import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import count
@@ -248,6 +248,38 @@ class Sightings:
         if receiver is not None:
             receiver.call_ids = sampled(receiver.call_ids, sip.call_id, CALL_ID_SAMPLE)
             self._judge(receiver)
+
+    def add(
+        self,
+        ip: str,
+        first_seen: float,
+        last_seen: float,
+        packets: int,
+        methods: Mapping[str, int],
+        user_agents: Iterable[str],
+        users: Iterable[str],
+        call_ids: Iterable[str],
+    ) -> None:
+        """What ``record`` did to one address in a HEP worker process (hep.workers), ``packets``
+        packets at once: their counts added, their samples taken while there is room."""
+        sighting = self._touch(ip, first_seen)
+        if sighting is None or packets < 1:
+            return
+        sighting.packets += packets - 1  # _touch counted one
+        if last_seen > sighting.last_seen:
+            sighting.last_seen = last_seen
+        counts = sighting.methods
+        for action, n in methods.items():
+            counts[action] = counts.get(action, 0) + n
+        for value in user_agents:
+            sighting.user_agents = sampled(sighting.user_agents, value, USER_AGENT_SAMPLE)
+        for value in users:
+            sighting.users = sampled(sighting.users, value, USER_SAMPLE)
+        for value in call_ids:
+            sighting.call_ids = sampled(sighting.call_ids, value, CALL_ID_SAMPLE)
+        self._judge(sighting)
+        if sighting.listed:
+            self.listed_packets += packets - 1  # _judge counted one
 
     def _touch(self, ip: str, seen_at: float) -> Sighting | None:
         # The decoder's text is canonical in all but odd cases, so the first probe usually hits.

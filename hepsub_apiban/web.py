@@ -54,6 +54,7 @@ from .lookups import Verdict
 from .pcap import pcap_file
 from .sightings import Sighting
 from .site_api import SITE_PATHS
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 MAX_CHECK_IPS = 1000
@@ -369,11 +370,18 @@ async def readyz(request: web.Request) -> web.Response:
     lookups = request.app.get(LOOKUPS)
     if lookups is None or not lookups.ready:
         return json_response({"ready": False, "reason": "the APIBAN list is not loaded yet"}, 503)
+    # Ready whatever HEP ingest or the store do: enrichment answers from memory, and a probe that
+    # failed would take the agent out of homer-app's reach. What is wrong is said, for whoever looks.
+    body: dict[str, Any] = {"ready": True}
+    pool = request.app.get(COLLECTOR)
+    if isinstance(pool, WorkerPool):
+        body["hep_workers"] = workers = {"up": pool.up(), "configured": len(pool.slots)}
+        if not workers["up"]:
+            body["hep"] = "no HEP worker process is running: restarting them"
     link = request.app.get(STORE_LINK)
     if link is not None and not link.status.connected:
-        # Still ready: answers come from memory. Said, for whoever watches the probe.
-        return json_response({"ready": True, "store": "unreachable: answering from memory, reconnecting"})
-    return json_response({"ready": True})
+        body["store"] = "unreachable: answering from memory, reconnecting"
+    return json_response(body)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -436,10 +444,15 @@ def _detection_status(app: web.Application) -> dict[str, Any]:
             f"{rule_name(rule)}/{outcome}": n for (rule, outcome), n in sorted(book.stats.findings.items())
         },
         "breaker_trips": book.stats.breaker_trips,
-        "tracked": detector.tracked(),
+        "tracked": detector.tracked() + _worker_tracked(app),
         "exempted": detector.stats.exempted,
         "retransmissions": detector.stats.retransmissions,
     }
+
+
+def _worker_tracked(app: web.Application) -> int:
+    pool = app.get(COLLECTOR)
+    return pool.tracked() if isinstance(pool, WorkerPool) else 0
 
 
 def _hep_status(app: web.Application) -> dict[str, Any]:
@@ -457,6 +470,7 @@ def _hep_status(app: web.Application) -> dict[str, Any]:
         "unparsable_sip": stats.unparsable_sip,
         "udp_receive_buffer": stats.rcvbuf_granted,
         "udp_kernel_drops": collector.kernel_drops(),
+        "workers": collector.to_json() if isinstance(collector, WorkerPool) else None,
         "tcp_connections": {
             "open": stats.tcp_open,
             "accepted": stats.tcp_accepted,

@@ -316,9 +316,6 @@ async def test_enrichment_answers_from_memory_within_the_deadline_while_the_stor
 ) -> None:
     b = await hep_agent(agent, HEPSUB_STORE_URL=no_store())  # the test attaches the store itself
     sharing = b.app[SHARED_SIGHTINGS]
-    link = b.app[STORE_LINK]
-    # Once the agent's own link attached its store, so the one through the gate is not replaced.
-    await until(lambda: link.status.connected, "the store connected")
     sharing.attach(await stores(gate.url(store_url)))
     udp_send(b, build_hep3(sip_packet(SCANNER, method="INVITE", call_id="b1")))
     await until(lambda: decoded(b, "udp") == 1, "B's packet")

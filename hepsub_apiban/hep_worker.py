@@ -1,0 +1,413 @@
+"""A HEP worker process (``hep.workers`` > 1): one of N processes serving the same HEP ports.
+
+The agent (``workers.WorkerPool``) binds one UDP and one TCP socket per worker on the HEP ports
+with ``SO_REUSEPORT`` and starts ``python -m hepsub_apiban.hep_worker CONTROL UDP TCP`` with those
+file descriptors and one end of a socket pair (CONTROL). The kernel hands each worker the packets
+of the HEP senders it hashes to it. A worker does the per-packet work of the single-process
+collector, on the same code: the allow-list and key checks, decoding, SIP parsing, the sightings
+bookkeeping (a ``Sightings`` of its own, fresh for every batch, so it holds what the batch adds)
+and local detection (a ``Detector`` of its own). About twice a second it sends the main process
+one batch: per address what ``Sightings.record`` counted (the columns the store's sightings rows
+have), the detector's findings, the packets of protected addresses, HEP senders it learned, and
+its counters so far (cumulative, so a lost batch loses no count).
+
+Everything is bounded: a batch's addresses by ``sightings.max`` (an address forgotten within one
+batch is counted, its counts lost), findings by ``MAX_FINDINGS``, evidence by ``PER_ADDRESS``
+packets per address and ``EVIDENCE_BYTES``; while more than ``MAX_BUFFERED`` bytes wait for the
+main process, a batch's addresses, findings and evidence are dropped and counted (its counters
+are not: the next batch carries them).
+
+Frames on CONTROL are a 4-byte length and a body. From the worker: a 4-byte length, a JSON
+message, then the evidence packets as binary records (``EVIDENCE``: JSON would escape every line
+break of a SIP message, which took the main process most of its time per batch); the main process
+reads nothing else from a process that parses hostile input. From the main process: pickle (the
+settings object, which only the agent itself writes). The worker stops on ``{"stop": true}``, on SIGTERM
+(after one last batch, with the authentication exemptions the detector learned) and when CONTROL
+closes: the main process is gone, so no worker outlives the agent. SIGINT is left to the main
+process, which stops the workers itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import orjson
+
+from .addresses import NetworkSet
+from .collector import HepCollector
+from .config import Settings
+from .detection import Detector, Finding
+from .evidence import PER_ADDRESS
+from .hep import HepPacket
+from .logs import Redactor, setup_logging
+from .lookups import LookupService
+from .mirror import Mirror
+from .sightings import Sightings
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("!I")
+MAX_FRAME = 512 << 20  # bytes; a longer length is a broken stream, not a batch
+FLUSH_EVERY = 0.5  # seconds between batches
+MAX_BUFFERED = 32 << 20  # bytes waiting for the main process before batches are dropped
+MAX_FINDINGS = 10_000  # per batch
+EVIDENCE_BYTES = 8 << 20  # payload bytes per batch
+MAX_NEW_SENDERS = 4096  # HEP senders reported per batch
+MAX_OWN_FINDINGS = 4096  # addresses this worker detected, whose packets it keeps at once
+LAST_BATCH_TIMEOUT = 4.0  # seconds the last batch may take to reach the main process
+UPKEEP_EVERY = 10.0  # seconds between forgetting idle detector counters
+NO_FD = -1
+# What a worker counts as not handed over: addresses forgotten within a batch, findings and
+# evidence over a batch's bounds, and batches dropped whole while the main process lagged.
+DROPPED = ("sightings", "findings", "evidence", "batches")
+
+Message = dict[str, Any]
+
+
+# An evidence record: capture time (s, us), ports, IP protocol, the lengths of the source and
+# destination address texts and of the payload; then those three.
+EVIDENCE = struct.Struct("!IIHHBBBI")
+
+
+def frame(body: bytes) -> bytes:
+    return FRAME.pack(len(body)) + body
+
+
+def report(message: Message, evidence: bytes = b"") -> bytes:
+    """A frame from a worker: the JSON message, then the evidence records."""
+    body = orjson.dumps(message)
+    return frame(FRAME.pack(len(body)) + body + evidence)
+
+
+def read_report(body: bytes) -> tuple[Message, bytes]:
+    """The JSON message and the evidence records of a worker's frame."""
+    (length,) = FRAME.unpack_from(body)
+    message = orjson.loads(body[FRAME.size : FRAME.size + length])
+    if not isinstance(message, dict):
+        raise ValueError("a worker's message is not a JSON object")
+    return message, body[FRAME.size + length :]
+
+
+def evidence_record(packet: HepPacket) -> bytes:
+    src, dst, payload = packet.src_ip.encode(), packet.dst_ip.encode(), packet.payload
+    head = EVIDENCE.pack(
+        packet.ts_sec, packet.ts_usec, packet.src_port, packet.dst_port, packet.ip_proto,
+        len(src), len(dst), len(payload),
+    )  # fmt: skip
+    return head + src + dst + payload
+
+
+def evidence_packets(records: bytes) -> Iterator[HepPacket]:
+    """The packets of a frame's evidence records (what ``Evidence.keep`` needs of them)."""
+    view, offset, end = memoryview(records), 0, len(records)
+    while offset < end:
+        ts_sec, ts_usec, sport, dport, proto, src_len, dst_len, length = EVIDENCE.unpack_from(records, offset)
+        offset += EVIDENCE.size
+        src = bytes(view[offset : offset + src_len]).decode()
+        offset += src_len
+        dst = bytes(view[offset : offset + dst_len]).decode()
+        offset += dst_len
+        payload = bytes(view[offset : offset + length])
+        offset += length
+        family = socket.AF_INET6 if ":" in src else socket.AF_INET
+        yield HepPacket(3, family, proto, src, dst, sport, dport, ts_sec, ts_usec, 1, 0, payload)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next frame's body; None at a clean end of the stream."""
+    try:
+        head = await reader.readexactly(FRAME.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ValueError("the control stream ended inside a frame") from None
+        return None
+    (length,) = FRAME.unpack(head)
+    if length > MAX_FRAME:
+        raise ValueError(f"a frame of {length} bytes")
+    try:
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ValueError("the control stream ended inside a frame") from None
+
+
+class EvidenceBatch:
+    """The packets of protected addresses since the last batch: the last ``PER_ADDRESS`` of each,
+    at most ``EVIDENCE_BYTES`` of payload (the main process keeps them in its ``Evidence``)."""
+
+    def __init__(self, protected: set[str]) -> None:
+        self.protected = protected  # replaced whenever the main process sends a new set
+        self.rings: dict[str, deque[bytes]] = {}
+        self.bytes = 0
+        self.dropped = 0
+
+    def keep(self, packet: HepPacket) -> None:
+        payload = packet.payload
+        if self.bytes + len(payload) > EVIDENCE_BYTES:
+            self.dropped += 1
+            return
+        try:
+            kept = evidence_record(packet)
+        except struct.error:  # a field past its HEP width: the decoder gives none, but never raise here
+            self.dropped += 1
+            return
+        self.bytes += len(payload)
+        for ip in (packet.src_ip, packet.dst_ip):
+            if ip in self.protected:
+                ring = self.rings.get(ip)
+                if ring is None:
+                    ring = self.rings[ip] = deque(maxlen=PER_ADDRESS)
+                ring.append(kept)
+
+    def take(self) -> list[bytes]:
+        """Each packet's record once (one between two protected addresses is in both rings)."""
+        packets = {id(kept): kept for ring in self.rings.values() for kept in ring}
+        self.rings, self.bytes = {}, 0
+        return list(packets.values())
+
+
+class WorkerDetector(Detector):
+    """The detector, noting the HEP senders it learns so the other workers learn them too."""
+
+    new_senders: list[str]
+
+    def hep_sender(self, ip: str) -> None:
+        if not self.is_local(ip) and len(self.new_senders) < MAX_NEW_SENDERS:
+            self.new_senders.append(ip)
+        super().hep_sender(ip)
+
+    def learn_senders(self, ips: Sequence[str]) -> None:
+        """Senders another worker met: local here too, not reported back."""
+        for ip in ips:
+            super().hep_sender(ip)
+
+
+class Worker:
+    def __init__(self, settings: Settings, index: int, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.index = index
+        self._clock = clock
+        # Verdicts are the main process' business: an empty, complete mirror answers "not listed"
+        # with one dict probe and never asks APIBAN.
+        mirror = Mirror()
+        mirror.last_full_sync = clock()
+        self._lookups = LookupService(None, NetworkSet(), mirror=mirror)
+        self.findings: list[Finding] = []
+        self.own_findings: OrderedDict[str, None] = OrderedDict()
+        self.detector: WorkerDetector | None = None
+        if settings.detect.enabled:
+            self.detector = WorkerDetector(
+                settings.detect, self._found, allow=NetworkSet(settings.allow.cidrs)
+            )
+            self.detector.new_senders = []
+        self.evidence = EvidenceBatch(set())
+        self.collector = HepCollector(
+            self._tally(), settings.hep, clock, detector=self.detector, evidence=self.evidence
+        )
+        self.dropped = dict.fromkeys(DROPPED, 0)
+        self.kernel_drops: int | None = None
+
+    def _tally(self) -> Sightings:
+        return Sightings(self._lookups, capacity=self.settings.sightings.max, clock=self._clock)
+
+    def _found(self, finding: Finding) -> None:
+        if len(self.findings) >= MAX_FINDINGS:
+            self.dropped["findings"] += 1
+        else:
+            self.findings.append(finding)
+        # Its packets are kept from now on, before the main process' next list of protected
+        # addresses says so.
+        self.own_findings[finding.ip] = None
+        self.own_findings.move_to_end(finding.ip)
+        if len(self.own_findings) > MAX_OWN_FINDINGS:
+            self.own_findings.popitem(last=False)
+        self.evidence.protected.add(finding.ip)
+
+    def protect(self, ips: Sequence[str]) -> None:
+        self.evidence.protected = {*ips, *self.own_findings}
+
+    def batch(self, room: bool, final: bool = False) -> tuple[Message, bytes]:
+        """What happened since the last batch, and its evidence records; ``room``: False drops
+        the bulk (counted)."""
+        tally, self.collector.sightings = self.collector.sightings, self._tally()
+        findings, self.findings = self.findings, []
+        evidence = self.evidence.take()
+        self.dropped["sightings"] += tally.evicted
+        self.dropped["evidence"] += self.evidence.dropped
+        self.evidence.dropped = 0
+        senders: list[str] = []
+        if self.detector is not None:
+            senders, self.detector.new_senders = self.detector.new_senders, []
+        message: Message = {"gauges": self.gauges(), "senders": senders}
+        if room:
+            message["rows"] = [
+                (s.ip, s.first_seen, s.last_seen, s.packets, s.methods, s.user_agents, s.users, s.call_ids)
+                for s in tally.values()
+            ]
+            message["findings"] = [(f.ip, f.rule, f.evidence, f.proof, f.at) for f in findings]
+        else:
+            self.dropped["batches"] += 1
+            self.dropped["sightings"] += len(tally)
+            self.dropped["findings"] += len(findings)
+            self.dropped["evidence"] += len(evidence)
+            evidence = []
+        if final and self.detector is not None:
+            message["authenticated"] = list(self.detector.authenticated().items())
+        message["counts"] = self.counts()  # last: with this batch's drops
+        return message, b"".join(evidence)
+
+    def counts(self) -> list[tuple[Any, ...]]:
+        """Every counter so far, as (kind, key..., count)."""
+        stats = self.collector.stats
+        rows: list[tuple[Any, ...]] = []
+        rows += [("packets", t, n) for t, n in stats.packets.items()]
+        rows += [("version", t, v, n) for (t, v), n in stats.by_version.items()]
+        rows += [("bad", reason, n) for reason, n in stats.bad.items()]
+        rows += [("non_sip", proto, n) for proto, n in stats.non_sip.items()]
+        rows.append(("unparsable_sip", stats.unparsable_sip))
+        for name in TCP_COUNTERS:
+            rows.append(("tcp", name, getattr(stats, name)))
+        rows += [("refused", ch, reason, n) for (ch, reason), n in self.collector.refusals.counts.items()]
+        if self.detector is not None:
+            for name in DETECTOR_COUNTERS:
+                rows.append(("detector", name, getattr(self.detector.stats, name)))
+        rows += [("dropped", what, n) for what, n in self.dropped.items()]
+        return rows
+
+    def gauges(self) -> Message:
+        drops = self.collector.kernel_drops()
+        if drops is not None:  # None once the socket is closed: the last batch keeps the last count
+            self.kernel_drops = drops
+        return {
+            "tcp_open": self.collector.stats.tcp_open,
+            "tracked": self.detector.tracked() if self.detector is not None else 0,
+            "kernel_drops": self.kernel_drops,
+        }
+
+
+TCP_COUNTERS = (
+    "tcp_accepted",
+    "tcp_refused",
+    "tcp_closed_bad",
+    "tcp_idle_closed",
+    "tcp_packet_timeouts",
+    "tcp_evicted",
+)
+DETECTOR_COUNTERS = ("packets", "tracked_evicted", "idle_forgotten", "retransmissions", "exempted")
+
+
+async def serve(control: socket.socket, udp: socket.socket | None, tcp: socket.socket | None) -> int:
+    reader, writer = await asyncio.open_unix_connection(sock=control)
+    body = await read_frame(reader)
+    if body is None:
+        return 0  # the agent went away before it said anything
+    init: Message = pickle.loads(body)  # written by the agent that started us
+    settings: Settings = init["settings"]
+    setup_logging(settings.log.level, Redactor(settings.secrets()), settings.log.format)
+    _name_the_worker(init["index"])
+    worker = Worker(settings, init["index"])
+    worker.protect(init["protected"])
+    if worker.detector is not None:
+        worker.detector.learn_senders(init["senders"])
+        worker.detector.restore_authenticated(init["authenticated"], time.time())
+    try:
+        await worker.collector.listen(udp, tcp)
+    except OSError as exc:
+        writer.write(report({"error": f"cannot serve the HEP sockets: {exc.strerror}"}))
+        await writer.drain()
+        return 1
+    writer.write(report({"ready": True}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    tasks = [
+        asyncio.create_task(_control(reader, worker, stop)),
+        asyncio.create_task(_flush(writer, worker)),
+        asyncio.create_task(_upkeep(worker)),
+    ]
+    await stop.wait()
+    await worker.collector.stop()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if not writer.is_closing():
+        _send(writer, worker, final=True)
+        writer.close()  # after what is buffered is written: wait_closed waits for that
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), LAST_BATCH_TIMEOUT)
+    return 0
+
+
+async def _control(reader: asyncio.StreamReader, worker: Worker, stop: asyncio.Event) -> None:
+    """The main process' messages; its end of CONTROL closing stops the worker."""
+    try:
+        while (body := await read_frame(reader)) is not None:
+            message: Message = pickle.loads(body)  # from the agent
+            if message.get("stop"):
+                break
+            if "protected" in message:
+                worker.protect(message["protected"])
+            if "senders" in message and worker.detector is not None:
+                worker.detector.learn_senders(message["senders"])
+    except (OSError, ValueError) as exc:
+        log.warning("HEP worker %d: control stream broken (%s); stopping", worker.index, exc)
+    stop.set()
+
+
+async def _flush(writer: asyncio.StreamWriter, worker: Worker) -> None:
+    while not writer.is_closing():
+        await asyncio.sleep(FLUSH_EVERY)
+        _send(writer, worker)
+
+
+def _send(writer: asyncio.StreamWriter, worker: Worker, final: bool = False) -> None:
+    room = writer.transport.get_write_buffer_size() <= MAX_BUFFERED
+    writer.write(report(*worker.batch(room, final)))
+
+
+async def _upkeep(worker: Worker) -> None:
+    while worker.detector is not None:
+        await asyncio.sleep(UPKEEP_EVERY)
+        worker.detector.forget_idle(time.time())
+
+
+def _name_the_worker(index: int) -> None:
+    """Every log line says which worker wrote it: they share the agent's stderr."""
+    prefix = f"HEP worker {index}: "
+
+    def named(record: logging.LogRecord) -> bool:
+        record.msg = prefix + str(record.msg)
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(named)
+
+
+def _socket(fd: int) -> socket.socket | None:
+    return None if fd == NO_FD else socket.socket(fileno=fd)
+
+
+def main(argv: Sequence[str]) -> int:
+    # Ctrl-C reaches the whole process group: the agent stops its workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control, udp, tcp = (_socket(int(fd)) for fd in argv)
+    assert control is not None
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(control, udp, tcp))
+    return uvloop.run(serve(control, udp, tcp))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
