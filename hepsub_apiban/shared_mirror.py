@@ -89,6 +89,12 @@ ON CONFLICT (source, ip) DO UPDATE SET apiban_id = excluded.apiban_id,
     last_reported = excluded.last_reported, serial = excluded.serial, change = excluded.change,
     removed_at = NULL
 """
+# Locks the detections' ID counter for the write (migration 3): see _number_above.
+LOCK_DETECTION_IDS = f"""
+SELECT c.serial, s.next_serial AS stored_next
+FROM {SCHEMA}.detection_counter c, {SCHEMA}.apiban_sources s
+WHERE s.source = $1 FOR UPDATE OF c
+"""
 # Removed entries are kept for the decision stream's "deleted" as long as the mirror keeps its own
 # tombstones; older ones go, at most once an hour, in the puller's write (by its clock, as removed_at).
 PRUNE_REMOVED = f"""
@@ -155,6 +161,9 @@ class MirrorStore:
         async with self._store.pool.acquire() as connection, connection.transaction():
             if await connection.fetchval(FENCE, lease.name, lease.holder, lease.epoch) is None:
                 raise LeaseLost(lease.name)
+            issued = await connection.fetchrow(LOCK_DETECTION_IDS, self.source)
+            if present and issued is not None:
+                _number_above(mirror, present, issued["stored_next"], issued["serial"], now)
             version: int = await connection.fetchval(
                 WRITE_SOURCE,
                 self.source,
@@ -182,6 +191,25 @@ class MirrorStore:
                 self.pruned += int(status.rsplit(" ", 1)[-1])
                 self._pruned_at = now
         return version
+
+
+def _number_above(mirror: Mirror, present: list[Verdict], stored_next: int, issued: int, now: float) -> None:
+    """Entries numbered since the last write but not above the last detection ID get new serials.
+
+    Detections (shared_detections.py) take IDs under the counter row's lock, above the list's
+    committed ``next_serial``; an entry this puller numbered in memory before such an ID was taken
+    would otherwise be written below it, unseen by a client that already paged past that ID. Entries
+    already written keep their serial (a full pull re-reports the whole list)."""
+    mirror.next_serial = max(mirror.next_serial, issued + 1)
+    late = sorted(
+        (serial, verdict.ip)
+        for verdict in present
+        if stored_next <= (serial := mirror.serials[verdict.ip]) <= issued
+    )
+    for _, ip in late:
+        mirror.serials[ip] = mirror.new_serial(now)
+    if late:
+        mirror.touched()
 
 
 def _apply_rows(mirror: Mirror, rows: list[Any]) -> None:

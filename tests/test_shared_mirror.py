@@ -303,3 +303,38 @@ async def test_the_puller_keeps_its_lease_when_the_store_drops_its_connections(
     assert link.status.role == "puller"
     listed = await (await client.get(f"/api/v1/check/{ips(10)[3]}")).json()
     assert listed["source"] == "mirror"
+
+
+async def test_entries_numbered_before_a_detection_id_was_taken_are_written_above_it(store: Store) -> None:
+    shared = MirrorStore(store, "source-3")
+    await shared.ensure_source()
+    lease = await store.try_acquire("apiban-puller:source-3", "agent-a", 30.0)
+    assert lease is not None
+    now = 1_700_000_000.0
+    puller = Mirror()
+    puller.changed = set()
+    puller.begin_full_pull(now)
+    puller.add(["45.0.0.1", "45.0.0.2"], "1700000001", now)
+    await shared.save(puller, puller.changed, lease, now)
+    written = dict(puller.serials)
+    # The next page is numbered in memory; before it is written, another agent's detection takes
+    # an ID above those numbers (what shared_detections.py does under the counter's lock).
+    puller.changed = set()
+    puller.add(["45.0.0.3", "45.0.0.4"], "1700000002", now)
+    page = {ip: puller.serials[ip] for ip in ("45.0.0.3", "45.0.0.4")}
+    detection_id = max(page.values()) + 5
+    await store.pool.execute("UPDATE hepsub.detection_counter SET serial = $1", detection_id)
+    puller.add(["45.0.0.1"], "1700000002", now)  # a full pull re-reports an entry already written
+    await shared.save(puller, puller.changed, lease, now)
+    rows = {
+        r["ip"]: r["serial"]
+        for r in await store.pool.fetch("SELECT host(ip) AS ip, serial FROM hepsub.apiban_entries")
+    }
+    assert rows == puller.serials
+    assert all(rows[ip] > detection_id for ip in page)
+    assert rows["45.0.0.3"] < rows["45.0.0.4"]  # in the order they were numbered
+    assert {ip: rows[ip] for ip in written} == written  # written before: their serials stay
+    stored_next = await store.pool.fetchval(
+        "SELECT next_serial FROM hepsub.apiban_sources WHERE source = 'source-3'"
+    )
+    assert stored_next > max(rows.values())
