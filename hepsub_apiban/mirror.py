@@ -400,6 +400,9 @@ class MirrorSync:
         self._rejections = 0  # consecutive rejected full pulls, for the backoff
         # Leave one request of each window to per-IP checks while the list is being pulled.
         self._reserve = 1 if client.budget.limit.requests >= 3 else 0
+        # Requests of each window left unspent for other agents of the key while this one pulls
+        # without the store (shared_mirror.StoreLink, the store down for long).
+        self.standalone_reserve = 0
         # With a store, where each saved step goes too (shared_mirror.StoreLink, while it pulls).
         self.publish: Callable[[Mirror], Awaitable[None]] | None = None
 
@@ -463,7 +466,9 @@ class MirrorSync:
             self.mirror.begin_full_pull(now)
             log.info("pulling the whole APIBAN list from ID %s", START_ID)
         pulling = self.mirror.full_pull_started is not None
-        wait = self._client.budget.wait_time(reserve=self._reserve if pulling else 0)
+        wait = self._client.budget.wait_time(
+            reserve=max(self._reserve if pulling else 0, self.standalone_reserve)
+        )
         if wait > 0:
             if pulling:
                 log.info("%s", self.progress(wait))

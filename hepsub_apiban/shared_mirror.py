@@ -53,6 +53,10 @@ FOLLOWER_SHUT = 365 * 86400.0  # a follower's own budget: shut until it pulls or
 # this link's news (``when_connected``) to write what it buffered: so a store back from an
 # outage is in use again within this many seconds.
 RECONNECT_MAX = 10.0
+# Seconds of a store outage after which an agent in mirror mode pulls the list on its own (with
+# half the key's budget, as the other agents of the key may do the same): a store that never comes
+# back, or a wrong store.url, must not leave it without a list.
+ALONE_AFTER = 300.0
 CLOSE_TIMEOUT = 5.0
 STORE_FAILURES = (
     StoreError,
@@ -244,6 +248,7 @@ class StoreLink:
         budget: Budget | None = None,
         source: str = "",
         wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._ttl = settings.lease_ttl
@@ -254,6 +259,9 @@ class StoreLink:
         self._budget = budget
         self._source = source
         self._wall_clock = wall_clock
+        self._monotonic = monotonic
+        self._down_since: float | None = None  # monotonic: when the store stopped answering
+        self._alone: asyncio.Task[None] | None = None  # the sync run without the store (ALONE_AFTER)
         self.status = StoreStatus()
         self.store: Store | None = None
         self._lease: Lease | None = None
@@ -293,6 +301,7 @@ class StoreLink:
                 if self.store is None:
                     self.store = await Store.connect(self._settings)
                 self.status.schema_version = await self.store.migrate()
+                await self._stop_pulling_alone()
                 self.status.connected = True
                 self.status.last_error = None
                 self.status.next_attempt = None
@@ -306,6 +315,7 @@ class StoreLink:
                 # A bug here must not silently end the link (and with it the pull for every agent).
                 log.exception("store link failed; starting it again in %.0f s", delay)
                 self._failed(exc)
+            self._pull_alone_when_down_long()
             self.status.next_attempt = self._now() + delay
             await asyncio.sleep(delay)
             delay = min(delay * 2.0, RECONNECT_MAX)
@@ -322,6 +332,43 @@ class StoreLink:
         # Rows removed while it was away may be pruned by the time it is back: reload whole then.
         self._diverged = True
         self.status.last_error = {"at": self._now(), "message": words}
+
+    def _pull_alone_when_down_long(self) -> None:
+        now = self._monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if self._alone is not None:
+            self.status.role = "alone"
+            return
+        if self._sync is None or self._budget is None or now - self._down_since < ALONE_AFTER:
+            return
+        limit = self._budget.limit.requests
+        share = max(1, limit // 2)
+        self._sync.standalone_reserve = limit - share
+        self.status.role = "alone"
+        log.warning(
+            "store %s unreachable for %.0f s: pulling the APIBAN list alone, with %d of the key's %d "
+            "requests per window, until the store is back",
+            self._settings.shown,
+            now - self._down_since,
+            share,
+            limit,
+        )
+        self._alone = asyncio.create_task(self._sync.run(), name="apiban-mirror-sync-alone")
+
+    async def _stop_pulling_alone(self) -> None:
+        self._down_since = None
+        task, self._alone = self._alone, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert self._sync is not None
+        self._sync.standalone_reserve = 0
+        log.info(
+            "store %s is back: the APIBAN list is pulled once for all agents again", self._settings.shown
+        )
 
     def _now(self) -> float:
         return self._wall_clock()
@@ -447,6 +494,7 @@ class StoreLink:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        await self._stop_pulling_alone()
         if self.store is None:
             return
         with contextlib.suppress(*STORE_FAILURES):

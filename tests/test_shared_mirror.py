@@ -28,6 +28,7 @@ from hepsub_apiban.store import Store
 
 from .conftest import APIBAN_KEY, HOMER_BODY_1, AgentFactory, ApibanPeer, ManualClock
 from .postgres import PASSWORD, free_port
+from .test_shared_sightings import Gate, gate  # noqa: F401 (the fixture)
 
 Client = TestClient[web.Request, web.Application]
 BOUND = 60.0  # real seconds any wait here may take before the test fails
@@ -338,3 +339,61 @@ async def test_entries_numbered_before_a_detection_id_was_taken_are_written_abov
         "SELECT next_serial FROM hepsub.apiban_sources WHERE source = 'source-3'"
     )
     assert stored_next > max(rows.values())
+
+
+async def test_a_store_down_for_long_leaves_the_agent_pulling_alone_with_half_the_budget(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    tmp_path: Path,
+    store_url: str,
+    gate: Gate,  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+    quick_lease: float,
+) -> None:
+    monkeypatch.setattr(shared_mirror, "ALONE_AFTER", 0.0)  # at the first failure, not after 5 minutes
+    monkeypatch.setattr(shared_mirror, "RECONNECT_MAX", 0.5)
+    await gate.shut()  # the store is down from the start
+    clock = ManualClock()
+    fake = FakeApiban(keys=[APIBAN_KEY], clock=clock, wall_clock=clock)
+    fake.add_many(ips(3_000))
+    server = await aiohttp_server(fake.app())
+    peer = ApibanPeer(fake, str(server.make_url("")).rstrip("/"))
+    client = await AgentFactory(tmp_path, aiohttp_client, peer)(
+        Clocks(monotonic=clock, wall=clock, sleep=clock.sleep),
+        HEPSUB_APIBAN_MODE="mirror",
+        HEPSUB_STORE_URL=gate.url(store_url),
+        HEPSUB_STORE_LEASE_TTL=QUICK_LEASE,
+    )
+    rig = Pair(clock, fake, client, client)
+    link = rig.link(client)
+    await until(lambda: link.status.role == "alone")
+    await rig.drive(lambda: rig.mirror(client).loaded)
+    assert len(rig.mirror(client).entries) == 3_000
+    # 12 pages and "no new bans", at most 5 of the key's 11 requests in any window: another agent
+    # of the key cut off from the store the same way may spend the other half.
+    assert rig.fake.request_count("banned") == 13
+    assert max_in_any_window(rig.accepted(), 120.0) <= 5
+    assert all(r.status != 429 for r in rig.fake.requests)
+    status = await (await client.get("/api/v1/status")).json()
+    assert status["store"]["role"] == "alone"
+    # The store back: the agent takes the lease and publishes what it pulled for the others.
+    await gate.open()
+    await until(lambda: link.status.role == "puller")
+
+    async def published() -> int:
+        connection = await asyncpg.connect(store_url)
+        try:
+            count: int = await connection.fetchval("SELECT count(*) FROM hepsub.apiban_entries")
+            return count
+        finally:
+            await connection.close()
+
+    async with asyncio.timeout(BOUND):
+        while await published() < 3_000:  # noqa: ASYNC110 (the database's count, not an event)
+            await asyncio.sleep(0.05)
+    # Published, not pulled again: the puller's sync goes on from the cursor (one "anything new?").
+    starts = [r for r in rig.fake.requests if r.kind == "banned" and r.asked in (None, "100")]
+    assert len(starts) == 1
+    assert rig.fake.request_count("banned") <= 14
+    assert all(r.status != 429 for r in rig.fake.requests)
+    fake.release()
