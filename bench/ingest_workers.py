@@ -100,7 +100,8 @@ class Agent:
         """Packets each worker process has counted so far (none with hep.workers = 1)."""
         hep = agent_status(self.http_port)["hep"]
         assert isinstance(hep, dict)
-        return [int(p["packets"]) for p in hep["workers"]["processes"]] if "workers" in hep else []
+        workers = hep.get("workers")  # None with hep.workers = 1
+        return [int(p["packets"]) for p in workers["processes"]] if workers else []
 
     def cpu(self) -> float:
         """CPU seconds of the agent and its workers so far."""
