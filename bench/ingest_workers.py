@@ -16,8 +16,9 @@ cycle at 15,000/s; then the rates go up, 2 s each, every agent that has not lost
 getting the same traffic in turn, then ``--refine`` halvings of the gap to its first lossy rate.
 Loss is read from the agent's own counters (``/api/v1/status``: packets decoded and dropped as
 bad, the totals of all workers), once they stop moving (batches cross from the workers twice a
-second). Beside it, each agent's CPU per packet (its own and its workers' user + system time) and
-the sender's CPU. The load generator runs on the same two cores: unlike ``ingest.py``'s, which
+second). Beside it, each agent's CPU per packet (its own and its workers' user + system time), the
+busiest worker's share of the packets (the kernel spreads senders: it saturates first) and the
+sender's CPU. The load generator runs on the same two cores: unlike ``ingest.py``'s, which
 has a core of its own, it sleeps while it is ahead of its pace, and takes about a fifth of a core.
 """
 

@@ -6,10 +6,12 @@ file descriptors and one end of a socket pair (CONTROL). The kernel hands each w
 of the HEP senders it hashes to it. A worker does the per-packet work of the single-process
 collector, on the same code: the allow-list and key checks, decoding, SIP parsing, the sightings
 bookkeeping (a ``Sightings`` of its own, fresh for every batch, so it holds what the batch adds)
-and local detection (a ``Detector`` of its own). About twice a second it sends the main process
-one batch: per address what ``Sightings.record`` counted (the columns the store's sightings rows
-have), the detector's findings, the packets of protected addresses, HEP senders it learned, and
-its counters so far (cumulative, so a lost batch loses no count).
+and local detection (a ``Detector`` of its own). It reads its UDP socket in bursts
+(``BurstReader``) and collects garbage rarely (``tune_gc``): its batches die young, and full
+collections paused it for 40-70 ms. About twice a second it sends the main process one batch:
+per address what ``Sightings.record`` counted (the columns the store's sightings rows have), the
+detector's findings, the packets of protected addresses, HEP senders it learned, and its
+counters so far (cumulative, so a lost batch loses no count).
 
 Everything is bounded: a batch's addresses by ``sightings.max`` (an address forgotten within one
 batch is counted, its counts lost), findings by ``MAX_FINDINGS``, evidence by ``PER_ADDRESS``
