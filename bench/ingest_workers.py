@@ -16,8 +16,9 @@ cycle at 15,000/s; then the rates go up, 2 s each, every agent that has not lost
 getting the same traffic in turn, then ``--refine`` halvings of the gap to its first lossy rate.
 Loss is read from the agent's own counters (``/api/v1/status``: packets decoded and dropped as
 bad, the totals of all workers), once they stop moving (batches cross from the workers twice a
-second). Beside it, each agent's CPU per packet (its own and its workers' user + system time) and
-the sender's CPU. The load generator runs on the same two cores: unlike ``ingest.py``'s, which
+second). Beside it, each agent's CPU per packet (its own and its workers' user + system time), the
+busiest worker's share of the packets (the kernel spreads senders: it saturates first) and the
+sender's CPU. The load generator runs on the same two cores: unlike ``ingest.py``'s, which
 has a core of its own, it sleeps while it is ahead of its pace, and takes about a fifth of a core.
 """
 
@@ -35,7 +36,17 @@ from pathlib import Path
 from statistics import median
 
 from common import PYTHON, free_port, machine, public_ips, table, write_snapshot
-from ingest import PHONES, SCANNERS, SERVER, WARM_UP_RATE, agent_count, agent_env, cpu_seconds, site_traffic
+from ingest import (
+    PHONES,
+    SCANNERS,
+    SERVER,
+    WARM_UP_RATE,
+    agent_count,
+    agent_env,
+    agent_status,
+    cpu_seconds,
+    site_traffic,
+)
 
 from hepsub_apiban.hep import HepPacket, decode
 
@@ -86,6 +97,13 @@ class Agent:
     def count(self) -> int:
         return agent_count(self.http_port)
 
+    def per_worker(self) -> list[int]:
+        """Packets each worker process has counted so far (none with hep.workers = 1)."""
+        hep = agent_status(self.http_port)["hep"]
+        assert isinstance(hep, dict)
+        workers = hep.get("workers")  # None with hep.workers = 1
+        return [int(p["packets"]) for p in workers["processes"]] if workers else []
+
     def cpu(self) -> float:
         """CPU seconds of the agent and its workers so far."""
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
@@ -130,9 +148,12 @@ async def step(
 ) -> bool:
     """``rate`` offered for ``seconds``; True when the agent lost packets."""
     before = await settle(agent)
-    cpu_before = agent.cpu()
+    cpu_before, split_before = agent.cpu(), agent.per_worker()
     sent, sender_cpu = await offer(agent, rate, seconds, packets)
     received = await settle(agent) - before
+    split = [after - was for after, was in zip(agent.per_worker(), split_before, strict=True)]
+    # The kernel spreads senders, not packets: the busiest worker sets the loss-free rate.
+    busiest = f"{max(split) / max(sum(split), 1) * 100:.0f} %" if split else "-"
     cpu = (agent.cpu() - cpu_before) / max(received, 1) * 1e6
     loss = f"{(sent - received) / sent * 100:.2f} %"
     rows.append(
@@ -144,6 +165,7 @@ async def step(
             f"{received:,}",
             loss,
             f"{cpu:.1f} us",
+            busiest,
             f"{sender_cpu:.2f}",
         ]
     )
@@ -190,6 +212,7 @@ async def until_up(agents: list[Agent]) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     rates = [int(r) for r in args.rates.split(",")]
+    load = os.getloadavg()[0]
     listed = public_ips(20_000, seed=11)
     phones = listed[:2000] + public_ips(PHONES - 2000, seed=12)
     traffic = site_traffic(phones, public_ips(SCANNERS, seed=13))
@@ -219,7 +242,7 @@ async def main(args: argparse.Namespace) -> None:
                 if process.returncode is None:
                     process.terminate()
                 await process.wait()
-    print(f"machine: {machine()}; load average before the run {os.getloadavg()[0]:.2f}")
+    print(f"machine: {machine()}; load average before the run {load:.2f}")
     print(
         f"HEP3/UDP on loopback, a registrar's traffic ({len(traffic):,} packets in the cycle) from "
         f"{args.senders} sender sockets, nothing pinned, {args.seconds:g} s per rate, {args.rounds} round(s)"
@@ -232,6 +255,7 @@ async def main(args: argparse.Namespace) -> None:
         "counted",
         "lost",
         "agent CPU per packet",
+        "busiest worker's share",
         "sender cores",
     ]
     print(table(headers, rows))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from hepsub_apiban import hep_worker
 from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.config import ConfigError, load_settings
 from hepsub_apiban.evidence import PER_ADDRESS
@@ -185,6 +187,35 @@ def test_a_workers_batch_adds_up_to_what_one_process_records() -> None:
     expected = {s.ip: s.to_json() for s in one.values()}
     assert {s.ip: s.to_json() for s in merged.values()} == expected
     assert sum(s.packets for s in merged.values()) == 2 * len(packets)
+
+
+async def test_a_worker_reads_its_udp_socket_in_bounded_bursts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every datagram waiting is handled, at most MAX_BURST in one turn of the event loop; the
+    kernel's drop counter is read from the socket until the worker stops, which closes it."""
+    monkeypatch.setattr(hep_worker, "MAX_BURST", 8)
+    worker = Worker(load_settings(None, {"HEPSUB_HEP_UDP": "", "HEPSUB_HEP_TCP": ""}), 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    await worker.collector.listen(sock, None)
+    stats, sent = worker.collector.stats, 50
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for data in registers(0, sent):  # all waiting before the worker's loop runs again
+            sender.sendto(data, sock.getsockname())
+    loop, handled = asyncio.get_running_loop(), [0]
+
+    def each_turn() -> None:  # one call per turn: what was handled meanwhile came in one burst
+        handled.append(stats.packets["udp"])
+        if handled[-1] < sent:
+            loop.call_soon(each_turn)
+
+    loop.call_soon(each_turn)
+    await eventually(lambda: handled[-1] == sent, "every datagram handled")
+    bursts = [after - before for before, after in itertools.pairwise(handled) if after > before]
+    assert max(bursts) == 8
+    assert worker.collector.kernel_drops() == 0
+    await worker.collector.stop()
+    assert worker.collector.kernel_drops() is None
+    assert sock.fileno() == -1
 
 
 def over_the_wire(worker: Worker, room: bool = True) -> tuple[dict[str, Any], bytes]:
