@@ -298,6 +298,9 @@ class SharedSightings:
         store = self._store
         if store is None:
             return None
+        if self._monotonic() < self._read_paused_until:  # as for enrichment: a hung store costs one wait
+            self.stats.reads_skipped += 1
+            return None
         rows_read = (limit + len(mine)) * RECENT_ROWS_PER_IP
         try:
             rows = await asyncio.wait_for(
@@ -306,6 +309,7 @@ class SharedSightings:
             )
         except STORE_ERRORS:
             self.stats.read_failures += 1
+            self._read_paused_until = self._monotonic() + READ_PAUSE
             return None
         found = [address.text for row in rows if (address := _address(row["ip"])) is not None]
         ips = list(dict.fromkeys([*mine, *found]))

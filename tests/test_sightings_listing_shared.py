@@ -21,7 +21,7 @@ from hepsub_apiban.store import Store
 
 from .conftest import AgentFactory
 from .test_collector import decoded, hep_agent, sip_packet, udp_send, until
-from .test_shared_sightings import Gate, gate, stores  # noqa: F401 (fixtures used below)
+from .test_shared_sightings import Gate, gate, no_store, stores  # noqa: F401 (fixtures used below)
 
 Client = TestClient[web.Request, web.Application]
 SCANNER = "45.6.7.8"
@@ -84,8 +84,9 @@ async def test_a_hung_store_leaves_the_local_view_and_says_it_is_partial(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(shared_sightings, "RECENT_TIMEOUT", 0.3)
-    b = await hep_agent(agent, HEPSUB_STORE_URL=store_url)
-    b.app[SHARED_SIGHTINGS].attach(await stores(gate.url(store_url)))
+    b = await hep_agent(agent, HEPSUB_STORE_URL=no_store())  # the test attaches the store itself
+    sharing = b.app[SHARED_SIGHTINGS]
+    sharing.attach(await stores(gate.url(store_url)))
     udp_send(b, build_hep3(sip_packet(SCANNER, method="INVITE", call_id="b1")))
     await until(lambda: decoded(b, "udp") == 1, "B's packet")
     await gate.hold()
@@ -94,7 +95,13 @@ async def test_a_hung_store_leaves_the_local_view_and_says_it_is_partial(
     assert time.monotonic() - began < 2.0
     assert body["partial"] is True
     assert by_ip(body)[SCANNER]["packets"] == 1
-    assert b.app[SHARED_SIGHTINGS].stats.read_failures >= 1
+    assert sharing.stats.read_failures == 1
+    # The next listings do not ask the hung store again for a while: no wait, still partial.
+    began = time.monotonic()
+    for _ in range(3):
+        assert (await listing(b))["partial"] is True
+    assert time.monotonic() - began < 0.3
+    assert (sharing.stats.read_failures, sharing.stats.reads_skipped) == (1, 3)
     gate.holding = False
 
 
