@@ -361,12 +361,12 @@ def _copy(sighting: Sighting) -> Sighting:
 def _add(merged: dict[str, Sighting], ip: str, address: Addr, row: asyncpg.Record) -> None:
     sighting = merged.get(ip)
     if sighting is None:
-        sighting = merged[ip] = Sighting(ip, address, row["first_seen"], row["last_seen"], methods=Counter())
+        sighting = merged[ip] = Sighting(ip, address, row["first_seen"], row["last_seen"])
     else:
         sighting.first_seen = min(sighting.first_seen, row["first_seen"])
         sighting.last_seen = max(sighting.last_seen, row["last_seen"])
     sighting.packets += row["packets"]
-    sighting.methods.update(orjson.loads(row["methods"]))
+    sighting.count(orjson.loads(row["methods"]))
     sighting.user_agents = _union(sighting.user_agents, row["user_agents"], USER_AGENT_SAMPLE)
     sighting.users = _union(sighting.users, row["users"], USER_SAMPLE)
     sighting.call_ids = _union(sighting.call_ids, row["call_ids"], CALL_ID_SAMPLE)

@@ -25,8 +25,6 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from functools import partial
 from itertools import count
 from operator import attrgetter
 from typing import Any
@@ -62,28 +60,86 @@ _STATUS_KEY: dict[int | None, str] = {
     code: str(code) if code in STATUS_CODES else f"{code // 100}xx" for code in range(100, 700)
 }
 
-# ``Counter()`` runs Python-level ``__init__``/``update``; an empty one needs neither, and one is
-# made for every new address (a flood of spoofed sources makes one per packet).
-_new_counter = partial(Counter.__new__, Counter)
+# Every action bucket by name: counts read back from a worker or the shared store keep the one
+# string object of their bucket instead of a copy per address.
+_ACTIONS: dict[str, str] = {name: name for name in (*SIP_METHODS, OTHER_METHOD, "?", *_STATUS_KEY.values())}
+# User agents are a few models shared by many addresses: each distinct one is kept once (with its
+# one-element sample) while the table has room; forged ones can only fill it, then are kept per address.
+USER_AGENT_TABLE = 4096
+_agents: dict[str, tuple[str]] = {}
+# An unlisted answer says nothing about the address itself: one shared object per kind.
+_unlisted: dict[str, Verdict] = {}
 
 
-@dataclass(slots=True)
 class Sighting:
-    ip: str
-    address: Addr  # parsed once, when first seen
-    first_seen: float
-    last_seen: float
-    packets: int = 0
-    methods: Counter[str] = field(default_factory=_new_counter)
-    # Tuples: the empty one is shared, and the garbage collector stops tracking tuples of strings.
-    user_agents: tuple[str, ...] = ()
-    call_ids: tuple[str, ...] = ()
-    users: tuple[str, ...] = ()
-    verdict: Verdict | None = None
-    logged_at: float | None = None  # when this IP was last logged as listed
-    checked: bool = False  # check mode: an upstream lookup for this IP is under way or done
-    flagged: bool = False  # found hostile locally (the detection work sets it via Sightings.flag)
-    order: int = 0  # when last touched, in the store's own sequence (for most-recent-first listings)
+    """One address. Kept lean, as the store holds up to ``sightings.max`` of them: what it sent as
+    a flat list ``[action, count, ...]`` (a Counter costs 200 bytes), shared strings for actions and
+    user agents, one shared verdict per kind of unlisted answer (bench/sightings_memory.py)."""
+
+    __slots__ = (
+        "actions",
+        "address",
+        "call_ids",
+        "checked",
+        "first_seen",
+        "flagged",
+        "ip",
+        "last_seen",
+        "logged_at",
+        "order",
+        "packets",
+        "user_agents",
+        "users",
+        "verdict",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        ip: str,
+        address: Addr,  # parsed once, when first seen
+        first_seen: float,
+        last_seen: float,
+        packets: int = 0,
+        methods: Mapping[str, int] | None = None,
+        user_agents: tuple[str, ...] = (),
+        call_ids: tuple[str, ...] = (),
+        users: tuple[str, ...] = (),
+        verdict: Verdict | None = None,
+    ) -> None:
+        self.ip = ip
+        self.address = address
+        self.first_seen = first_seen
+        self.last_seen = last_seen
+        self.packets = packets
+        # What it sent: [action, count, action, count, ...] in first-seen order; None for nothing.
+        self.actions: list[str | int] | None = None
+        # Tuples: the empty one is shared, and the garbage collector stops tracking tuples of strings.
+        self.user_agents = user_agents
+        self.call_ids = call_ids
+        self.users = users
+        self.verdict = verdict
+        self.logged_at: float | None = None  # when this IP was last logged as listed
+        self.checked = False  # check mode: an upstream lookup for this IP is under way or done
+        self.flagged = False  # found hostile locally (the detection work sets it via Sightings.flag)
+        self.order = 0  # when last touched, in the store's own sequence (for most-recent-first listings)
+        if methods:
+            self.count(methods)
+
+    def __repr__(self) -> str:
+        return f"Sighting({self.ip!r}, packets={self.packets}, methods={dict(self.methods)!r})"
+
+    @property
+    def methods(self) -> Counter[str]:
+        """What it sent, by action: a new Counter (changing it leaves the sighting alone)."""
+        actions = self.actions
+        if actions is None:
+            return Counter()
+        return Counter(dict(zip(actions[::2], actions[1::2], strict=True)))  # type: ignore[arg-type]
+
+    def count(self, methods: Mapping[str, int]) -> None:
+        """Add counts by action."""
+        for action, n in methods.items():
+            _count(self, _ACTIONS.get(action, action), n)
 
     @property
     def listed(self) -> bool | None:
@@ -123,6 +179,45 @@ class Sighting:
                 "user_agents": self.user_agents,
             }
         }
+
+
+def _count(sighting: Sighting, action: str, n: int) -> None:
+    actions = sighting.actions
+    if actions is None:
+        sighting.actions = [action, n]
+        return
+    try:
+        at = actions.index(action) + 1  # counts are ints: only an action's own place matches
+    except ValueError:
+        sighting.actions = actions + [action, n]  # noqa: RUF005  (exact size, where [*a, b] over-allocates)
+    else:
+        actions[at] += n  # type: ignore[operator]
+
+
+def agents_sampled(items: tuple[str, ...], value: str | None) -> tuple[str, ...]:
+    """``sampled`` for user agents, each distinct one kept once while the table has room."""
+    added = sampled(items, value, USER_AGENT_SAMPLE)
+    if added is items:
+        return items
+    agent = added[-1]
+    shared = _agents.get(agent)
+    if shared is None:
+        if len(_agents) >= USER_AGENT_TABLE:
+            return added
+        shared = _agents[agent] = (agent,)
+    return shared if not items else (*items, shared[0])
+
+
+def _shared_verdict(verdict: Verdict) -> Verdict:
+    """The verdict to keep: an unlisted one without details is one shared object per source."""
+    if verdict.listed is not False or verdict.id is not None or verdict.last_reported is not None:
+        return verdict
+    if verdict.reason is not None:
+        return verdict
+    shared = _unlisted.get(verdict.source)
+    if shared is None:
+        shared = _unlisted[verdict.source] = verdict._replace(ip="")
+    return shared
 
 
 def sampled(items: tuple[str, ...], value: str | None, limit: int) -> tuple[str, ...]:
@@ -231,17 +326,21 @@ class Sightings:
         """One SIP packet: the sender and the receiver are both sightings; the sender acted."""
         sender = self._touch(src_ip, seen_at)
         if sender is not None:
-            methods = sender.methods
-            # (dict.get rather than Counter's += 1: a new key would run Counter.__missing__ in Python)
             if sip.status is None:
                 action = _METHOD_KEY.get(sip.method, OTHER_METHOD)
-                methods[action] = methods.get(action, 0) + 1
                 sender.users = sampled(sender.users, sip.from_user, USER_SAMPLE)
             else:
                 # Responses count by status code ("401" answers to a scanner).
                 action = _STATUS_KEY.get(sip.status, "?")
-                methods[action] = methods.get(action, 0) + 1
-            sender.user_agents = sampled(sender.user_agents, sip.user_agent, USER_AGENT_SAMPLE)
+            actions = sender.actions  # _count inlined: this is the packet path
+            if actions is None:
+                sender.actions = [action, 1]
+            else:
+                try:
+                    actions[actions.index(action) + 1] += 1  # type: ignore[operator]
+                except ValueError:
+                    sender.actions = actions + [action, 1]  # noqa: RUF005  (exact size, where [*a, b] over-allocates)
+            sender.user_agents = agents_sampled(sender.user_agents, sip.user_agent)
             sender.call_ids = sampled(sender.call_ids, sip.call_id, CALL_ID_SAMPLE)
             self._judge(sender)
         receiver = self._touch(dst_ip, seen_at)
@@ -268,11 +367,9 @@ class Sightings:
         sighting.packets += packets - 1  # _touch counted one
         if last_seen > sighting.last_seen:
             sighting.last_seen = last_seen
-        counts = sighting.methods
-        for action, n in methods.items():
-            counts[action] = counts.get(action, 0) + n
+        sighting.count(methods)
         for value in user_agents:
-            sighting.user_agents = sampled(sighting.user_agents, value, USER_AGENT_SAMPLE)
+            sighting.user_agents = agents_sampled(sighting.user_agents, value)
         for value in users:
             sighting.users = sampled(sighting.users, value, USER_SAMPLE)
         for value in call_ids:
@@ -354,7 +451,7 @@ class Sightings:
     def _take_verdict(self, sighting: Sighting, verdict: Verdict) -> None:
         """Set a new verdict; a change of listed moves the sighting between the two orders."""
         was_listed = sighting.listed is True
-        sighting.verdict = verdict
+        sighting.verdict = _shared_verdict(verdict)
         if bool(verdict.listed) is not was_listed:
             self._listed += -1 if was_listed else 1
             self._place(sighting)
