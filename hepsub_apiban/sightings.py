@@ -69,6 +69,7 @@ USER_AGENT_TABLE = 4096
 _agents: dict[str, tuple[str]] = {}
 # An unlisted answer says nothing about the address itself: one shared object per kind.
 _unlisted: dict[str, Verdict] = {}
+Sample = str | tuple[str, ...]  # a sample of one value is the value itself
 
 
 class Sighting:
@@ -77,9 +78,10 @@ class Sighting:
     user agents, one shared verdict per kind of unlisted answer (bench/sightings_memory.py)."""
 
     __slots__ = (
+        "_call_ids",
+        "_users",
         "actions",
         "address",
-        "call_ids",
         "checked",
         "first_seen",
         "flagged",
@@ -89,7 +91,6 @@ class Sighting:
         "order",
         "packets",
         "user_agents",
-        "users",
         "verdict",
     )  # fmt: skip
 
@@ -115,8 +116,9 @@ class Sighting:
         self.actions: list[str | int] | None = None
         # Tuples: the empty one is shared, and the garbage collector stops tracking tuples of strings.
         self.user_agents = user_agents
-        self.call_ids = call_ids
-        self.users = users
+        # One value (most addresses have one user, many one Call-ID) is kept bare, not in a tuple.
+        self._call_ids: Sample = _one(call_ids)
+        self._users: Sample = _one(users)
         self.verdict = verdict
         self.logged_at: float | None = None  # when this IP was last logged as listed
         self.checked = False  # check mode: an upstream lookup for this IP is under way or done
@@ -140,6 +142,24 @@ class Sighting:
         """Add counts by action."""
         for action, n in methods.items():
             _count(self, _ACTIONS.get(action, action), n)
+
+    @property
+    def call_ids(self) -> tuple[str, ...]:
+        stored = self._call_ids
+        return (stored,) if stored.__class__ is str else stored  # type: ignore[return-value]
+
+    @call_ids.setter
+    def call_ids(self, values: tuple[str, ...]) -> None:
+        self._call_ids = _one(values)
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        stored = self._users
+        return (stored,) if stored.__class__ is str else stored  # type: ignore[return-value]
+
+    @users.setter
+    def users(self, values: tuple[str, ...]) -> None:
+        self._users = _one(values)
 
     @property
     def listed(self) -> bool | None:
@@ -179,6 +199,21 @@ class Sighting:
                 "user_agents": self.user_agents,
             }
         }
+
+
+def _one(values: tuple[str, ...]) -> Sample:
+    return values[0] if len(values) == 1 else values
+
+
+def sampled_bare(stored: Sample, value: str | None, limit: int) -> Sample:
+    """``sampled`` for a sample kept as its value alone while it has one."""
+    if stored.__class__ is str:
+        if value == stored or not value:
+            return stored
+        added = sampled((stored,), value, limit)
+        return stored if len(added) == 1 else added
+    added = sampled(stored, value, limit)  # type: ignore[arg-type]
+    return added[0] if len(added) == 1 else added
 
 
 def _count(sighting: Sighting, action: str, n: int) -> None:
@@ -328,7 +363,7 @@ class Sightings:
         if sender is not None:
             if sip.status is None:
                 action = _METHOD_KEY.get(sip.method, OTHER_METHOD)
-                sender.users = sampled(sender.users, sip.from_user, USER_SAMPLE)
+                sender._users = sampled_bare(sender._users, sip.from_user, USER_SAMPLE)
             else:
                 # Responses count by status code ("401" answers to a scanner).
                 action = _STATUS_KEY.get(sip.status, "?")
@@ -341,11 +376,11 @@ class Sightings:
                 except ValueError:
                     sender.actions = actions + [action, 1]  # noqa: RUF005  (exact size, where [*a, b] over-allocates)
             sender.user_agents = agents_sampled(sender.user_agents, sip.user_agent)
-            sender.call_ids = sampled(sender.call_ids, sip.call_id, CALL_ID_SAMPLE)
+            sender._call_ids = sampled_bare(sender._call_ids, sip.call_id, CALL_ID_SAMPLE)
             self._judge(sender)
         receiver = self._touch(dst_ip, seen_at)
         if receiver is not None:
-            receiver.call_ids = sampled(receiver.call_ids, sip.call_id, CALL_ID_SAMPLE)
+            receiver._call_ids = sampled_bare(receiver._call_ids, sip.call_id, CALL_ID_SAMPLE)
             self._judge(receiver)
 
     def add(
@@ -371,9 +406,9 @@ class Sightings:
         for value in user_agents:
             sighting.user_agents = agents_sampled(sighting.user_agents, value)
         for value in users:
-            sighting.users = sampled(sighting.users, value, USER_SAMPLE)
+            sighting._users = sampled_bare(sighting._users, value, USER_SAMPLE)
         for value in call_ids:
-            sighting.call_ids = sampled(sighting.call_ids, value, CALL_ID_SAMPLE)
+            sighting._call_ids = sampled_bare(sighting._call_ids, value, CALL_ID_SAMPLE)
         self._judge(sighting)
         if sighting.listed:
             self.listed_packets += packets - 1  # _judge counted one
