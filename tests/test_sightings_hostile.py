@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
+from hepsub_apiban import sightings as sightings_module
 from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.app import Clocks
 from hepsub_apiban.config import RateLimit
@@ -133,6 +134,31 @@ def test_one_address_cannot_grow_its_answer() -> None:
     assert (len(sighting.user_agents), len(sighting.users), len(sighting.call_ids)) == (5, 10, 10)
     assert len(orjson.dumps(sighting.to_json())) < 4096
     assert len(orjson.dumps(sighting.summary())) < 2048
+
+
+def test_shared_user_agents_stay_bounded_and_samples_read_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sightings_module, "_agents", {})
+    monkeypatch.setattr(sightings_module, "USER_AGENT_TABLE", 100)
+    store, _ = mirror_store(capacity=1000)
+    phones = list(spoofed(2))
+    for phone in phones:  # the same model: one string and one sample between them
+        store.record(phone, SBC, SipInfo(method="REGISTER", call_id=f"c-{phone}", from_user="100",
+                                         user_agent="".join(["Yealink ", "T46S"])), 1.0)  # fmt: skip
+    first, second = (store.get(phone) for phone in phones)
+    assert first is not None
+    assert second is not None
+    assert first.user_agents == ("Yealink T46S",)
+    assert first.user_agents is second.user_agents
+    for n, forged in enumerate(spoofed(500, first_octet=46)):
+        store.record(forged, SBC, SipInfo(method="OPTIONS", user_agent=f"forged-{n}"), 2.0)
+    assert len(sightings_module._agents) == 100  # a full table keeps further agents per address
+    assert store.get("46.0.1.243").user_agents == ("forged-499",)  # type: ignore[union-attr]
+    # One sampled value is kept bare; what is read back is the same tuple either way.
+    store.record(phones[0], SBC, SipInfo(method="INVITE", call_id="c-2", from_user="100"), 3.0)
+    assert (first.users, first.call_ids) == (("100",), (f"c-{phones[0]}", "c-2"))
+    assert first.methods == {"REGISTER": 1, "INVITE": 1}
+    first.methods["REGISTER"] += 5  # a copy: the sighting's counts are its own
+    assert first.to_json()["methods"] == {"REGISTER": 1, "INVITE": 1}
 
 
 def test_nasty_sample_values_stay_small_and_one_line(caplog: pytest.LogCaptureFixture) -> None:
