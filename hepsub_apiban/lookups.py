@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 from cachetools import TLRUCache
 
-from .addresses import Addr, NetworkSet, is_non_routable
+from .addresses import Addr, NetworkSet, is_non_routable, parse_ip
 from .apiban import ApibanClient, ApibanError
 
 # Verdicts are built for every IP of every enrichment; see addresses._tuple_new.
@@ -159,19 +159,27 @@ class LookupService:
         requests = self._client.budget.limit.requests
         return requests - math.floor(share * requests + 1e-9)
 
-    def answer_again(self, address: Addr, previous: Verdict | None) -> Verdict | None:
+    def answer_again(self, ip: str, previous: Verdict | None) -> Verdict | None:
         """``answer_now`` for an address answered ``previous``ly, returning ``previous`` itself when
         nothing can have changed: a non-routable or allow-listed address, or one the complete mirror
-        did not list and still does not (the capture asks again for every packet).
+        did not list and still does not (the capture asks again for every packet); the mirror's own
+        entry for one it lists.
+
+        ``ip`` is the canonical text (``Addr.text``), parsed only when the answer needs more: the
+        sightings keep no parsed address per IP.
         """
         if previous is not None:
             source = previous.source
             if source in _SETTLED:
                 return previous
             mirror = self.mirror
-            if source == "mirror" and previous.listed is False and mirror is not None:
-                return mirror.verdict(address.text) or previous
-        return self.answer_now(address)
+            if source == "mirror" and mirror is not None:
+                # Routable and not allow-listed (the allowlist is fixed): the mirror's word stands.
+                current = mirror.verdict(ip)
+                if current is not None or previous.listed is False:
+                    return current or previous
+        address = parse_ip(ip)
+        return None if address is None else self.answer_now(address)
 
     async def lookup(self, address: Addr, deadline: float, *, share: float = 1.0) -> Verdict:
         return (await self.lookup_many([address], deadline, share=share))[0]

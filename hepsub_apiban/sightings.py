@@ -81,7 +81,6 @@ class Sighting:
         "_call_ids",
         "_users",
         "actions",
-        "address",
         "checked",
         "first_seen",
         "flagged",
@@ -97,7 +96,7 @@ class Sighting:
     def __init__(
         self,
         ip: str,
-        address: Addr,  # parsed once, when first seen
+        address: Addr,  # the parsed ip: only its text is kept
         first_seen: float,
         last_seen: float,
         packets: int = 0,
@@ -107,8 +106,7 @@ class Sighting:
         users: tuple[str, ...] = (),
         verdict: Verdict | None = None,
     ) -> None:
-        self.ip = ip
-        self.address = address
+        self.ip = ip  # canonical: address.text (the parsed form is made again when needed)
         self.first_seen = first_seen
         self.last_seen = last_seen
         self.packets = packets
@@ -126,6 +124,13 @@ class Sighting:
         self.order = 0  # when last touched, in the store's own sequence (for most-recent-first listings)
         if methods:
             self.count(methods)
+
+    @property
+    def address(self) -> Addr:
+        """The parsed address (not kept: 90 bytes per sighting for a parse done only off the packet path)."""
+        address = parse_ip(self.ip)
+        assert address is not None  # the store keeps only addresses it parsed
+        return address
 
     def __repr__(self) -> str:
         return f"Sighting({self.ip!r}, packets={self.packets}, methods={dict(self.methods)!r})"
@@ -473,7 +478,7 @@ class Sightings:
         before = sighting.verdict
         # Every packet asks again (an address listed after it was first seen is flagged on its next
         # packet); an answer that cannot have changed comes back as the same object, cheaply.
-        verdict = self._lookups.answer_again(sighting.address, before)
+        verdict = self._lookups.answer_again(sighting.ip, before)
         if verdict is None:
             self._check_later(sighting)
             return
