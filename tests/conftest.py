@@ -186,11 +186,7 @@ async def drive_agent_sync(clock: ManualClock, done: Callable[[], bool], max_ste
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[postgres.Cluster]:
     """One throwaway PostgreSQL cluster for the whole run (tests/postgres.py), started on first use."""
-    if postgres.bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)")
-    cluster = postgres.start_cluster()
-    yield cluster
-    postgres.remove_cluster(cluster)
+    yield from postgres.throwaway_cluster()
 
 
 @pytest.fixture

@@ -19,8 +19,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 SUPERUSER = "postgres"
 PASSWORD = "store-SECRET-password-5e1c8a"
@@ -163,3 +166,12 @@ def start_cluster() -> Cluster:
 def remove_cluster(cluster: Cluster) -> None:
     cluster.stop()
     shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def throwaway_cluster() -> Iterator[Cluster]:
+    """A running cluster for a fixture to yield, removed afterwards; the test skips without PostgreSQL."""
+    if bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)")
+    cluster = start_cluster()
+    yield cluster
+    remove_cluster(cluster)

@@ -30,7 +30,7 @@ from hepsub_apiban.store import Store
 
 from .conftest import AgentFactory, ManualClock
 from .postgres import Cluster, free_port
-from .test_collector import decoded, hep_agent, sip_packet, udp_send, until
+from .test_collector import Client, decoded, hep_agent, sip_packet, udp_send, until
 
 SBC = "80.2.2.2"
 SCANNER = "45.6.7.8"
@@ -311,15 +311,24 @@ async def test_a_packet_received_by_agent_a_shows_in_agent_b_enrichment_within_3
     assert f"hepsub_apiban_store_sightings_rows_total {float(written['rows_written'])}" in metrics
 
 
-async def test_enrichment_answers_from_memory_within_the_deadline_while_the_store_hangs(
+async def agent_behind_hung_store(
     agent: AgentFactory, gate: Gate, stores: Callable[..., Any], store_url: str
-) -> None:
+) -> Client:
+    """An agent whose sightings store is reached through ``gate``, which it received SCANNER's
+    INVITE (Call-ID b1) from, with the gate then holding: the store hangs."""
     b = await hep_agent(agent, HEPSUB_STORE_URL=no_store())  # the test attaches the store itself
-    sharing = b.app[SHARED_SIGHTINGS]
-    sharing.attach(await stores(gate.url(store_url)))
+    b.app[SHARED_SIGHTINGS].attach(await stores(gate.url(store_url)))
     udp_send(b, build_hep3(sip_packet(SCANNER, method="INVITE", call_id="b1")))
     await until(lambda: decoded(b, "udp") == 1, "B's packet")
     await gate.hold()
+    return b
+
+
+async def test_enrichment_answers_from_memory_within_the_deadline_while_the_store_hangs(
+    agent: AgentFactory, gate: Gate, stores: Callable[..., Any], store_url: str
+) -> None:
+    b = await agent_behind_hung_store(agent, gate, stores, store_url)
+    sharing = b.app[SHARED_SIGHTINGS]
     body = {"data": {"sid": ["b1"], "source_ip": [SCANNER]}, "fromts": 1_700_000_000_000}
     deadline = b.app[SETTINGS].agent.deadline
     for _ in range(3):

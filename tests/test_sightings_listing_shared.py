@@ -21,7 +21,7 @@ from hepsub_apiban.store import Store
 
 from .conftest import AgentFactory
 from .test_collector import decoded, hep_agent, sip_packet, udp_send, until
-from .test_shared_sightings import Gate, gate, no_store, stores  # noqa: F401 (fixtures used below)
+from .test_shared_sightings import Gate, agent_behind_hung_store, gate, stores  # noqa: F401 (fixtures used below)
 
 Client = TestClient[web.Request, web.Application]
 SCANNER = "45.6.7.8"
@@ -84,12 +84,8 @@ async def test_a_hung_store_leaves_the_local_view_and_says_it_is_partial(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(shared_sightings, "RECENT_TIMEOUT", 0.3)
-    b = await hep_agent(agent, HEPSUB_STORE_URL=no_store())  # the test attaches the store itself
+    b = await agent_behind_hung_store(agent, gate, stores, store_url)
     sharing = b.app[SHARED_SIGHTINGS]
-    sharing.attach(await stores(gate.url(store_url)))
-    udp_send(b, build_hep3(sip_packet(SCANNER, method="INVITE", call_id="b1")))
-    await until(lambda: decoded(b, "udp") == 1, "B's packet")
-    await gate.hold()
     began = time.monotonic()
     body = await listing(b)
     assert time.monotonic() - began < 2.0

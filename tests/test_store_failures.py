@@ -176,11 +176,7 @@ SBC = "80.20.0.9"  # the address they all call
 @pytest.fixture
 def own_cluster() -> Iterator[postgres.Cluster]:
     """A cluster for this test alone: stopping it must not stop the other tests' store."""
-    if postgres.bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)")
-    cluster = postgres.start_cluster()
-    yield cluster
-    postgres.remove_cluster(cluster)
+    yield from postgres.throwaway_cluster()
 
 
 class Load:
