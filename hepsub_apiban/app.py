@@ -62,12 +62,13 @@ from .ratelimit import Budget
 from .registration import Registrar
 from .shared_budget import SharedBudget
 from .shared_detections import SharedDetections
-from .shared_mirror import STORE_FAILURES, StoreLink
+from .shared_mirror import StoreLink
 from .shared_sightings import SharedSightings
 from .sightings import Sightings
 from .site_access import SiteAccess
 from .site_api import SiteApi
 from .state import ensure_state_dir, load_or_create_uuid
+from .store import STORE_FAILURES
 from .timing import Sleep
 from .web import allow_from, json_errors, setup_routes
 from .workers import WorkerPool
@@ -174,8 +175,9 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
         app[METRICS].sources.lookups = lookups
         app[METRICS].sources.sync = sync
         # With a store, the sync runs only while this agent holds the key's puller lease.
-        pulls_alone = sync is not None and not settings.store.url
-        task = asyncio.create_task(sync.run(), name="apiban-mirror-sync") if sync and pulls_alone else None
+        task = None
+        if sync is not None and not settings.store.url:
+            task = asyncio.create_task(sync.run(), name="apiban-mirror-sync")
         if BLOCKLIST in app and sync is not None:
             app[BLOCKLIST].mirror = sync.mirror
         yield
@@ -234,8 +236,7 @@ async def _sightings_sharing(app: web.Application) -> AsyncIterator[None]:
     sharing = SharedSightings(None, app[SIGHTINGS], app[AGENT_UUID])
     app[SHARED_SIGHTINGS] = sharing
     app[METRICS].sources.shared_sightings = sharing
-    if STORE_LINK in app:
-        app[STORE_LINK].when_connected(sharing.attach)
+    app[STORE_LINK].when_connected(sharing.attach)  # registered after the link, only with a store
     # Real time, as the detection upkeep: the injected sleep belongs to the sync loop tests drive.
     task = asyncio.create_task(sharing.run(), name="sightings-sharing")
     yield
@@ -251,7 +252,8 @@ async def _detections_sharing(app: web.Application) -> AsyncIterator[None]:
     sharing = app.get(SHARED_DETECTIONS)
     task = None if sharing is None else asyncio.create_task(sharing.run(), name="detections-sharing")
     yield
-    if sharing is not None and task is not None:
+    if sharing is not None:
+        assert task is not None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -31,11 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from .logs import safe_text
 from .ratelimit import Budget
-from .store import SCHEMA, Store, StoreError
+from .store import SCHEMA, STORE_FAILURES, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,6 @@ FORGET_AGENTS = 86400.0  # seconds before a silent agent's row is deleted
 WRITE_TIMEOUT = 5.0  # seconds a background write (a 429's block) may take
 RECORD_ALL = 2**31 - 1  # mirror mode: every request is written, the puller's own budget decides
 
-STORE_ERRORS = (StoreError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 ENSURE = f"""
 WITH row AS (INSERT INTO {SCHEMA}.apiban_budget (source) VALUES ($1) ON CONFLICT DO NOTHING)
@@ -202,7 +199,7 @@ class SharedBudget:
         try:
             async with asyncio.timeout(self._timeout):
                 granted, wait = await self._spend(store, reserve)
-        except STORE_ERRORS as exc:
+        except STORE_FAILURES as exc:
             self._failed(exc, now)
             return False, None
         self._answered()
@@ -304,7 +301,7 @@ class SharedBudget:
     async def _block(self, store: Store, seconds: float) -> None:
         try:
             await store.pool.execute(BLOCK, self.source, seconds, timeout=WRITE_TIMEOUT)
-        except STORE_ERRORS as exc:
+        except STORE_FAILURES as exc:
             log.warning("store: a 429 was not shared with the other agents: %s", safe_text(str(exc), 200))
             return
         self.stats.blocks += 1

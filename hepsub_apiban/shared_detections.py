@@ -25,6 +25,7 @@ loses nothing; the agent serves from its book meanwhile.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -38,9 +39,8 @@ import orjson
 from .addresses import parse_ip
 from .detections import REANNOUNCE_AFTER, Detection, Detections
 from .logs import safe_text
-from .shared_mirror import STORE_FAILURES
-from .store import SCHEMA, Store
-from .timing import Sleep
+from .store import SCHEMA, STORE_FAILURES, Store
+from .timing import Sleep, Waker
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class SharedDetections:
         self._floor_told = False  # has the store's counter been raised to this agent's numbering
         self._wall_clock = wall_clock
         self._monotonic = monotonic
-        self._sleep = sleep
+        self._waker = Waker(sleep)
         self._store: Store | None = None
         # ip -> (the detection, when it ended or None); the latest mark of an address wins.
         self._pending: dict[str, tuple[Detection, float | None]] = {}
@@ -157,10 +157,13 @@ class SharedDetections:
     def attach(self, store: Store) -> None:
         """The store, connected (or reconnected): every served detection is marked again, so what
         was served while the store was away, or before a restart, reaches it."""
+        reconnected = self._store is not None
         self._store = store
         self._floor_told = False
         for detection in self._book.served(self._wall_clock()):
             self.mark(detection, None)
+        if reconnected:  # back from an outage: written now, not at the end of the backoff
+            self._waker.wake()
 
     def mark(self, detection: Detection, ended_at: float | None) -> None:
         """The book's hook: ``detection`` was served, extended or renumbered (or ended at ``ended_at``).
@@ -178,7 +181,7 @@ class SharedDetections:
     async def run(self) -> None:
         delay = FLUSH_EVERY
         while True:
-            await self._sleep(delay)
+            await self._waker.sleep(delay)
             try:
                 await self.flush()
                 now = self._monotonic()
@@ -227,7 +230,7 @@ class SharedDetections:
             self._floor_told = True
         if not self._pending:
             return
-        batch = dict(list(self._pending.items())[:BATCH_ROWS])
+        batch = dict(itertools.islice(self._pending.items(), BATCH_ROWS))
         for ip in batch:
             del self._pending[ip]
         self._writing = len(batch)

@@ -33,15 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from .config import StoreSettings
 from .logs import Redactor
 from .lookups import Verdict
 from .mirror import Mirror, MirrorSync
 from .ratelimit import Budget
 from .shared_budget import SharedBudget
-from .store import SCHEMA, Lease, Store, StoreError
+from .store import SCHEMA, STORE_FAILURES, Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +56,16 @@ RECONNECT_MAX = 10.0
 # back, or a wrong store.url, must not leave it without a list.
 ALONE_AFTER = 300.0
 CLOSE_TIMEOUT = 5.0
-STORE_FAILURES = (
-    StoreError,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # a connection left mid-statement by a cancelled task
-)
 
 SOURCE_ROW = f"""
 SELECT cursor, full_pull_started, last_full_sync, last_sync, last_full_entries, next_serial, version
 FROM {SCHEMA}.apiban_sources WHERE source = $1
 """
+# From version 0 (a whole load) the removed rows are left out: an empty mirror has nothing to remove.
 CHANGED_ROWS = f"""
 SELECT host(ip) AS ip, apiban_id, last_reported, serial, removed_at
-FROM {SCHEMA}.apiban_entries WHERE source = $1 AND change > $2 ORDER BY change
+FROM {SCHEMA}.apiban_entries
+WHERE source = $1 AND change > $2 AND ($2 > 0 OR removed_at IS NULL) ORDER BY change
 """
 # The write's fence: the lease row is locked for the transaction, so a takeover waits for it.
 FENCE = f"""

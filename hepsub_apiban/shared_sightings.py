@@ -33,8 +33,8 @@ import orjson
 from .addresses import Addr, parse_ip
 from .logs import safe_text
 from .sightings import CALL_ID_SAMPLE, USER_AGENT_SAMPLE, USER_SAMPLE, Sighting, Sightings, sampled
-from .store import SCHEMA, Store
-from .timing import Sleep
+from .store import SCHEMA, STORE_FAILURES, Store
+from .timing import Sleep, Waker
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ KEEP_FOR = 3 * 86400.0  # seconds a row is kept after its last write (pruned by 
 PRUNE_EVERY = 600.0  # seconds between prunes
 
 # Errors that mean "the store cannot be used now": the driver's, the network's, a timeout.
-STORE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # One statement over arrays per batch: one round trip, one transaction. Pipelined
 # ``executemany`` of a one-row statement takes the database as long, but about 1.3 times the
@@ -130,11 +129,10 @@ class SharedSightings:
         self._flush_every = flush_every
         self._read_timeout = read_timeout
         self._monotonic = monotonic
-        self._sleep = sleep
+        self._waker = Waker(sleep)
         self._read_paused_until = 0.0
         self._pruned_at: float | None = None
         self.stats = SharingStats()
-        self._attached = asyncio.Event()
         if sightings.touched is None:
             sightings.touched = set()
 
@@ -144,12 +142,28 @@ class SharedSightings:
         each time the store link reconnects: the writer then writes what waits at once, not at the
         end of its backoff."""
         self._store = store
-        self._attached.set()
+        self._waker.wake()
 
     @property
     def evicted_unwritten(self) -> int:
         """Addresses forgotten by this agent before their last counts were written."""
         return self._sightings.evicted_unwritten
+
+    def to_json(self) -> dict[str, Any]:
+        """The status page's ``store.sightings``."""
+        stats = self.stats
+        return {
+            "up": stats.up,
+            "waiting": self.pending(),  # addresses touched since the last write
+            "flushes": stats.flushes,
+            "rows_written": stats.rows_written,
+            "round_trips": stats.round_trips,
+            "failures": stats.failures,
+            "reads": stats.reads,
+            "read_failures": stats.read_failures,
+            "reads_skipped": stats.reads_skipped,
+            "evicted_unwritten": self.evicted_unwritten,
+        }
 
     def pending(self) -> int:
         """Addresses waiting for the next flush."""
@@ -159,24 +173,12 @@ class SharedSightings:
         """Flush about once a second; while the store fails, back off up to BACKOFF_MAX."""
         delay = self._flush_every
         while True:
-            await self._nap(delay)
+            await self._waker.sleep(delay)
             if await self.flush():
                 delay = self._flush_every
                 await self._prune_now_and_then()
             else:
                 delay = min(BACKOFF_MAX, max(self._flush_every, delay * 2))
-
-    async def _nap(self, seconds: float) -> None:
-        """Sleep ``seconds``, less if the store is attached meanwhile (back from an outage)."""
-        if not self._attached.is_set():
-            nap = asyncio.ensure_future(self._sleep(seconds))
-            attached = asyncio.ensure_future(self._attached.wait())
-            try:
-                await asyncio.wait((nap, attached), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in (nap, attached):
-                    waiter.cancel()
-        self._attached.clear()
 
     async def flush(self) -> bool:
         """Write the totals of every address touched since the last flush; False if the store failed."""
@@ -198,7 +200,7 @@ class SharedSightings:
             # totals are cumulative, so a batch that did commit is only written again.
             self._keep(touched)
             raise
-        except STORE_ERRORS as exc:
+        except STORE_FAILURES as exc:
             self._keep(touched)
             self.stats.failures += 1
             if self.stats.up is not False:
@@ -267,7 +269,7 @@ class SharedSightings:
             return 0
         try:
             status = await store.pool.execute(PRUNE, KEEP_FOR, timeout=WRITE_TIMEOUT)
-        except STORE_ERRORS as exc:
+        except STORE_FAILURES as exc:
             log.warning("store %s: old sightings not pruned: %s", store.shown, _words(exc))
             return 0
         return int(status.split()[-1])  # "DELETE 12"
@@ -285,7 +287,7 @@ class SharedSightings:
         self.stats.reads += 1
         try:
             rows = await asyncio.wait_for(store.pool.fetch(READ, list(ips), READ_ROWS), self._read_timeout)
-        except STORE_ERRORS:
+        except STORE_FAILURES:
             self.stats.read_failures += 1
             self._read_paused_until = self._monotonic() + READ_PAUSE
             return local
@@ -307,7 +309,7 @@ class SharedSightings:
                 store.pool.fetch(RECENT, limit * RECENT_ROWS_PER_IP, limit, list(mine), rows_read),
                 RECENT_TIMEOUT,
             )
-        except STORE_ERRORS:
+        except STORE_FAILURES:
             self.stats.read_failures += 1
             self._read_paused_until = self._monotonic() + READ_PAUSE
             return None

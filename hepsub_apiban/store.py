@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -208,6 +209,18 @@ class StoreError(Exception):
     """The store cannot be reached or used; the message is safe to log (no password in it)."""
 
 
+# What a store that is down, slow or broken raises: every module that talks to it counts these as
+# a failure and carries on from memory.
+STORE_FAILURES = (
+    StoreError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection left mid-statement by a cancelled task
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     name: str
@@ -330,23 +343,29 @@ async def _open_created(settings: StoreSettings, pool_size: int) -> asyncpg.Pool
 async def _create_database(settings: StoreSettings) -> None:
     """Create the URL's database through the server's maintenance database ``postgres``."""
     name = settings.database
-    user = settings.user or "the user of store.url"
+    user = _identifier(settings.user) if settings.user else "THE_USER_OF_STORE_URL"
     if not name:
         raise StoreError(f"the store {settings.shown} names no database: end store.url with /DATABASE")
     admin = await asyncpg.connect(dsn=settings.url, database="postgres", timeout=CONNECT_TIMEOUT)
     try:
-        quoted = '"' + name.replace('"', '""') + '"'
-        await admin.execute(f"CREATE DATABASE {quoted}")
+        await admin.execute(f"CREATE DATABASE {_identifier(name)}")
         log.info("store: created the database %s on %s", name, settings.shown)
     except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
         pass  # another agent starting at the same moment created it
     except asyncpg.InsufficientPrivilegeError:
         raise StoreError(
             f"the database {name} does not exist on {settings.shown} and {user} may not create it; "
-            f"as a PostgreSQL superuser run: CREATE DATABASE {name} OWNER {user}"
+            f"as a PostgreSQL superuser run: CREATE DATABASE {_identifier(name)} OWNER {user}"
         ) from None
     finally:
         await admin.close()
+
+
+def _identifier(name: str) -> str:
+    """``name`` as SQL names it: bare when PostgreSQL would not fold or misread it, else quoted."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _positive(ttl: float) -> float:

@@ -505,19 +505,7 @@ def _store_status(app: web.Application) -> dict[str, Any] | None:
     body = link.to_json()
     sharing = app.get(SHARED_SIGHTINGS)
     if sharing is not None:
-        stats = sharing.stats
-        body["sightings"] = {
-            "up": stats.up,
-            "waiting": sharing.pending(),  # addresses touched since the last write
-            "flushes": stats.flushes,
-            "rows_written": stats.rows_written,
-            "round_trips": stats.round_trips,
-            "failures": stats.failures,
-            "reads": stats.reads,
-            "read_failures": stats.read_failures,
-            "reads_skipped": stats.reads_skipped,
-            "evicted_unwritten": sharing.evicted_unwritten,
-        }
+        body["sightings"] = sharing.to_json()
     detections = app.get(SHARED_DETECTIONS)
     if detections is not None:
         body["detections"] = detections.to_json()
