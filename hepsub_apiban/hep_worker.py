@@ -154,17 +154,26 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
 
 class EvidenceBatch:
     """The packets of protected addresses since the last batch: the last ``PER_ADDRESS`` of each,
-    at most ``EVIDENCE_BYTES`` of payload (the main process keeps them in its ``Evidence``)."""
+    at most ``EVIDENCE_BYTES`` of payload (the main process keeps them in its ``Evidence``). A packet
+    that leaves a full ring gives its bytes back, so one flooding address keeps its latest packets
+    without starving the others; a packet between two protected addresses counts in both."""
 
     def __init__(self, protected: set[str]) -> None:
         self.protected = protected  # replaced whenever the main process sends a new set
-        self.rings: dict[str, deque[bytes]] = {}
+        self.rings: dict[str, deque[tuple[bytes, int]]] = {}  # (record, payload bytes)
         self.bytes = 0
         self.dropped = 0
 
     def keep(self, packet: HepPacket) -> None:
-        payload = packet.payload
-        if self.bytes + len(payload) > EVIDENCE_BYTES:
+        protected = self.protected
+        src, dst = packet.src_ip, packet.dst_ip
+        targets = [ip for ip in (src, dst) if ip in protected]
+        if len(targets) == 2 and src == dst:
+            del targets[1]
+        size = len(packet.payload)
+        if not targets:
+            return
+        if self.bytes + size * len(targets) > EVIDENCE_BYTES:
             self.dropped += 1
             return
         try:
@@ -172,17 +181,18 @@ class EvidenceBatch:
         except struct.error:  # a field past its HEP width: the decoder gives none, but never raise here
             self.dropped += 1
             return
-        self.bytes += len(payload)
-        for ip in (packet.src_ip, packet.dst_ip):
-            if ip in self.protected:
-                ring = self.rings.get(ip)
-                if ring is None:
-                    ring = self.rings[ip] = deque(maxlen=PER_ADDRESS)
-                ring.append(kept)
+        for ip in targets:
+            ring = self.rings.get(ip)
+            if ring is None:
+                ring = self.rings[ip] = deque()
+            elif len(ring) >= PER_ADDRESS:
+                self.bytes -= ring.popleft()[1]
+            ring.append((kept, size))
+            self.bytes += size
 
     def take(self) -> list[bytes]:
         """Each packet's record once (one between two protected addresses is in both rings)."""
-        packets = {id(kept): kept for ring in self.rings.values() for kept in ring}
+        packets = {id(kept): kept for ring in self.rings.values() for kept, _ in ring}
         self.rings, self.bytes = {}, 0
         return list(packets.values())
 

@@ -581,16 +581,17 @@ class MirrorSync:
         return min(self._poll, 5.0 * 2.0 ** (self.status.consecutive_failures - 1))
 
     async def save(self) -> None:
-        if self.publish is not None:
-            await self.publish(self.mirror)
+        # The state dir first: a store that fails stops this task (shared_mirror) in publish.
         now = self._wall_clock()
         data = self.mirror.to_snapshot(self._source, now)
         try:
             await asyncio.to_thread(atomic_write, self._path, data)
         except OSError as exc:
             log.warning("cannot save the list snapshot %s: %s", self._path, exc.strerror)
-            return
-        self.status.snapshot_saved = now
+        else:
+            self.status.snapshot_saved = now
+        if self.publish is not None:
+            await self.publish(self.mirror)
 
 
 def _agree(counts: list[int]) -> bool:

@@ -326,6 +326,9 @@ class WorkerPool(HepCollector):
             except (WorkerFailed, ConfigError, OSError) as exc:
                 await self._kill(slot)
                 log.warning("HEP worker %d not started again: %s", slot.index, exc)
+            if self._stopping.is_set():  # stopped while it started: it never heard the stop
+                await self._kill(slot)
+                return
 
     async def _serve(self, slot: Slot) -> None:
         reader = slot.reader
