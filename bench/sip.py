@@ -13,6 +13,7 @@ same SipInfo from both.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,11 @@ from pathlib import Path
 from common import machine, public_ips, table
 from ingest import PHONES, SCANNERS, site_traffic
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/sip_candidate.py
+
 from hepsub_apiban.hep import HepPacket, decode
-from hepsub_apiban.sip import SipInfo, parse_sip, parse_sip_located
+from hepsub_apiban.sip import SipInfo, parse_sip
+from tests.sip_candidate import parse_sip_located
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hep"
 

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hepsub_apiban.hep import HepPacket, decode
-from hepsub_apiban.sip import parse_sip, parse_sip_located
+from hepsub_apiban.sip import parse_sip
 
+from .sip_candidate import parse_sip_located
 from .test_collector import sip_packet
 from .test_detection import make_site
 from .test_sip import FIXTURES
