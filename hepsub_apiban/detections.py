@@ -274,6 +274,8 @@ class Detections:
         if shared.until <= now:
             return None
         if detection is None:
+            if not shared.rules:  # none this agent knows: nothing to name it by (scenario, tab)
+                return None
             if len(self._active) >= self._settings.max_tracked:
                 self.stats.full += 1
                 return None

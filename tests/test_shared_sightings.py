@@ -59,16 +59,21 @@ class Gate:
         self._server: asyncio.Server | None = None
         self._relays: set[asyncio.Task[Any]] = set()
         self.holding = False  # connections taken but never answered: a hung server
+        self.shut_down = False
 
     def url(self, store_url: str) -> str:
         return store_url.replace(f":{self.target}/", f":{self.port}/")
 
     async def open(self) -> None:
+        self.shut_down = False
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
 
     async def shut(self) -> None:
         """A dead server: the port refuses, every connection breaks without a goodbye."""
         assert self._server is not None
+        # A connection accepted just before, whose relay has not started yet, is not in _relays
+        # for the cut: it sees this flag when it starts.
+        self.shut_down = True
         self._server.close()
         await self._cut()
         await self._server.wait_closed()
@@ -85,6 +90,9 @@ class Gate:
         await asyncio.gather(*self._relays, return_exceptions=True)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.shut_down:
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._relays.add(task)
