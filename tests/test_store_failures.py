@@ -267,6 +267,11 @@ async def test_postgresql_stopped_for_30_s_under_enrichment_load(
         await until(noticed, "the agent to notice the store is down", bound=10.0)
         await asyncio.sleep(3.0)
         during = await (await client.get("/api/v1/status")).json()
+        for _ in range(20):  # read between two attempts: during one, the next is "now" (0)
+            if during["store"]["reconnect_in"]:
+                break
+            await asyncio.sleep(0.1)
+            during = await (await client.get("/api/v1/status")).json()
         metrics_during = await (await client.get("/metrics")).text()
         ready_during = await client.get("/readyz")
         await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
