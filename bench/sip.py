@@ -6,7 +6,7 @@
 Both parsers run in the same process on the same payloads, alternating, best of ``--repeat``:
 the registrar traffic ``bench/ingest.py`` builds (``site_traffic``: REGISTER, 401, REGISTER with
 credentials, 200, calls and a scan, as HEP packets decoded once beforehand), and the payloads of
-the HEP fixtures in ../shared/fixtures/hep. Before timing, every payload is checked to give the
+the HEP fixtures in tests/fixtures/hep. Before timing, every payload is checked to give the
 same SipInfo from both.
 """
 
@@ -27,7 +27,7 @@ from hepsub_apiban.hep import HepPacket, decode
 from hepsub_apiban.sip import SipInfo, parse_sip
 from tests.sip_candidate import parse_sip_located
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hep"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hep"
 
 
 def payloads_of(datagrams: list[bytes]) -> list[bytes]:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +15,11 @@ from aiohttp.test_utils import TestClient
 from hepsub_apiban.hep import HepPacket, build_hep3
 from hepsub_apiban.keys import COLLECTOR, SIGHTINGS
 
+from . import HEP_FIXTURES
 from .conftest import AgentFactory, ApibanPeer
 from .kamailio import kamailio, kamailio_available, sip_exchange
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hep"
+FIXTURES = HEP_FIXTURES
 Client = TestClient[web.Request, web.Application]
 
 
@@ -86,8 +86,6 @@ async def sightings(client: Client, query: str = "") -> dict[str, dict[str, Any]
 
 
 async def test_udp_fixtures_and_built_packets_become_sightings(agent: AgentFactory) -> None:
-    if not FIXTURES.exists():
-        pytest.skip(f"shared HEP fixtures not found at {FIXTURES}")
     client = await hep_agent(agent)
     fixtures = [bytes.fromhex(p.read_text()) for p in sorted(FIXTURES.glob("*.hex"))]
     udp_send(client, *fixtures, build_hep3(sip_packet("45.1.2.3")), build_hep3(sip_packet("2a01:4f8::7")))

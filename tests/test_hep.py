@@ -1,15 +1,16 @@
-"""HEP codec: the shared fixtures, build/decode round trips, the fast path against the construct
-declaration, corrupted input, the §6 edge-case rules, and the TCP stream splitter."""
+"""HEP codec: the public HEP fixtures (tests/fixtures/hep), build/decode round trips, the fast path
+against the construct declaration, corrupted input, the §6 edge-case rules, and the TCP stream splitter."""
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import re
 import socket
 import struct
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -27,7 +28,9 @@ from hepsub_apiban.hep import (
     parse_with_construct,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hep"
+from . import HEP_FIXTURES
+
+FIXTURES = HEP_FIXTURES
 RECEIVED = 1_700_000_000.25  # receive time used for packets without one
 RECEIVED_SPLIT = (1_700_000_000, 250_000)
 FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -35,8 +38,6 @@ FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 def fixture(name: str) -> bytes:
     path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"shared HEP fixtures not found at {FIXTURES} (shared/ must sit beside the repo)")
     return bytes.fromhex(path.read_text())
 
 
@@ -649,3 +650,14 @@ def test_stream_buffer_is_bounded() -> None:
     assert stream.pending == 0
     assert stream.feed(b"\x00" * 1000, RECEIVED) == []
     assert stream.broken
+
+
+def test_fixture_copies_match_their_recorded_digests() -> None:
+    """The copies under tests/fixtures/hep are the public bytes their README cites, unchanged."""
+    readme = (FIXTURES / "README.md").read_text()
+    recorded = {
+        name: digest for digest, name in re.findall(r"^- `([0-9a-f]{64})` `([^`]+\.hex)`$", readme, re.M)
+    }
+    on_disk = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in FIXTURES.glob("*.hex")}
+    assert len(on_disk) == 3
+    assert on_disk == recorded

@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 
 from hepsub_apiban.replay import ReplayError, main, parse_target, read_packets, send
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hep"
+from . import HEP_FIXTURES
+
+FIXTURES = HEP_FIXTURES
 SMALL, BIG, V1 = (
     "spec-rev37-example.hex",
     "heplify-server-decoder-test-hep3.hex",
@@ -66,19 +68,11 @@ def synthetic_hep3(payload: bytes, capture_id: int = 7) -> bytes:
     return b"HEP3" + struct.pack("!H", 6 + len(body)) + body
 
 
-def synthetic_hepv1(payload: bytes) -> bytes:
-    addresses = socket.inet_aton("10.0.1.100") + socket.inet_aton("192.168.0.254")
-    return struct.pack("!BBBBHH", 1, 16, 2, 17, 5060, 5060) + addresses + payload
-
-
 @pytest.fixture(scope="module")
 def hep() -> Hep:
-    """The shared fixture packets when present, else look-alikes, so capture tests always run."""
-    if all((FIXTURES / name).is_file() for name in (SMALL, BIG, V1)):
-        small, big, v1 = (bytes.fromhex((FIXTURES / name).read_text()) for name in (SMALL, BIG, V1))
-        return Hep(small, big, v1)
-    sip = b"OPTIONS sip:bob@example.com SIP/2.0\r\nCall-ID: x\r\n\r\n"
-    return Hep(synthetic_hep3(b"INVITE sip:bob"), synthetic_hep3(sip * 12), synthetic_hepv1(sip))
+    """The public fixture packets (tests/fixtures/hep)."""
+    small, big, v1 = (bytes.fromhex((FIXTURES / name).read_text()) for name in (SMALL, BIG, V1))
+    return Hep(small, big, v1)
 
 
 # --------------------------------------------------------------------------- packet builders
@@ -188,8 +182,6 @@ def eth_udp(payload: bytes, **kw: int) -> bytes:
 @pytest.mark.parametrize("name", [SMALL, BIG, V1])
 def test_hex_fixture_reads_back_exact_bytes(name: str) -> None:
     path = FIXTURES / name
-    if not path.is_file():
-        pytest.skip(f"shared HEP fixture {path} is not present")
     assert read_packets(path) == [bytes.fromhex(path.read_text())]
 
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hepsub_apiban.sip import MAX_FIELD, SipInfo, parse_sip
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hep"
+from . import HEP_FIXTURES
+
+FIXTURES = HEP_FIXTURES
 
 
 def fixture_payload(name: str, offset: int) -> bytes:
     path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"shared HEP fixtures not found at {FIXTURES}")
     return bytes.fromhex(path.read_text())[offset:]
 
 
