@@ -2,12 +2,24 @@
 
     python bench/enrichment.py [--duration 8] [--rounds 3] [--concurrency 1,16,64] [--listed 20000]
 
-The agent (``hepsub-apiban serve``, mirror mode, a 20,000-entry list loaded from a snapshot) and
-a bare aiohttp app that answers a constant JSON body both run pinned to core 0; wrk, the load
-generator, runs pinned to core 1 and posts homer-app's body with 10 IPs (5 listed, 5 not). Each
-round measures both servers back to back at each concurrency; the table shows the medians and the
-agent/bare ratios, which are the figures that matter on a shared, noisy machine. Needs wrk
-(Debian: ``apt-get install wrk``) and Linux ``taskset``.
+Four servers run pinned to core 0, each on uvloop as the agent is; wrk, the load generator, runs
+pinned to core 1 and posts homer-app's body with 10 IPs (5 listed, 5 not), 200 bodies in turn:
+
+- bare: an aiohttp app that answers a constant JSON body without reading the request's;
+- minimal: reads and parses the body with orjson, 10 dict lookups, answers with orjson;
+- hollow agent: ``hepsub-apiban serve`` with the enrichment work taken out (its
+  ``answer_enrichment`` answers a constant body, the real agent's answer to such a request, of the
+  same size): the agent's HTTP stack alone (aiohttp, the middleware, reading the body, the
+  metrics, the connection cap), so that the table separates what aiohttp costs from what the
+  enrichment costs;
+- agent: ``hepsub-apiban serve``, mirror mode, a 20,000-entry list loaded from a snapshot.
+
+Each round measures them back to back at each concurrency; the tables show the medians, the ratios
+to bare (the figures that matter on a shared, noisy machine) and the cost of one request in
+microseconds of the server's core (1 / req/s: each server keeps its core busy under this load).
+Beside them, the enrichment work measured in process on core 0, before the servers start: the
+real application (``create_app`` from the same snapshot), ``web.answer_enrichment`` on the same
+200 bodies, best of 7. Needs wrk (Debian: ``apt-get install wrk``) and Linux ``taskset``.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,21 +42,28 @@ import orjson
 from aiohttp import web
 from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, table, write_snapshot
 
+from hepsub_apiban.app import create_app
+from hepsub_apiban.config import load_settings
 from hepsub_apiban.fakes.apiban import FakeApiban
+from hepsub_apiban.web import answer_enrichment
 
 SERVER_CORE, LOAD_CORE = 0, 1
 IPS_PER_REQUEST = 10
 BODIES = 200
 
+# The baselines run on uvloop, as the agent does (cli.run): the loop is not what is compared.
 BARE_SERVER = """
 import sys
+import uvloop
 from aiohttp import web
 BODY = b'{"ok":true}'
 async def handler(request):
     return web.Response(body=BODY, content_type="application/json")
 app = web.Application()
 app.router.add_post("/get/{type}", handler)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+web.run_app(
+    app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop()
+)
 """
 
 # The floor for any agent: read and parse the body, 10 dict lookups, answer JSON (the issue's
@@ -51,6 +71,7 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 MINIMAL_SERVER = """
 import sys
 import orjson
+import uvloop
 from aiohttp import web
 LISTED = dict.fromkeys(orjson.loads(open(sys.argv[2], "rb").read()), True)
 async def handler(request):
@@ -60,8 +81,24 @@ async def handler(request):
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
 app = web.Application()
 app.router.add_post("/get/{type}", handler)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+web.run_app(
+    app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop()
+)
 """
+
+# The agent with its enrichment work taken out: everything else as ``serve`` runs it.
+HOLLOW_AGENT = """
+import sys
+from aiohttp import web
+import hepsub_apiban.web as agent_web
+from hepsub_apiban.cli import main
+ANSWER = open(sys.argv[1], "rb").read()
+async def answer_enrichment(app, raw):
+    return web.Response(body=ANSWER, content_type="application/json"), "ok"
+agent_web.answer_enrichment = answer_enrichment
+sys.exit(main(["serve"]))
+"""
+SERVERS = ("bare", "minimal", "hollow agent", "agent")
 
 
 @dataclass(frozen=True)
@@ -71,7 +108,8 @@ class Result:
     p99_ms: float
 
 
-def wrk_script(listed: list[str], clean: list[str], path: Path) -> None:
+def wrk_script(listed: list[str], clean: list[str], path: Path) -> list[bytes]:
+    """The lua script that posts the bench's bodies in turn; returns the bodies."""
     rng = random.Random(7)
     bodies = []
     for n in range(BODIES):
@@ -93,6 +131,7 @@ request = function()
 end
 """
     path.write_text(lua)
+    return [body.encode() for body in bodies]
 
 
 def parse_wrk(output: str) -> Result:
@@ -133,13 +172,54 @@ async def wait_ready(url: str) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-async def check_agent(agent: str, listed: list[str], clean: list[str]) -> None:
-    """The benchmark measures real answers: 5 of 10 addresses listed, from the mirror."""
+async def check_agent(agent: str, listed: list[str], clean: list[str]) -> bytes:
+    """The benchmark measures real answers: 5 of 10 addresses listed, from the mirror. Returns the
+    answer's bytes (the hollow agent's constant answer)."""
     body = {"data": {"sid": ["check@bench"], "source_ip": listed[:5] + clean[:5]}, "fromts": 1669986139000}
     async with aiohttp.ClientSession() as session, session.post(f"{agent}/get/cdr", json=body) as response:
-        answer = await response.json()
+        raw = await response.read()
+    answer = orjson.loads(raw)
     assert sorted(answer["check@bench"]["listed"]) == sorted(listed[:5]), answer
     assert {answer[ip]["source"] for ip in listed[:5] + clean[:5]} == {"mirror"}, answer
+    return raw
+
+
+def agent_env(feed_url: str, state: Path, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HEPSUB_APIBAN_URL": feed_url,
+        "HEPSUB_APIBAN_KEY": BENCH_KEY,
+        "HEPSUB_STATE_DIR": str(state),
+        "HEPSUB_AGENT_BIND": "127.0.0.1",
+        "HEPSUB_AGENT_PORT": str(port),
+        "HEPSUB_HEP_UDP": "",
+        "HEPSUB_HEP_TCP": "",
+        "HEPSUB_LOG_LEVEL": "warning",
+    }
+
+
+async def in_process(feed_url: str, state: Path, bodies: list[bytes]) -> float:
+    """Seconds of ``answer_enrichment`` per body, on the servers' core: best of 7 passes."""
+    app = create_app(load_settings(None, agent_env(feed_url, state, free_port())))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()  # the lookups from the snapshot
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {SERVER_CORE})
+    try:
+        for raw in bodies:  # warm-up, and the check
+            _response, outcome = await answer_enrichment(app, raw)
+            assert outcome == "ok", outcome
+        passes = []
+        for _ in range(7):
+            started = time.perf_counter()
+            for _ in range(5):
+                for raw in bodies:
+                    await answer_enrichment(app, raw)
+            passes.append((time.perf_counter() - started) / (5 * len(bodies)))
+        return min(passes)
+    finally:
+        os.sched_setaffinity(0, affinity)
+        await runner.cleanup()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -150,55 +230,47 @@ async def main(args: argparse.Namespace) -> None:
     feed = FakeApiban(keys=[BENCH_KEY])
     runner = web.AppRunner(feed.app(), access_log=None)
     await runner.setup()
-    feed_port, agent_port, bare_port, minimal_port = free_port(), free_port(), free_port(), free_port()
+    feed_port = free_port()
+    ports = {name: free_port() for name in SERVERS}
     await web.TCPSite(runner, "127.0.0.1", feed_port).start()
     feed_url = f"http://127.0.0.1:{feed_port}"
+    processes: list[asyncio.subprocess.Process] = []
     with tempfile.TemporaryDirectory(prefix="hepsub-bench-") as tmp:
         state = Path(tmp) / "state"
-        write_snapshot(state, feed_url, listed, __import__("time").time())
+        write_snapshot(state, feed_url, listed, time.time())
         script = Path(tmp) / "post.lua"
-        wrk_script(listed, clean, script)
-        env = {
-            **os.environ,
-            "HEPSUB_APIBAN_URL": feed_url,
-            "HEPSUB_APIBAN_KEY": BENCH_KEY,
-            "HEPSUB_STATE_DIR": str(state),
-            "HEPSUB_AGENT_BIND": "127.0.0.1",
-            "HEPSUB_AGENT_PORT": str(agent_port),
-            "HEPSUB_HEP_UDP": "",
-            "HEPSUB_HEP_TCP": "",
-            "HEPSUB_LOG_LEVEL": "warning",
-        }
-        agent = await asyncio.create_subprocess_exec(
-            *pinned(SERVER_CORE, [PYTHON, "-m", "hepsub_apiban", "serve"]), env=env
-        )
-        bare = await asyncio.create_subprocess_exec(
-            *pinned(SERVER_CORE, [PYTHON, "-c", BARE_SERVER, str(bare_port)])
-        )
+        bodies = wrk_script(listed, clean, script)
+        work = await in_process(feed_url, state, bodies)
         listed_file = Path(tmp) / "listed.json"
         listed_file.write_bytes(orjson.dumps(listed))
-        minimal = await asyncio.create_subprocess_exec(
-            *pinned(SERVER_CORE, [PYTHON, "-c", MINIMAL_SERVER, str(minimal_port), str(listed_file)])
-        )
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+
+        async def start(argv: list[str], env: dict[str, str] | None = None) -> None:
+            processes.append(await asyncio.create_subprocess_exec(*pinned(SERVER_CORE, argv), env=env))
+
         try:
-            urls = {
-                "bare": f"http://127.0.0.1:{bare_port}",
-                "minimal": f"http://127.0.0.1:{minimal_port}",
-                "agent": f"http://127.0.0.1:{agent_port}",
-            }
+            await start([PYTHON, "-m", "hepsub_apiban", "serve"], agent_env(feed_url, state, ports["agent"]))
+            await start([PYTHON, "-c", BARE_SERVER, str(ports["bare"])])
+            await start([PYTHON, "-c", MINIMAL_SERVER, str(ports["minimal"]), str(listed_file)])
             await wait_ready(f"{urls['agent']}/readyz")
+            answer_file = Path(tmp) / "answer.json"
+            answer_file.write_bytes(await check_agent(urls["agent"], listed, clean))
+            hollow_env = agent_env(feed_url, state, ports["hollow agent"])
+            await start([PYTHON, "-c", HOLLOW_AGENT, str(answer_file)], hollow_env)
+            await wait_ready(f"{urls['hollow agent']}/readyz")
             await wait_ready(f"{urls['bare']}/get/cdr")
             await wait_ready(f"{urls['minimal']}/get/cdr")
-            await check_agent(urls["agent"], listed, clean)
-            await measure(args, urls, script)
+            await measure(args, urls, script, work, answer_file.stat().st_size)
         finally:
-            for process in (agent, bare, minimal):
+            for process in processes:
                 process.terminate()
                 await process.wait()
             await runner.cleanup()
 
 
-async def measure(args: argparse.Namespace, urls: dict[str, str], script: Path) -> None:
+async def measure(
+    args: argparse.Namespace, urls: dict[str, str], script: Path, work: float, answer_bytes: int
+) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], list[Result]] = {}
     for connections in levels:  # warm-up: caches, sockets and the allocator settle
@@ -206,23 +278,28 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], script: Path) 
             await run_wrk(url, script, connections, 1)
     for _ in range(args.rounds):
         for connections in levels:
-            for name, url in urls.items():
-                result = await run_wrk(url, script, connections, args.duration)
+            for name in SERVERS:
+                result = await run_wrk(urls[name], script, connections, args.duration)
                 results.setdefault((name, connections), []).append(result)
-    rows = []
+    rows, costs = [], []
     for c in levels:
-        bare, minimal, agent = (_median(results[(name, c)]) for name in ("bare", "minimal", "agent"))
+        bare, minimal, hollow, agent = (_median(results[(name, c)]) for name in SERVERS)
         rows.append(
             [
                 c,
                 f"{bare.rps:,.0f}",
                 f"{minimal.rps:,.0f} ({minimal.rps / bare.rps:.2f})",
+                f"{hollow.rps:,.0f} ({hollow.rps / bare.rps:.2f})",
                 f"{agent.rps:,.0f}",
                 f"{agent.rps / bare.rps:.2f}",
                 f"{bare.p50_ms:.2f} / {bare.p99_ms:.2f}",
                 f"{agent.p50_ms:.2f} / {agent.p99_ms:.2f}",
                 f"{agent.p99_ms / bare.p99_ms:.2f}",
             ]
+        )
+        per = {name: 1e6 / _median(results[(name, c)]).rps for name in SERVERS}
+        costs.append(
+            [c, *(f"{per[name]:.1f}" for name in SERVERS), f"{per['agent'] - per['hollow agent']:.1f}"]
         )
     print(f"machine: {machine()}")
     print(
@@ -234,6 +311,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], script: Path) 
         "concurrency",
         "bare req/s",
         "minimal req/s (/bare)",
+        "hollow agent req/s (/bare)",
         "agent req/s",
         "agent/bare",
         "bare p50/p99 ms",
@@ -241,6 +319,10 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], script: Path) 
         "agent/bare p99",
     ]
     print(table(headers, rows))
+    print(f"\nus of core 0 per request (1 / req/s); the agent's answer: {answer_bytes:,} bytes")
+    headers = ["concurrency", *SERVERS, "agent - hollow agent"]
+    print(table(headers, costs))
+    print(f"\nin process, answer_enrichment (decode, lookups, answer): {work * 1e6:.1f} us per request")
 
 
 def _median(results: list[Result]) -> Result:
