@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,10 @@ from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, ta
 
 from hepsub_apiban.app import create_app
 from hepsub_apiban.config import load_settings
+from hepsub_apiban.enrichment import build_answer, parse_request
 from hepsub_apiban.fakes.apiban import FakeApiban
+from hepsub_apiban.keys import LOOKUPS, SETTINGS
+from hepsub_apiban.web import _known as known_of
 from hepsub_apiban.web import answer_enrichment
 
 SERVER_CORE, LOAD_CORE = 0, 1
@@ -198,25 +202,57 @@ def agent_env(feed_url: str, state: Path, port: int) -> dict[str, str]:
     }
 
 
-async def in_process(feed_url: str, state: Path, bodies: list[bytes]) -> float:
-    """Seconds of ``answer_enrichment`` per body, on the servers' core: best of 7 passes."""
+async def in_process(feed_url: str, state: Path, bodies: list[bytes]) -> dict[str, float]:
+    """Seconds per body of ``answer_enrichment`` and of each of its steps, on the servers' core:
+    best of 7 passes over the bodies each."""
     app = create_app(load_settings(None, agent_env(feed_url, state, free_port())))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()  # the lookups from the snapshot
+    settings, lookups = app[SETTINGS], app[LOOKUPS]
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {SERVER_CORE})
     try:
         for raw in bodies:  # warm-up, and the check
             _response, outcome = await answer_enrichment(app, raw)
             assert outcome == "ok", outcome
-        passes = []
-        for _ in range(7):
-            started = time.perf_counter()
-            for _ in range(5):
-                for raw in bodies:
-                    await answer_enrichment(app, raw)
-            passes.append((time.perf_counter() - started) / (5 * len(bodies)))
-        return min(passes)
+        parsed = [parse_request(raw, settings.enrichment) for raw in bodies]
+        verdicts = [await lookups.lookup_many(p.addresses, settings.agent.deadline) for p in parsed]
+        ips = [[v.ip for v in call] for call in verdicts]
+        known = [known_of(app, call) for call in ips]
+        calls = list(zip(parsed, verdicts, known, strict=True))
+
+        async def whole() -> None:
+            for raw in bodies:
+                await answer_enrichment(app, raw)
+
+        async def look_up() -> None:
+            for request in parsed:
+                await lookups.lookup_many(request.addresses, settings.agent.deadline)
+
+        async def steps(step: Callable[[], object]) -> None:
+            step()
+
+        phases: dict[str, Callable[[], Awaitable[None]]] = {
+            "the body decoded and read (orjson, addresses)": lambda: steps(
+                lambda: [parse_request(raw, settings.enrichment) for raw in bodies]
+            ),
+            "lookups": look_up,
+            "what the capture saw (sightings, detections)": lambda: steps(
+                lambda: [known_of(app, call) for call in ips]
+            ),
+            "the answer (words, JSON)": lambda: steps(lambda: [build_answer(*call) for call in calls]),
+            "answer_enrichment, whole": whole,
+        }
+        best = {}
+        for name, phase in phases.items():
+            passes = []
+            for _ in range(7):
+                started = time.perf_counter()
+                for _ in range(5):
+                    await phase()
+                passes.append((time.perf_counter() - started) / (5 * len(bodies)))
+            best[name] = min(passes)
+        return best
     finally:
         os.sched_setaffinity(0, affinity)
         await runner.cleanup()
@@ -269,7 +305,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def measure(
-    args: argparse.Namespace, urls: dict[str, str], script: Path, work: float, answer_bytes: int
+    args: argparse.Namespace, urls: dict[str, str], script: Path, work: dict[str, float], answer_bytes: int
 ) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[tuple[str, int], list[Result]] = {}
@@ -322,7 +358,9 @@ async def measure(
     print(f"\nus of core 0 per request (1 / req/s); the agent's answer: {answer_bytes:,} bytes")
     headers = ["concurrency", *SERVERS, "agent - hollow agent"]
     print(table(headers, costs))
-    print(f"\nin process, answer_enrichment (decode, lookups, answer): {work * 1e6:.1f} us per request")
+    print("\nin process, on core 0: the enrichment work of one request, by step (best of 7)")
+    rows = [[name, f"{seconds * 1e6:.1f}"] for name, seconds in work.items()]
+    print(table(["step", "us per request"], rows))
 
 
 def _median(results: list[Result]) -> Result:
