@@ -9,6 +9,7 @@ the CLI turns that into a one-line message and exit code 2.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 import uuid
 from collections.abc import Callable, Mapping
@@ -357,6 +358,54 @@ def _http_url(raw: object) -> str:
     return value
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host(raw: object) -> str:
+    """A host name or IP address another program connects to, as it goes into a URL.
+
+    An IPv6 address comes back in brackets: homer-app builds ``http://{host}:{port}...``.
+    """
+    value = _str(raw)
+    if not value:
+        return ""
+    if "://" in value or value.startswith(("http:", "https:")):
+        raise ValueError(f"must be a host name or IP address, without http:// or https://, got {value!r}")
+    address = ip_of_host(value)
+    if address is not None:
+        return f"[{address.compressed}]" if address.version == 6 else address.compressed
+    if _looks_like_host_and_port(value):
+        raise ValueError(f"must be a host name or IP address without a port, got {value!r}")
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError(f"must be a host name or IP address such as 10.0.0.20, got {value!r}")
+    return value
+
+
+def _looks_like_host_and_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def _agent_host(raw: object) -> str:
+    value = _host(raw)
+    address = ip_of_host(value)
+    if address is not None and address.is_unspecified:
+        raise ValueError(
+            f"{value} is a listen-on-every-address value, not one homer-app can connect to: "
+            "set the address homer-app reaches this agent by, such as 10.0.0.20"
+        )
+    return value
+
+
+def ip_of_host(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host setting names, or None for a host name."""
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+
+
 def _store_url(raw: object) -> str:
     # The value is a secret: no message here may quote it.
     value = _str(raw)
@@ -509,7 +558,11 @@ def _prefixes(raw: object) -> tuple[str, ...]:
 KEYS: tuple[Key, ...] = (
     Key("agent.bind", _str, "HTTP listen address"),
     Key("agent.port", _int_between(1, 65535), "HTTP listen port, also registered with HOMER"),
-    Key("agent.host", _str, "host/IP that homer-app uses to reach the agent (required to register)"),
+    Key(
+        "agent.host",
+        _agent_host,
+        "host name or IP (no scheme, no port) that homer-app uses to reach the agent (required to register)",
+    ),
     Key("agent.path", _path_prefix, "path prefix registered with HOMER; homer-app calls {path}/{type}"),
     Key("agent.type", _name, "registered type"),
     Key("agent.node", _name, "registered node; the HOMER UI tab reads HEPSUB:<node>"),
@@ -754,3 +807,24 @@ def require_apiban_key(settings: Settings) -> None:
         raise ConfigError(
             "apiban.key", "is required (get one at https://apiban.org/getkey.html; set HEPSUB_APIBAN_KEY)"
         )
+
+
+def warnings(settings: Settings) -> list[str]:
+    """Settings that work but are probably not what the operator meant: one line each, naming it."""
+    found = []
+    agent, homer_host = settings.agent.host, urlsplit(settings.homer.url).hostname or ""
+    if settings.homer.url and _is_loopback(agent) and not _is_loopback(homer_host):
+        found.append(
+            f"agent.host: {agent} is this machine's loopback address, registered with HOMER at "
+            f"{settings.homer.url}: homer-app reaches the agent by it only if it runs on this same "
+            "host, outside a container; set the address homer-app can reach"
+        )
+    return found
+
+
+def _is_loopback(host: str) -> bool:
+    address = ip_of_host(host)
+    if address is not None:
+        return address.is_loopback
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")

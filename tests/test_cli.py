@@ -240,8 +240,11 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
     if name == "no-apiban-key":
         env.pop("HEPSUB_APIBAN_KEY")
         return ["serve"], env
+    homer = {"HEPSUB_HOMER_URL": "http://127.0.0.1:9", "HEPSUB_HOMER_TOKEN": HOMER_TOKEN}
+    if name.startswith("agent-host="):
+        return ["serve"], {**env, **homer, "PUBLIC_IP": name.removeprefix("agent-host=")}
     assert name == "homer-without-agent-host"
-    return ["serve"], {**env, "HEPSUB_HOMER_URL": "http://127.0.0.1:9", "HEPSUB_HOMER_TOKEN": HOMER_TOKEN}
+    return ["serve"], {**env, **homer}
 
 
 @pytest.mark.parametrize(
@@ -253,6 +256,11 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
         ("missing-config-file", "--config"),
         ("no-apiban-key", "apiban.key"),
         ("homer-without-agent-host", "agent.host"),
+        # Each of these would be registered, and a bad registered address breaks HOMER's tab.
+        ("agent-host=http://10.0.0.20", "agent.host"),
+        ("agent-host=10.0.0.20:18088", "agent.host"),
+        ("agent-host=0.0.0.0", "agent.host"),
+        ("agent-host=agent host", "agent.host"),
     ],
 )
 async def test_config_mistakes_exit_2_with_one_line(tmp_path: Path, case: str, setting: str) -> None:
@@ -284,6 +292,31 @@ async def test_hep_port_in_use_exits_2_and_registers_nothing(
         result = await run(["serve"], env, tmp_path, within=10.0)
     assert_one_line_error(result, "hep.udp")
     assert homer.fake.subscriptions == []
+
+
+async def test_a_loopback_agent_host_for_a_remote_homer_is_a_warning_naming_it(
+    tmp_path: Path, apiban: ApibanPeer
+) -> None:
+    port = free_port()
+    env = agent_env(
+        tmp_path,
+        apiban,
+        HEPSUB_HOMER_URL="http://192.0.2.10:9080",  # TEST-NET: never answers
+        HEPSUB_HOMER_TOKEN=HOMER_TOKEN,
+        HEPSUB_HOMER_TIMEOUT="0.5",
+        PUBLIC_IP="127.0.0.1",
+        HEPSUB_AGENT_BIND="127.0.0.1",
+        HEPSUB_AGENT_PORT=str(port),
+    )
+    async with running(["serve"], env, tmp_path) as child:
+        await child.until(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), within=5.0)
+        result = await child.stop()
+    assert result.code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, result.stderr
+    assert "hepsub_apiban: agent.host: 127.0.0.1 is this machine's loopback address" in warnings[0]
+    assert "http://192.0.2.10:9080" in warnings[0]
+    result.assert_clean()
 
 
 # --------------------------------------------------------------------------- serve

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hepsub_apiban import config
 from hepsub_apiban.config import KEYS, Address, ConfigError, RateLimit, Settings, load_settings
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "hepsub-apiban.toml"
@@ -138,6 +139,15 @@ def test_homer_port_defaults_to_9080_like_the_sipcapture_container() -> None:
         ({"HEPSUB_HEP_UDP": "9060"}, "hep.udp"),
         ({"HEPSUB_ALLOW_CIDRS": "10.0.0.0/8,nope"}, "allow.cidrs"),
         ({"HEPSUB_HOMER_TOKEN_ACCESS": "maybe"}, "homer.token_access"),
+        ({"PUBLIC_IP": "http://10.0.0.20"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "https://agent.example.com"}, "agent.host"),
+        ({"PUBLIC_IP": "10.0.0.20:18088"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "agent.example.com:18088"}, "agent.host"),
+        ({"PUBLIC_IP": "0.0.0.0"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "::"}, "agent.host"),
+        ({"PUBLIC_IP": "agent host"}, "agent.host"),
+        ({"PUBLIC_IP": "10.0.0.256"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "agent/get"}, "agent.host"),
     ],
 )
 def test_bad_values_name_the_setting_and_origin(env: dict[str, str], setting: str) -> None:
@@ -185,3 +195,33 @@ def test_example_config_documents_every_key_and_loads_to_the_defaults() -> None:
         assert f"{name} =" in text or f"# {name} =" in text, key.name
         assert key.env in text, key.env
     assert load_settings(EXAMPLE, {}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("given", "registered"),
+    [
+        ("10.0.0.20", "10.0.0.20"),
+        ("agent.example.com", "agent.example.com"),
+        ("hepsub_apiban", "hepsub_apiban"),  # a compose service name
+        ("2001:db8::20", "[2001:db8::20]"),  # homer-app builds http://{host}:{port}
+        ("[2001:DB8::20]", "[2001:db8::20]"),
+    ],
+)
+def test_agent_host_is_registered_as_homer_app_builds_its_url(given: str, registered: str) -> None:
+    settings = load_settings(None, {"PUBLIC_IP": given})
+    assert settings.agent.host == registered
+    assert config.warnings(settings) == []
+
+
+def test_loopback_agent_host_is_a_warning_only_for_a_homer_elsewhere() -> None:
+    token = {"HEPSUB_HOMER_TOKEN": "t"}
+    remote = load_settings(
+        None, {**token, "PUBLIC_IP": "localhost", "HEPSUB_HOMER_URL": "http://10.0.0.10:9080"}
+    )
+    assert [line.split(":")[0] for line in config.warnings(remote)] == ["agent.host"]
+    local = load_settings(
+        None, {**token, "PUBLIC_IP": "127.0.0.1", "HEPSUB_HOMER_URL": "http://127.0.0.1:9080"}
+    )
+    assert config.warnings(local) == []
+    unregistered = load_settings(None, {"PUBLIC_IP": "127.0.0.1"})
+    assert config.warnings(unregistered) == []
