@@ -799,6 +799,14 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("homer.token", "is required to register with HOMER (set HEPSUB_HOMER_TOKEN)")
     if bool(settings.homer.user) != bool(settings.homer.password):
         raise ConfigError("homer.password", "homer.user and homer.password go together")
+    site = settings.site
+    if site.keys and settings.apiban.mode == "check" and not (settings.detect.enabled and site.include_local):
+        raise ConfigError(
+            "site.keys",
+            "would serve nothing: apiban.mode = check holds no APIBAN list (every site route answers "
+            "503) and local detections are off (detect.enabled, site.include_local); "
+            "set apiban.mode = mirror",
+        )
 
 
 def require_apiban_key(settings: Settings) -> None:
@@ -818,6 +826,13 @@ def warnings(settings: Settings) -> list[str]:
             f"agent.host: {agent} is this machine's loopback address, registered with HOMER at "
             f"{settings.homer.url}: homer-app reaches the agent by it only if it runs on this same "
             "host, outside a container; set the address homer-app can reach"
+        )
+    if settings.site.keys and settings.apiban.mode == "check":
+        found.append(
+            "site.keys: apiban.mode = check holds no APIBAN list, so /api/KEY/banned, /api/KEY/check "
+            "and /ipset/KEY/list answer 503 'list not loaded yet' for as long as the agent runs; only "
+            "the CrowdSec decision stream serves (local detections); set apiban.mode = mirror to serve "
+            "the APIBAN list"
         )
     return found
 

@@ -243,6 +243,8 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
     homer = {"HEPSUB_HOMER_URL": "http://127.0.0.1:9", "HEPSUB_HOMER_TOKEN": HOMER_TOKEN}
     if name.startswith("agent-host="):
         return ["serve"], {**env, **homer, "PUBLIC_IP": name.removeprefix("agent-host=")}
+    if name == "site-keys-with-nothing-to-serve":
+        return ["serve"], {**env, "HEPSUB_SITE_KEYS": "a-site-key-1234", "HEPSUB_DETECT_ENABLED": "false"}
     assert name == "homer-without-agent-host"
     return ["serve"], {**env, **homer}
 
@@ -261,6 +263,7 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
         ("agent-host=10.0.0.20:18088", "agent.host"),
         ("agent-host=0.0.0.0", "agent.host"),
         ("agent-host=agent host", "agent.host"),
+        ("site-keys-with-nothing-to-serve", "site.keys"),
     ],
 )
 async def test_config_mistakes_exit_2_with_one_line(tmp_path: Path, case: str, setting: str) -> None:
@@ -294,28 +297,38 @@ async def test_hep_port_in_use_exits_2_and_registers_nothing(
     assert homer.fake.subscriptions == []
 
 
-async def test_a_loopback_agent_host_for_a_remote_homer_is_a_warning_naming_it(
-    tmp_path: Path, apiban: ApibanPeer
+WARNED = {
+    "agent.host": (
+        {
+            "HEPSUB_HOMER_URL": "http://192.0.2.10:9080",  # TEST-NET: never answers
+            "HEPSUB_HOMER_TOKEN": HOMER_TOKEN,
+            "HEPSUB_HOMER_TIMEOUT": "0.5",
+            "PUBLIC_IP": "127.0.0.1",
+        },
+        "agent.host: 127.0.0.1 is this machine's loopback address, registered with HOMER at http://192.0.2.10:9080",
+    ),
+    # Check mode holds no list: the site routes would answer 503 forever (the stream still serves).
+    "site.keys": (
+        {"HEPSUB_SITE_KEYS": "a-site-key-1234"},
+        "site.keys: apiban.mode = check holds no APIBAN list",
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(WARNED))
+async def test_a_setting_that_is_probably_a_mistake_is_one_warning_line_naming_it(
+    tmp_path: Path, apiban: ApibanPeer, setting: str
 ) -> None:
+    settings, expected = WARNED[setting]
     port = free_port()
-    env = agent_env(
-        tmp_path,
-        apiban,
-        HEPSUB_HOMER_URL="http://192.0.2.10:9080",  # TEST-NET: never answers
-        HEPSUB_HOMER_TOKEN=HOMER_TOKEN,
-        HEPSUB_HOMER_TIMEOUT="0.5",
-        PUBLIC_IP="127.0.0.1",
-        HEPSUB_AGENT_BIND="127.0.0.1",
-        HEPSUB_AGENT_PORT=str(port),
-    )
+    env = agent_env(tmp_path, apiban, HEPSUB_AGENT_BIND="127.0.0.1", HEPSUB_AGENT_PORT=str(port), **settings)
     async with running(["serve"], env, tmp_path) as child:
         await child.until(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), within=5.0)
         result = await child.stop()
     assert result.code == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 1, result.stderr
-    assert "hepsub_apiban: agent.host: 127.0.0.1 is this machine's loopback address" in warnings[0]
-    assert "http://192.0.2.10:9080" in warnings[0]
+    assert f"hepsub_apiban: {expected}" in warnings[0]
     result.assert_clean()
 
 

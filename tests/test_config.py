@@ -225,3 +225,13 @@ def test_loopback_agent_host_is_a_warning_only_for_a_homer_elsewhere() -> None:
     assert config.warnings(local) == []
     unregistered = load_settings(None, {"PUBLIC_IP": "127.0.0.1"})
     assert config.warnings(unregistered) == []
+
+
+def test_site_keys_in_check_mode_serve_local_detections_only_or_nothing() -> None:
+    keys = {"HEPSUB_SITE_KEYS": "a-site-key-1234", "HEPSUB_APIBAN_MODE": "check"}
+    streamed = load_settings(None, keys)
+    assert [line.split(":")[0] for line in config.warnings(streamed)] == ["site.keys"]
+    assert config.warnings(load_settings(None, {**keys, "HEPSUB_APIBAN_MODE": "mirror"})) == []
+    for off in ({"HEPSUB_DETECT_ENABLED": "false"}, {"HEPSUB_SITE_INCLUDE_LOCAL": "false"}):
+        with pytest.raises(ConfigError, match=r"^site\.keys: would serve nothing"):
+            load_settings(None, {**keys, **off})
