@@ -396,6 +396,28 @@ async def test_serve_registers_enriches_and_unregisters(
     assert homer.fake.deletions.count((agent_uuid, 200)) == 2
 
 
+async def test_site_keys_that_are_ordinary_words_leave_the_log_readable(
+    tmp_path: Path, apiban: ApibanPeer
+) -> None:
+    port = free_port()
+    env = agent_env(
+        tmp_path,
+        apiban,
+        HEPSUB_APIBAN_MODE="mirror",
+        HEPSUB_SITE_KEYS="apiban,mirror,a",
+        HEPSUB_AGENT_BIND="127.0.0.1",
+        HEPSUB_AGENT_PORT=str(port),
+    )
+    async with running(["serve", "--log-level", "debug"], env, tmp_path) as child:
+        answer = await child.until(lambda: get_json(f"http://127.0.0.1:{port}/api/mirror/banned"), within=5.0)
+        assert answer[0] in {200, 400, 503}, answer  # the key is taken: not APIBAN's 403
+        result = await child.stop()
+    assert result.code == 0, result.stderr
+    start = next(line for line in result.stderr.splitlines() if " listening on " in line)
+    assert f"hepsub-apiban {__version__} listening on 127.0.0.1:{port}; mode mirror, " in start
+    assert "***" not in result.stderr, result.stderr
+
+
 async def test_json_logs_start_with_a_line_that_says_what_the_agent_does(
     tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
 ) -> None:
