@@ -37,12 +37,14 @@ from .conftest import (
     agent_env,
     assert_no_secret,
 )
+from .test_replay import eth_udp, pcap, synthetic_hep3
 
 T = TypeVar("T")
 CALL = "a84b4c76e66710@pc33.example.com"
 FIXTURE_IPS = ["192.168.1.10", "203.0.113.7"]  # homer.md §8, fixture 1
 CLEARED = ("HEPSUB_", "HOMER_")
 CLEARED_NAMES = frozenset({"PUBLIC_IP", "APIBAN_KEY"})
+HEP_FIXTURE = Path(__file__).parent / "fixtures" / "hep" / "heplify-server-decoder-test-hep3.hex"
 
 
 def child_env(settings: Mapping[str, str]) -> dict[str, str]:
@@ -472,6 +474,52 @@ async def test_serve_keeps_serving_when_homer_is_unreachable(tmp_path: Path, api
         result = await child.stop(within=10.0)
     assert result.code == 0, result.stderr
     result.assert_clean()
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def nine_packet_capture(tmp_path: Path) -> Path:
+    capture = tmp_path / "nine.pcap"
+    packets = [synthetic_hep3(f"OPTIONS sip:{n}@example.com SIP/2.0\r\n\r\n".encode()) for n in range(9)]
+    capture.write_bytes(pcap([eth_udp(packet) for packet in packets]))
+    return capture
+
+
+def closed_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_replay_exits_0_and_counts_what_a_listening_collector_got(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as collector:
+        collector.bind(("127.0.0.1", 0))
+        collector.settimeout(5.0)
+        target = f"udp:127.0.0.1:{collector.getsockname()[1]}"
+        result = await run(["replay", str(nine_packet_capture(tmp_path)), "--to", target], {}, tmp_path)
+        received = [collector.recv(65535) for _ in range(9)]
+    assert result.code == 0, result.stderr
+    assert result.stdout.startswith(f"sent 9 HEP packets from 1 file to {target} in "), result.stdout
+    assert all(packet.startswith(b"HEP3") for packet in received)
+
+
+@pytest.mark.parametrize("packets", ["nine-packet capture", "one-packet hex file"])
+async def test_replay_to_a_udp_port_where_nothing_listens_exits_2_with_one_line(
+    tmp_path: Path, packets: str
+) -> None:
+    source = nine_packet_capture(tmp_path) if packets.startswith("nine") else HEP_FIXTURE
+    target = f"udp:127.0.0.1:{closed_udp_port()}"
+    result = await run(["replay", str(source), "--to", target], {}, tmp_path)
+    assert result.code == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"hepsub-apiban: {target} refused the packets (ICMP port unreachable"), lines[
+        0
+    ]
+    assert lines[0].endswith("is a HEP collector listening there?")
 
 
 # --------------------------------------------------------------------------- demo and argparse
