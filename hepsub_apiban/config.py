@@ -736,10 +736,24 @@ def _legacy_env(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
     values: dict[str, tuple[object, str]] = {
         key: (env[name], name) for name, key in LEGACY_ENV.items() if env.get(name)
     }
-    if env.get("HOMER_IP"):
-        port = env.get("HOMER_PORT") or "9080"
-        values["homer.url"] = (f"http://{env['HOMER_IP']}:{port}", "HOMER_IP/HOMER_PORT")
+    if env.get("HOMER_IP") and KEYS_BY_NAME["homer.url"].env not in env:  # else it is overridden
+        url = _legacy_homer_url(env["HOMER_IP"], env.get("HOMER_PORT") or "9080")
+        values["homer.url"] = (url, "HOMER_IP")
     return values
+
+
+def _legacy_homer_url(host: str, port: str) -> str:
+    """sipcapture's ``http://HOMER_IP:HOMER_PORT``, with an IPv6 address in brackets."""
+    try:
+        shown = _host(host)
+    except ValueError as exc:
+        problem = f"{exc}; HOMER_PORT takes the port, HEPSUB_HOMER_URL a full URL"
+        raise ConfigError("homer.url", problem, "HOMER_IP") from None
+    try:
+        number = _int_between(1, 65535)(port)
+    except ValueError as exc:
+        raise ConfigError("homer.url", f"the port {exc}", "HOMER_PORT") from None
+    return f"http://{shown}:{number}"
 
 
 def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:

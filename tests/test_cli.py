@@ -245,6 +245,13 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
     homer = {"HEPSUB_HOMER_URL": "http://127.0.0.1:9", "HEPSUB_HOMER_TOKEN": HOMER_TOKEN}
     if name.startswith("agent-host="):
         return ["serve"], {**env, **homer, "PUBLIC_IP": name.removeprefix("agent-host=")}
+    if name.startswith("homer-ip="):
+        legacy = {
+            "HOMER_IP": name.removeprefix("homer-ip="),
+            "HOMER_TOKEN": HOMER_TOKEN,
+            "PUBLIC_IP": "10.0.0.20",
+        }
+        return ["serve"], {**env, **legacy}
     if name == "site-keys-with-nothing-to-serve":
         return ["serve"], {**env, "HEPSUB_SITE_KEYS": "a-site-key-1234", "HEPSUB_DETECT_ENABLED": "false"}
     assert name == "homer-without-agent-host"
@@ -266,6 +273,7 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
         ("agent-host=0.0.0.0", "agent.host"),
         ("agent-host=agent host", "agent.host"),
         ("site-keys-with-nothing-to-serve", "site.keys"),
+        ("homer-ip=http://10.0.0.10", "homer.url"),  # was registered with http://http://10.0.0.10:9080
     ],
 )
 async def test_config_mistakes_exit_2_with_one_line(tmp_path: Path, case: str, setting: str) -> None:

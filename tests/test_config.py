@@ -121,6 +121,38 @@ def test_homer_port_defaults_to_9080_like_the_sipcapture_container() -> None:
 
 
 @pytest.mark.parametrize(
+    ("homer_ip", "homer_port", "url"),
+    [
+        ("2001:db8::10", "", "http://[2001:db8::10]:9080"),
+        ("[2001:db8::10]", "80", "http://[2001:db8::10]:80"),
+        ("homer-webapp", "80", "http://homer-webapp:80"),
+    ],
+)
+def test_legacy_homer_ip_makes_a_working_url(homer_ip: str, homer_port: str, url: str) -> None:
+    env = {"HOMER_IP": homer_ip, "HOMER_PORT": homer_port, "PUBLIC_IP": "a", "HOMER_TOKEN": "t"}
+    assert load_settings(None, env).homer.url == url
+
+
+@pytest.mark.parametrize(
+    ("homer_ip", "homer_port", "origin"),
+    [
+        ("http://10.0.0.10", "", "HOMER_IP"),  # was http://http://10.0.0.10:9080
+        ("10.0.0.10:9080", "", "HOMER_IP"),
+        ("10.0.0.10", "http", "HOMER_PORT"),
+        ("10.0.0.10", "0", "HOMER_PORT"),
+    ],
+)
+def test_legacy_homer_ip_mistakes_name_homer_url_and_the_variable(
+    homer_ip: str, homer_port: str, origin: str
+) -> None:
+    env = {"HOMER_IP": homer_ip, "HOMER_PORT": homer_port, "PUBLIC_IP": "a", "HOMER_TOKEN": "t"}
+    with pytest.raises(ConfigError, match=rf"^homer\.url: .*\(from {origin}\)$"):
+        load_settings(None, env)
+    # HEPSUB_HOMER_URL wins over the legacy names, so their mistakes do not matter then.
+    assert load_settings(None, {**env, "HEPSUB_HOMER_URL": "http://h:1"}).homer.url == "http://h:1"
+
+
+@pytest.mark.parametrize(
     ("env", "setting"),
     [
         ({"HEPSUB_AGENT_PORT": "http"}, "agent.port"),
