@@ -344,7 +344,7 @@ def _choice(*options: str) -> Callable[[object], str]:
     return convert
 
 
-def _http_url(raw: object) -> str:
+def http_url(raw: object) -> str:
     value = _str(raw).rstrip("/")
     if not value:
         return ""
@@ -422,7 +422,7 @@ def _store_url(raw: object) -> str:
 
 
 def _apiban_url(raw: object) -> str:
-    value = _http_url(raw)
+    value = http_url(raw)
     if not value:
         raise ValueError("must not be empty")
     return value
@@ -598,7 +598,7 @@ KEYS: tuple[Key, ...] = (
         _int_between(16384, 64 * 1024 * 1024),
         "largest enrichment answer, bytes; past it, details are left out and said so",
     ),
-    Key("homer.url", _http_url, "homer-app base URL, e.g. http://homer:9080; empty: no registration"),
+    Key("homer.url", http_url, "homer-app base URL, e.g. http://homer:9080; empty: no registration"),
     Key("homer.token", _str, "HOMER Auth-Token (Preferences -> AUTH TOKEN)", secret=True),
     Key("homer.ttl", _int_between(10, 86400), "registration TTL in seconds, refreshed at 0.9 x ttl"),
     Key("homer.token_access", _bool, "homer-app has api_settings.enable_token_access: unregister with it"),

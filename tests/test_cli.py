@@ -32,6 +32,7 @@ from .conftest import (
     HOMER_PASSWORD,
     HOMER_TOKEN,
     HOMER_USER,
+    AgentFactory,
     ApibanPeer,
     HomerPeer,
     agent_env,
@@ -211,17 +212,74 @@ async def test_check_prints_one_verdict_per_line_in_order(tmp_path: Path, apiban
     assert apiban.fake.request_count("check") == 2  # the private and the invalid one never go upstream
 
 
-async def test_check_with_apiban_down_answers_unknown(tmp_path: Path, apiban: ApibanPeer) -> None:
+def assert_one_line_reason(result: Result, code: int, reason: str) -> None:
+    assert result.code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"hepsub-apiban: {reason}"), lines[0]
+    result.assert_clean()
+
+
+async def test_check_with_apiban_down_answers_unknown_and_exits_1(tmp_path: Path, apiban: ApibanPeer) -> None:
     apiban.fake.add("1.2.3.4")
     apiban.fake.fail_status = 503
-    result = await run(["check", "1.2.3.4", "10.0.0.1"], agent_env(tmp_path, apiban), tmp_path)
-    assert result.code == 0, result.stderr
-    result.assert_clean()
+    ips = ["1.2.3.4", "10.0.0.1", "5.6.7.8"]
+    result = await run(["check", *ips], agent_env(tmp_path, apiban), tmp_path)
+    assert_one_line_reason(result, 1, "no APIBAN answer for 2 of 3 addresses: APIBAN answered 503")
     verdicts = [orjson.loads(line) for line in result.stdout.splitlines()]
     assert verdicts[0]["listed"] is None
     assert verdicts[0]["source"] == "unavailable"
     assert verdicts[1] == {"ip": "10.0.0.1", "listed": False, "source": "private"}
-    assert apiban.fake.request_count("check") >= 1
+    assert verdicts[2]["source"] == "unavailable"
+    assert verdicts[2]["reason"] == "not asked: APIBAN answered 503"
+    assert apiban.fake.request_count("check") == 1  # no more requests after the first failure
+
+
+async def test_check_with_apiban_unreachable_exits_1(tmp_path: Path) -> None:
+    env = agent_env(tmp_path, HEPSUB_APIBAN_URL=f"http://127.0.0.1:{free_port()}")
+    result = await run(["check", "1.2.3.4"], env, tmp_path)
+    assert_one_line_reason(result, 1, "no APIBAN answer for 1 of 1 addresses: APIBAN unreachable")
+
+
+async def test_check_with_a_refused_key_exits_2_naming_apiban_key(tmp_path: Path, apiban: ApibanPeer) -> None:
+    env = agent_env(tmp_path, apiban, HEPSUB_APIBAN_KEY="not-the-key-0000")
+    result = await run(["check", "1.2.3.4", "5.6.7.8"], env, tmp_path)
+    assert_one_line_reason(result, 2, "apiban.key: APIBAN refused the key (403)")
+    assert [orjson.loads(line)["source"] for line in result.stdout.splitlines()] == ["unavailable"] * 2
+    assert apiban.fake.request_count("check") == 1
+
+
+async def test_check_can_ask_a_running_agent_instead_of_apiban(
+    tmp_path: Path, apiban: ApibanPeer, agent: AgentFactory
+) -> None:
+    apiban.fake.add("1.2.3.4")
+    running_agent = await agent()  # check mode, against the APIBAN fake
+    url = str(running_agent.make_url("")).rstrip("/")
+    ips = ["1.2.3.4", "10.0.0.1", "nonsense"]
+    no_key = {"HEPSUB_STATE_DIR": str(tmp_path / "elsewhere")}  # no APIBAN key, no config
+    first = await run(["check", "--agent", url, *ips], no_key, tmp_path)
+    assert first.code == 0, first.stderr
+    verdicts = [orjson.loads(line) for line in first.stdout.splitlines()]
+    assert [(v["ip"], v["listed"], v["source"]) for v in verdicts] == [
+        ("1.2.3.4", True, "check"),
+        ("10.0.0.1", False, "private"),
+        ("nonsense", None, "invalid"),
+    ]
+    again = await run(["check", "--agent", url, "1.2.3.4"], no_key, tmp_path)
+    assert again.code == 0, again.stderr
+    assert orjson.loads(again.stdout)["source"] == "cache"  # the agent's cache: no new APIBAN request
+    assert apiban.fake.request_count("check") == 1
+
+    apiban.fake.fail_status = 503
+    failed = await run(["check", "--agent", url, "5.6.7.8"], no_key, tmp_path)
+    assert_one_line_reason(failed, 1, "no APIBAN answer for 1 of 1 addresses: APIBAN answered 503")
+
+
+async def test_check_with_no_agent_at_the_url_exits_1(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = await run(["check", "--agent", url, "1.2.3.4"], {}, tmp_path)
+    assert_one_line_reason(result, 1, f"cannot ask the agent at {url}: ")
+    assert result.stdout == ""
 
 
 # --------------------------------------------------------------------------- user mistakes
@@ -252,6 +310,8 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
             "PUBLIC_IP": "10.0.0.20",
         }
         return ["serve"], {**env, **legacy}
+    if name == "check-agent-without-scheme":
+        return ["check", "--agent", "127.0.0.1:18088", "1.2.3.4"], env
     if name == "site-keys-with-nothing-to-serve":
         return ["serve"], {**env, "HEPSUB_SITE_KEYS": "a-site-key-1234", "HEPSUB_DETECT_ENABLED": "false"}
     assert name == "homer-without-agent-host"
@@ -273,6 +333,7 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
         ("agent-host=0.0.0.0", "agent.host"),
         ("agent-host=agent host", "agent.host"),
         ("site-keys-with-nothing-to-serve", "site.keys"),
+        ("check-agent-without-scheme", "--agent"),
         ("homer-ip=http://10.0.0.10", "homer.url"),  # was registered with http://http://10.0.0.10:9080
     ],
 )
