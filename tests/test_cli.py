@@ -489,6 +489,38 @@ async def test_site_keys_that_are_ordinary_words_leave_the_log_readable(
     assert "***" not in result.stderr, result.stderr
 
 
+async def test_the_first_pull_logs_its_progress_against_an_estimated_total(
+    tmp_path: Path, apiban: ApibanPeer
+) -> None:
+    week, count = 7 * 86400, 1000
+    now = int(time.time())
+    for n in range(count):  # IDs are the entries' times, spread over APIBAN's 7 days as in life
+        apiban.fake.add(f"45.1.{n // 250}.{n % 250}", now - week + (n + 1) * week // count)
+    port = free_port()
+    env = agent_env(
+        tmp_path,
+        apiban,
+        HEPSUB_APIBAN_MODE="mirror",
+        HEPSUB_APIBAN_RATE_LIMIT="3/1",  # two pages a second (one request kept for checks)
+        HEPSUB_AGENT_BIND="127.0.0.1",
+        HEPSUB_AGENT_PORT=str(port),
+    )
+    async with running(["serve"], env, tmp_path) as child:
+
+        async def loaded() -> bool | None:
+            answer = await get_json(f"http://127.0.0.1:{port}/readyz")
+            return True if answer and answer[0] == 200 else None
+
+        await child.until(loaded, within=10.0)
+        result = await child.stop()
+    assert result.code == 0, result.stderr
+    progress = [
+        line.split(": ", 1)[1] for line in result.stderr.splitlines() if "APIBAN list: synced" in line
+    ]
+    assert progress, result.stderr
+    assert progress[0].startswith("APIBAN list: synced 500 of ~1,000 addresses (2 pages), "), progress
+
+
 async def test_json_logs_start_with_a_line_that_says_what_the_agent_does(
     tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
 ) -> None:
