@@ -59,11 +59,24 @@ def child_env(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def local_agent(tmp_path: Path, apiban: ApibanPeer, **settings: str) -> tuple[int, dict[str, str]]:
+    """A free port, and the environment of an agent serving on it on loopback."""
+    port = free_port()
+    env = agent_env(tmp_path, apiban, HEPSUB_AGENT_BIND="127.0.0.1", HEPSUB_AGENT_PORT=str(port), **settings)
+    return port, env
+
+
+async def ready(port: int) -> bool | None:
+    """True once the agent on ``port`` answers /readyz with 200 (in mirror mode: the list is in)."""
+    answer = await get_json(f"http://127.0.0.1:{port}/readyz")
+    return True if answer and answer[0] == 200 else None
 
 
 @dataclass(frozen=True)
@@ -391,8 +404,7 @@ async def test_a_setting_that_is_probably_a_mistake_is_one_warning_line_naming_i
     tmp_path: Path, apiban: ApibanPeer, setting: str
 ) -> None:
     settings, expected = WARNED[setting]
-    port = free_port()
-    env = agent_env(tmp_path, apiban, HEPSUB_AGENT_BIND="127.0.0.1", HEPSUB_AGENT_PORT=str(port), **settings)
+    port, env = local_agent(tmp_path, apiban, **settings)
     async with running(["serve"], env, tmp_path) as child:
         await child.until(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), within=5.0)
         result = await child.stop()
@@ -470,15 +482,7 @@ async def test_serve_registers_enriches_and_unregisters(
 async def test_site_keys_that_are_ordinary_words_leave_the_log_readable(
     tmp_path: Path, apiban: ApibanPeer
 ) -> None:
-    port = free_port()
-    env = agent_env(
-        tmp_path,
-        apiban,
-        HEPSUB_APIBAN_MODE="mirror",
-        HEPSUB_SITE_KEYS="apiban,mirror,a",
-        HEPSUB_AGENT_BIND="127.0.0.1",
-        HEPSUB_AGENT_PORT=str(port),
-    )
+    port, env = local_agent(tmp_path, apiban, HEPSUB_APIBAN_MODE="mirror", HEPSUB_SITE_KEYS="apiban,mirror,a")
     async with running(["serve", "--log-level", "debug"], env, tmp_path) as child:
         answer = await child.until(lambda: get_json(f"http://127.0.0.1:{port}/api/mirror/banned"), within=5.0)
         assert answer[0] in {200, 400, 503}, answer  # the key is taken: not APIBAN's 403
@@ -496,22 +500,10 @@ async def test_the_first_pull_logs_its_progress_against_an_estimated_total(
     now = int(time.time())
     for n in range(count):  # IDs are the entries' times, spread over APIBAN's 7 days as in life
         apiban.fake.add(f"45.1.{n // 250}.{n % 250}", now - week + (n + 1) * week // count)
-    port = free_port()
-    env = agent_env(
-        tmp_path,
-        apiban,
-        HEPSUB_APIBAN_MODE="mirror",
-        HEPSUB_APIBAN_RATE_LIMIT="3/1",  # two pages a second (one request kept for checks)
-        HEPSUB_AGENT_BIND="127.0.0.1",
-        HEPSUB_AGENT_PORT=str(port),
-    )
+    # Two pages a second (one request of each window is kept for checks).
+    port, env = local_agent(tmp_path, apiban, HEPSUB_APIBAN_MODE="mirror", HEPSUB_APIBAN_RATE_LIMIT="3/1")
     async with running(["serve"], env, tmp_path) as child:
-
-        async def loaded() -> bool | None:
-            answer = await get_json(f"http://127.0.0.1:{port}/readyz")
-            return True if answer and answer[0] == 200 else None
-
-        await child.until(loaded, within=10.0)
+        await child.until(lambda: ready(port), within=10.0)
         result = await child.stop()
     assert result.code == 0, result.stderr
     progress = [
@@ -529,12 +521,7 @@ async def test_json_logs_start_with_a_line_that_says_what_the_agent_does(
     env = {**serve_env(tmp_path, apiban, homer, port), "HEPSUB_APIBAN_MODE": "mirror"}
     async with running(["serve", "--log-format", "json", "--log-level", "info"], env, tmp_path) as child:
         await _registered(child, homer, 1)
-
-        async def loaded() -> bool | None:
-            answer = await get_json(f"http://127.0.0.1:{port}/readyz")
-            return True if answer and answer[0] == 200 else None
-
-        await child.until(loaded, within=10.0)
+        await child.until(lambda: ready(port), within=10.0)
         result = await child.stop()
     assert result.code == 0
     entries = [orjson.loads(line) for line in result.stderr.splitlines()]
@@ -587,13 +574,6 @@ def nine_packet_capture(tmp_path: Path) -> Path:
     return capture
 
 
-def closed_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def test_replay_exits_0_and_counts_what_a_listening_collector_got(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as collector:
         collector.bind(("127.0.0.1", 0))
@@ -611,7 +591,7 @@ async def test_replay_to_a_udp_port_where_nothing_listens_exits_2_with_one_line(
     tmp_path: Path, packets: str
 ) -> None:
     source = nine_packet_capture(tmp_path) if packets.startswith("nine") else HEP_FIXTURE
-    target = f"udp:127.0.0.1:{closed_udp_port()}"
+    target = f"udp:127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
     result = await run(["replay", str(source), "--to", target], {}, tmp_path)
     assert result.code == 2, (result.stdout, result.stderr)
     assert result.stdout == ""
