@@ -27,7 +27,7 @@ from . import __version__
 from .addresses import NetworkSet, parse_ip
 from .apiban import ApibanClient, BadKey
 from .app import USER_AGENT, create_app, startup_summary
-from .config import ConfigError, Settings, http_url, load_settings, require_apiban_key, warnings
+from .config import ConfigError, Settings, http_url, load_settings, require_apiban_key, setting_warnings
 from .hep_worker import tune_gc
 from .httpserver import BACKLOG, CappedSite
 from .jsonutil import BodyTooLarge, read_capped
@@ -126,7 +126,7 @@ def bind_socket(settings: Settings) -> socket.socket:
 def _serve(settings: Settings) -> int:
     redactor = Redactor(settings.secrets())
     setup_logging(settings.log.level, redactor, settings.log.format)
-    for line in warnings(settings):
+    for line in setting_warnings(settings):
         log.warning("%s", line)
     sock = bind_socket(settings)
     app = create_app(settings, redactor=redactor)

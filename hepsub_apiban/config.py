@@ -831,7 +831,7 @@ def require_apiban_key(settings: Settings) -> None:
         )
 
 
-def warnings(settings: Settings) -> list[str]:
+def setting_warnings(settings: Settings) -> list[str]:
     """Settings that work but are probably not what the operator meant: one line each, naming it."""
     found = []
     agent, homer_host = settings.agent.host, urlsplit(settings.homer.url).hostname or ""

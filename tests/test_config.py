@@ -242,7 +242,7 @@ def test_example_config_documents_every_key_and_loads_to_the_defaults() -> None:
 def test_agent_host_is_registered_as_homer_app_builds_its_url(given: str, registered: str) -> None:
     settings = load_settings(None, {"PUBLIC_IP": given})
     assert settings.agent.host == registered
-    assert config.warnings(settings) == []
+    assert config.setting_warnings(settings) == []
 
 
 def test_loopback_agent_host_is_a_warning_only_for_a_homer_elsewhere() -> None:
@@ -250,20 +250,20 @@ def test_loopback_agent_host_is_a_warning_only_for_a_homer_elsewhere() -> None:
     remote = load_settings(
         None, {**token, "PUBLIC_IP": "localhost", "HEPSUB_HOMER_URL": "http://10.0.0.10:9080"}
     )
-    assert [line.split(":")[0] for line in config.warnings(remote)] == ["agent.host"]
+    assert [line.split(":")[0] for line in config.setting_warnings(remote)] == ["agent.host"]
     local = load_settings(
         None, {**token, "PUBLIC_IP": "127.0.0.1", "HEPSUB_HOMER_URL": "http://127.0.0.1:9080"}
     )
-    assert config.warnings(local) == []
+    assert config.setting_warnings(local) == []
     unregistered = load_settings(None, {"PUBLIC_IP": "127.0.0.1"})
-    assert config.warnings(unregistered) == []
+    assert config.setting_warnings(unregistered) == []
 
 
 def test_site_keys_in_check_mode_serve_local_detections_only_or_nothing() -> None:
     keys = {"HEPSUB_SITE_KEYS": "a-site-key-1234", "HEPSUB_APIBAN_MODE": "check"}
     streamed = load_settings(None, keys)
-    assert [line.split(":")[0] for line in config.warnings(streamed)] == ["site.keys"]
-    assert config.warnings(load_settings(None, {**keys, "HEPSUB_APIBAN_MODE": "mirror"})) == []
+    assert [line.split(":")[0] for line in config.setting_warnings(streamed)] == ["site.keys"]
+    assert config.setting_warnings(load_settings(None, {**keys, "HEPSUB_APIBAN_MODE": "mirror"})) == []
     for off in ({"HEPSUB_DETECT_ENABLED": "false"}, {"HEPSUB_SITE_INCLUDE_LOCAL": "false"}):
         with pytest.raises(ConfigError, match=r"^site\.keys: would serve nothing"):
             load_settings(None, {**keys, **off})
