@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,18 +25,20 @@ from aiohttp import web
 
 from . import __version__
 from .addresses import NetworkSet, parse_ip
-from .apiban import ApibanClient
+from .apiban import ApibanClient, BadKey
 from .app import USER_AGENT, create_app, startup_summary
-from .config import ConfigError, Settings, load_settings, require_apiban_key
+from .config import ConfigError, Settings, http_url, load_settings, require_apiban_key, setting_warnings
 from .hep_worker import tune_gc
 from .httpserver import BACKLOG, CappedSite
+from .jsonutil import BodyTooLarge, read_capped
 from .keys import REFUSALS, SETTINGS
-from .logs import Redactor, setup_logging
+from .logs import Redactor, safe_text, setup_logging
 from .lookups import LookupService, Verdict
 from .ratelimit import Budget
 
 log = logging.getLogger("hepsub_apiban")
 _T = TypeVar("_T")
+EXIT_FAILED = 1  # the command could not do its job (check: no answer; see EXIT_USAGE)
 EXIT_USAGE = 2
 
 
@@ -55,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("check", help="look IP addresses up once and print one JSON verdict per line")
     check.add_argument("ips", nargs="+", metavar="IP")
-    check.add_argument("--config", type=Path, help="TOML configuration file")
+    source = check.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="TOML configuration file")
+    source.add_argument(
+        "--agent",
+        metavar="URL",
+        help="ask this running agent (POST URL/api/v1/check) instead of APIBAN: no key needed, "
+        "and the lookups share the agent's list, cache and budget",
+    )
     replay = commands.add_parser(
         "replay", help="send HEP packets from hex or pcap/pcapng files to a collector"
     )
@@ -73,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(_with_log_flags(_settings(args.config), args.log_format, args.log_level))
         if args.command == "check":
+            if args.agent is not None:
+                return _check_via_agent(args.agent, args.ips)
             return _check(_settings(args.config), args.ips)
         if args.command == "replay":
             from .replay import main as replay_main
@@ -115,6 +126,8 @@ def bind_socket(settings: Settings) -> socket.socket:
 def _serve(settings: Settings) -> int:
     redactor = Redactor(settings.secrets())
     setup_logging(settings.log.level, redactor, settings.log.format)
+    for line in setting_warnings(settings):
+        log.warning("%s", line)
     sock = bind_socket(settings)
     app = create_app(settings, redactor=redactor)
     run(serve_app(app, sock))
@@ -172,24 +185,123 @@ def capped_site(runner: web.AppRunner, sock: socket.socket, app: web.Application
 def _check(settings: Settings, ips: Sequence[str]) -> int:
     redactor = Redactor(settings.secrets())
     setup_logging("warning" if settings.log.level == "info" else settings.log.level, redactor)
-    for verdict in asyncio.run(_check_all(settings, redactor, ips)):
-        sys.stdout.buffer.write(orjson.dumps(verdict.to_json()) + b"\n")
+    verdicts, key_refused = asyncio.run(_check_all(settings, redactor, ips))
+    _print_verdicts(verdict.to_json() for verdict in verdicts)
+    failed = [verdict for verdict in verdicts if verdict.source == "unavailable"]
+    if not failed:
+        return 0
+    reason = redactor(failed[0].reason or "no answer")
+    if key_refused:
+        print(f"hepsub-apiban: apiban.key: {reason}", file=sys.stderr)
+        return EXIT_USAGE
+    return _no_answer(len(failed), len(verdicts), reason)
+
+
+def _no_answer(failed: int, asked: int, reason: str) -> int:
+    print(f"hepsub-apiban: no APIBAN answer for {failed} of {asked} addresses: {reason}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _print_verdicts(verdicts: Iterable[dict[str, Any]]) -> None:
+    for verdict in verdicts:
+        sys.stdout.buffer.write(orjson.dumps(verdict) + b"\n")
     sys.stdout.flush()
-    return 0
 
 
-async def _check_all(settings: Settings, redactor: Redactor, ips: Sequence[str]) -> list[Verdict]:
+async def _check_all(
+    settings: Settings, redactor: Redactor, ips: Sequence[str]
+) -> tuple[list[Verdict], bool]:
+    """The verdicts, and whether APIBAN refused the key.
+
+    After the first upstream failure no more requests go out: with a refused key, an outage or a
+    spent budget each would fail alike, and would only spend the key's budget or wait out timeouts.
+    """
     async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as session:
         budget = Budget(settings.apiban.rate_limit, asyncio.get_running_loop().time)
         client = ApibanClient(session, settings.apiban, budget, redactor)
         lookups = LookupService(client, NetworkSet(settings.allow.cidrs))
         results = []
+        failure: str | None = None
         for text in ips:
             address = parse_ip(text)
             if address is None:
                 results.append(Verdict(text, None, "invalid", reason="not an IP address"))
                 continue
+            local = lookups.answer_now(address)
+            if local is None and failure is not None:
+                results.append(Verdict(address.text, None, "unavailable", reason=f"not asked: {failure}"))
+                continue
             # A one-shot command may wait for APIBAN's own timeout, unlike an enrichment answer.
-            results.append(await lookups.lookup(address, settings.apiban.timeout + 1.0))
+            verdict = local or await lookups.lookup(address, settings.apiban.timeout + 1.0)
+            if verdict.source == "unavailable":
+                failure = verdict.reason
+            results.append(verdict)
         await lookups.close()
-        return results
+        return results, any(outcome == BadKey.outcome for _, outcome in client.requests)
+
+
+AGENT_BATCH = 1000  # IPs per POST: the most the agent's /api/v1/check takes at once
+AGENT_TIMEOUT = 30.0  # seconds per request to the agent: its own deadline is at most 1.8 s
+
+
+def _check_via_agent(url: str, ips: Sequence[str]) -> int:
+    setup_logging("warning", Redactor())
+    try:
+        base = http_url(url)
+    except ValueError as exc:
+        raise ConfigError("--agent", str(exc)) from None
+    try:
+        verdicts = asyncio.run(_ask_agent(base, ips))
+    except AgentError as exc:
+        print(f"hepsub-apiban: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_verdicts(verdicts)
+    failed = [verdict for verdict in verdicts if verdict.get("source") == "unavailable"]
+    if failed:
+        return _no_answer(len(failed), len(verdicts), str(failed[0].get("reason") or "no answer"))
+    return 0
+
+
+class AgentError(Exception):
+    """The agent could not be asked, or did not answer with verdicts."""
+
+
+async def _ask_agent(base: str, ips: Sequence[str]) -> list[dict[str, Any]]:
+    verdicts: list[dict[str, Any]] = []
+    timeout = aiohttp.ClientTimeout(total=AGENT_TIMEOUT)
+    async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}, timeout=timeout) as session:
+        for start in range(0, len(ips), AGENT_BATCH):
+            batch = list(ips[start : start + AGENT_BATCH])
+            try:
+                async with session.post(f"{base}/api/v1/check", json={"ips": batch}) as response:
+                    body = await read_capped(response, MAX_AGENT_ANSWER)
+                    status = response.status
+            except (aiohttp.ClientError, BodyTooLarge, TimeoutError) as exc:
+                raise AgentError(f"cannot ask the agent at {base}: {_reason(exc)}") from None
+            verdicts += _agent_results(base, status, body, len(batch))
+    return verdicts
+
+
+MAX_AGENT_ANSWER = 4 * 1024 * 1024  # bytes: a verdict of 1,000 is some 200 kB
+
+
+def _agent_results(base: str, status: int, body: bytes, expected: int) -> list[dict[str, Any]]:
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if status != 200:
+        said = answer.get("error") if isinstance(answer, dict) else None
+        raise AgentError(f"the agent at {base} answered {status}: {safe_text(said or 'no JSON error')}")
+    results = answer.get("results") if isinstance(answer, dict) else None
+    if (
+        not isinstance(results, list)
+        or len(results) != expected
+        or not all(isinstance(r, dict) for r in results)
+    ):
+        raise AgentError(f"{base} did not answer as the agent's POST /api/v1/check does")
+    return results
+
+
+def _reason(exc: BaseException) -> str:
+    return "no answer in time" if isinstance(exc, TimeoutError) else safe_text(str(exc) or type(exc).__name__)

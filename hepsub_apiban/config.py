@@ -9,6 +9,7 @@ the CLI turns that into a one-line message and exit code 2.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 import uuid
 from collections.abc import Callable, Mapping
@@ -343,7 +344,7 @@ def _choice(*options: str) -> Callable[[object], str]:
     return convert
 
 
-def _http_url(raw: object) -> str:
+def http_url(raw: object) -> str:
     value = _str(raw).rstrip("/")
     if not value:
         return ""
@@ -355,6 +356,54 @@ def _http_url(raw: object) -> str:
     except ValueError:
         raise ValueError(f"has a bad port: {value!r}") from None
     return value
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host(raw: object) -> str:
+    """A host name or IP address another program connects to, as it goes into a URL.
+
+    An IPv6 address comes back in brackets: homer-app builds ``http://{host}:{port}...``.
+    """
+    value = _str(raw)
+    if not value:
+        return ""
+    if "://" in value or value.startswith(("http:", "https:")):
+        raise ValueError(f"must be a host name or IP address, without http:// or https://, got {value!r}")
+    address = ip_of_host(value)
+    if address is not None:
+        return f"[{address.compressed}]" if address.version == 6 else address.compressed
+    if _looks_like_host_and_port(value):
+        raise ValueError(f"must be a host name or IP address without a port, got {value!r}")
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError(f"must be a host name or IP address such as 10.0.0.20, got {value!r}")
+    return value
+
+
+def _looks_like_host_and_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def _agent_host(raw: object) -> str:
+    value = _host(raw)
+    address = ip_of_host(value)
+    if address is not None and address.is_unspecified:
+        raise ValueError(
+            f"{value} is a listen-on-every-address value, not one homer-app can connect to: "
+            "set the address homer-app reaches this agent by, such as 10.0.0.20"
+        )
+    return value
+
+
+def ip_of_host(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host setting names, or None for a host name."""
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
 
 
 def _store_url(raw: object) -> str:
@@ -373,7 +422,7 @@ def _store_url(raw: object) -> str:
 
 
 def _apiban_url(raw: object) -> str:
-    value = _http_url(raw)
+    value = http_url(raw)
     if not value:
         raise ValueError("must not be empty")
     return value
@@ -509,7 +558,11 @@ def _prefixes(raw: object) -> tuple[str, ...]:
 KEYS: tuple[Key, ...] = (
     Key("agent.bind", _str, "HTTP listen address"),
     Key("agent.port", _int_between(1, 65535), "HTTP listen port, also registered with HOMER"),
-    Key("agent.host", _str, "host/IP that homer-app uses to reach the agent (required to register)"),
+    Key(
+        "agent.host",
+        _agent_host,
+        "host name or IP (no scheme, no port) that homer-app uses to reach the agent (required to register)",
+    ),
     Key("agent.path", _path_prefix, "path prefix registered with HOMER; homer-app calls {path}/{type}"),
     Key("agent.type", _name, "registered type"),
     Key("agent.node", _name, "registered node; the HOMER UI tab reads HEPSUB:<node>"),
@@ -545,7 +598,7 @@ KEYS: tuple[Key, ...] = (
         _int_between(16384, 64 * 1024 * 1024),
         "largest enrichment answer, bytes; past it, details are left out and said so",
     ),
-    Key("homer.url", _http_url, "homer-app base URL, e.g. http://homer:9080; empty: no registration"),
+    Key("homer.url", http_url, "homer-app base URL, e.g. http://homer:9080; empty: no registration"),
     Key("homer.token", _str, "HOMER Auth-Token (Preferences -> AUTH TOKEN)", secret=True),
     Key("homer.ttl", _int_between(10, 86400), "registration TTL in seconds, refreshed at 0.9 x ttl"),
     Key("homer.token_access", _bool, "homer-app has api_settings.enable_token_access: unregister with it"),
@@ -683,10 +736,24 @@ def _legacy_env(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
     values: dict[str, tuple[object, str]] = {
         key: (env[name], name) for name, key in LEGACY_ENV.items() if env.get(name)
     }
-    if env.get("HOMER_IP"):
-        port = env.get("HOMER_PORT") or "9080"
-        values["homer.url"] = (f"http://{env['HOMER_IP']}:{port}", "HOMER_IP/HOMER_PORT")
+    if env.get("HOMER_IP") and KEYS_BY_NAME["homer.url"].env not in env:  # else it is overridden
+        url = _legacy_homer_url(env["HOMER_IP"], env.get("HOMER_PORT") or "9080")
+        values["homer.url"] = (url, "HOMER_IP")
     return values
+
+
+def _legacy_homer_url(host: str, port: str) -> str:
+    """sipcapture's ``http://HOMER_IP:HOMER_PORT``, with an IPv6 address in brackets."""
+    try:
+        shown = _host(host)
+    except ValueError as exc:
+        problem = f"{exc}; HOMER_PORT takes the port, HEPSUB_HOMER_URL a full URL"
+        raise ConfigError("homer.url", problem, "HOMER_IP") from None
+    try:
+        number = _int_between(1, 65535)(port)
+    except ValueError as exc:
+        raise ConfigError("homer.url", f"the port {exc}", "HOMER_PORT") from None
+    return f"http://{shown}:{number}"
 
 
 def _build(raw: Mapping[str, tuple[object, str]]) -> Settings:
@@ -746,6 +813,14 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError("homer.token", "is required to register with HOMER (set HEPSUB_HOMER_TOKEN)")
     if bool(settings.homer.user) != bool(settings.homer.password):
         raise ConfigError("homer.password", "homer.user and homer.password go together")
+    site = settings.site
+    if site.keys and settings.apiban.mode == "check" and not (settings.detect.enabled and site.include_local):
+        raise ConfigError(
+            "site.keys",
+            "would serve nothing: apiban.mode = check holds no APIBAN list (every site route answers "
+            "503) and local detections are off (detect.enabled, site.include_local); "
+            "set apiban.mode = mirror",
+        )
 
 
 def require_apiban_key(settings: Settings) -> None:
@@ -754,3 +829,31 @@ def require_apiban_key(settings: Settings) -> None:
         raise ConfigError(
             "apiban.key", "is required (get one at https://apiban.org/getkey.html; set HEPSUB_APIBAN_KEY)"
         )
+
+
+def setting_warnings(settings: Settings) -> list[str]:
+    """Settings that work but are probably not what the operator meant: one line each, naming it."""
+    found = []
+    agent, homer_host = settings.agent.host, urlsplit(settings.homer.url).hostname or ""
+    if settings.homer.url and _is_loopback(agent) and not _is_loopback(homer_host):
+        found.append(
+            f"agent.host: {agent} is this machine's loopback address, registered with HOMER at "
+            f"{settings.homer.url}: homer-app reaches the agent by it only if it runs on this same "
+            "host, outside a container; set the address homer-app can reach"
+        )
+    if settings.site.keys and settings.apiban.mode == "check":
+        found.append(
+            "site.keys: apiban.mode = check holds no APIBAN list, so /api/KEY/banned, /api/KEY/check "
+            "and /ipset/KEY/list answer 503 'list not loaded yet' for as long as the agent runs; only "
+            "the CrowdSec decision stream serves (local detections); set apiban.mode = mirror to serve "
+            "the APIBAN list"
+        )
+    return found
+
+
+def _is_loopback(host: str) -> bool:
+    address = ip_of_host(host)
+    if address is not None:
+        return address.is_loopback
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")

@@ -40,22 +40,55 @@ def safe_text(value: object, limit: int = 200) -> str:
     return f"{text}...({cut:,} more)" if cut > 0 else text
 
 
+# A secret that is also an ordinary word ("mirror", "apiban", one letter) is masked only where it
+# stands as a value: a whole token right after one of these (a URL path segment or user part, a
+# key=value, a header or JSON value, a list item), or after a word that names a credential.
+_CREDENTIAL_WORDS = ("bearer", "key", "keys", "token", "password", "secret")
+_VALUE_BEFORE = "|".join(
+    [
+        r"""(?<=[/=:"'@\[,])""",
+        *(rf"(?<=\b{word}{sep})" for word in _CREDENTIAL_WORDS for sep in (r"\s", r":\s", "=")),
+    ]
+)
+_TOKEN_AFTER = r"(?![\w.-])"  # "." too: "apiban" in "https://apiban.org" is a host name
+_WORDLIKE = re.compile(r"[A-Za-z._-]*")
+DISTINCTIVE_LENGTH = 8
+
+
+def is_wordlike(secret: str) -> bool:
+    """Short, or letters and punctuation only: it may also occur in the agent's own words."""
+    return len(secret) < DISTINCTIVE_LENGTH or _WORDLIKE.fullmatch(secret) is not None
+
+
 class Redactor:
-    """Replaces known secret values in text; shared by the log filter and error messages."""
+    """Replaces known secret values in text; shared by the log filter and error messages.
+
+    A distinctive secret (a generated key or token) is masked wherever it occurs. A word-like one
+    is masked where it stands as a value, so that a site key "mirror" does not turn the start
+    line's "mode mirror" into "mode ***".
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: tuple[str, ...] = ()
+        self._distinctive: tuple[str, ...] = ()
+        self._wordlike: re.Pattern[str] | None = None
         self.add(*secrets)
 
     def add(self, *secrets: str) -> None:
         # Longest first, so a secret that contains another is masked whole.
         merged = {s for s in (*self._secrets, *secrets) if s}
         self._secrets = tuple(sorted(merged, key=len, reverse=True))
+        self._distinctive = tuple(s for s in self._secrets if not is_wordlike(s))
+        words = [re.escape(s) for s in self._secrets if is_wordlike(s)]
+        pattern = f"(?i:{_VALUE_BEFORE})(?:{'|'.join(words)}){_TOKEN_AFTER}"
+        self._wordlike = re.compile(pattern) if words else None
 
     def __call__(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in self._distinctive:
             if secret in text:
                 text = text.replace(secret, MASK)
+        if self._wordlike is not None:
+            text = self._wordlike.sub(MASK, text)
         return text
 
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 START_ID = "100"  # what every APIBAN client starts from ("arbitrary ID copied from reference source")
 ACTIVE_FOR = 7 * 86400  # APIBAN: an address is active for 7 days after it was last reported
+ESTIMATE_SLACK = 86400  # a first pull's oldest ID may be this much more than ACTIVE_FOR old
 # The weekly re-pull starts a day early: entries received in the previous full pull expire
 # 7 days after it, and a re-pull started at that moment would leave them unlisted until its
 # pages arrive again (a 20,000-entry pull takes ~16 minutes of budget).
@@ -405,16 +406,35 @@ class MirrorSync:
         self.standalone_reserve = 0
         # With a store, where each saved step goes too (shared_mirror.StoreLink, while it pulls).
         self.publish: Callable[[Mirror], Awaitable[None]] | None = None
+        # (ID, entries held) after the first page of the full pull under way: the estimate's base.
+        self._pull_mark: tuple[int, int] | None = None
 
     def progress(self, next_in: float) -> str:
         """One line on a full pull under way, for the log and the status page."""
         held = len(self.mirror.entries)
-        expected = self.mirror.last_full_entries
-        of = f" of ~{expected:,}" if expected else " so far"
+        expected = self.mirror.last_full_entries or self._estimate(held)
+        synced = f"{held:,} of ~{expected:,} addresses" if expected else f"{held:,} addresses so far"
         return (
-            f"APIBAN list: synced {held:,}{of} addresses ({self.status.pages} pages), "
+            f"APIBAN list: synced {synced} ({self.status.pages} pages), "
             f"{self._client.budget.used()} requests used in this window, next page in {next_in:.0f} s"
         )
+
+    def _estimate(self, held: int) -> int | None:
+        """The first pull's total, from the entries' ages: APIBAN gives no count.
+
+        IDs are the unix times of the entries, oldest first, over the last 7 days: the entries
+        pulled since the first page, per second of ID, times the seconds of ID still ahead.
+        None while that cannot be told (one page so far, or IDs that are not such times).
+        """
+        mark, cursor, now = self._pull_mark, self.mirror.cursor, self._wall_clock()
+        if mark is None or not is_plain_id(cursor):
+            return None
+        first_id, first_held = mark
+        position = int(cursor)
+        if not now - ACTIVE_FOR - ESTIMATE_SLACK <= first_id < position <= now or held <= first_held:
+            return None
+        per_second = (held - first_held) / (position - first_id)
+        return _two_digits(held + per_second * (now - position))
 
     def load_snapshot(self) -> None:
         try:
@@ -498,6 +518,8 @@ class MirrorSync:
         if page.end or page.next_id is None:
             return await self._caught_up(now, pulling)
         self.mirror.cursor = page.next_id
+        if pulling and (cursor == START_ID or self._pull_mark is None):
+            self._pull_mark = (int(page.next_id), len(self.mirror.entries))
         await self.save()
         return 0.0
 
@@ -597,3 +619,9 @@ class MirrorSync:
 def _agree(counts: list[int]) -> bool:
     """Whether full pull sizes are the same within ``SHRINK_AGREEMENT``."""
     return max(counts) - min(counts) <= SHRINK_AGREEMENT * max(counts)
+
+
+def _two_digits(value: float) -> int:
+    """An estimate shown as what it is: 5,312.7 -> 5,300."""
+    step = int(10 ** max(0, len(str(round(value))) - 2))
+    return round(value / step) * step

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
 CONNECT_TIMEOUT = 10.0
+LATE_REFUSAL_WAIT = 0.25  # seconds: an ICMP port unreachable comes back within a round trip
 
 _HEP3 = b"HEP3"
 _HEP3_HEADER = 6
@@ -633,11 +634,30 @@ async def _send_udp(packets: Sequence[bytes], host: str, port: int, target: str,
             except OSError as exc:
                 what = f"packet {number + 1} ({len(packet)} bytes)"
                 raise ReplayError(f"cannot send {what} to {target}: {exc.strerror or exc}") from None
+        if not refused:
+            refused += await _late_refusal(sock)
     if refused:
-        log.warning(
-            "%s refused %d datagrams (ICMP port unreachable): is a collector listening?", target, refused
+        raise ReplayError(
+            f"{target} refused the packets (ICMP port unreachable {refused} times while sending "
+            f"{len(packets)}): is a HEP collector listening there?"
         )
-    return len(packets) - refused
+    return len(packets)
+
+
+async def _late_refusal(sock: socket.socket) -> int:
+    """1 if the kernel reports a refusal of the last datagrams within a moment, else 0.
+
+    A refusal is reported on the socket's next operation: without this wait a file of one packet
+    sent to a port where nothing listens would count as sent.
+    """
+    try:
+        async with asyncio.timeout(LATE_REFUSAL_WAIT):
+            await asyncio.get_running_loop().sock_recv(sock, 1)
+    except ConnectionRefusedError:
+        return 1
+    except (TimeoutError, OSError):
+        pass
+    return 0
 
 
 async def _send_tcp(packets: Sequence[bytes], host: str, port: int, target: str, pacer: _Pacer) -> int:

@@ -194,5 +194,6 @@ async def test_bad_key_is_reported_without_the_key(
 
 
 def test_redactor_masks_every_secret_longest_first() -> None:
-    redact = Redactor(["abc", "abcdef"])
-    assert redact("GET /api/abcdef/check and abc") == "GET /api/***/check and ***"
+    redact = Redactor(["abc", "abcdef", "abc-12345", "abc-12345-6789"])
+    assert redact("GET /api/abcdef/check and /api/abc/check") == "GET /api/***/check and /api/***/check"
+    assert redact("GET /api/abc-12345-6789/banned, abc-12345") == "GET /api/***/banned, ***"

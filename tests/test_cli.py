@@ -32,17 +32,20 @@ from .conftest import (
     HOMER_PASSWORD,
     HOMER_TOKEN,
     HOMER_USER,
+    AgentFactory,
     ApibanPeer,
     HomerPeer,
     agent_env,
     assert_no_secret,
 )
+from .test_replay import eth_udp, pcap, synthetic_hep3
 
 T = TypeVar("T")
 CALL = "a84b4c76e66710@pc33.example.com"
 FIXTURE_IPS = ["192.168.1.10", "203.0.113.7"]  # homer.md §8, fixture 1
 CLEARED = ("HEPSUB_", "HOMER_")
 CLEARED_NAMES = frozenset({"PUBLIC_IP", "APIBAN_KEY"})
+HEP_FIXTURE = Path(__file__).parent / "fixtures" / "hep" / "heplify-server-decoder-test-hep3.hex"
 
 
 def child_env(settings: Mapping[str, str]) -> dict[str, str]:
@@ -56,11 +59,24 @@ def child_env(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def local_agent(tmp_path: Path, apiban: ApibanPeer, **settings: str) -> tuple[int, dict[str, str]]:
+    """A free port, and the environment of an agent serving on it on loopback."""
+    port = free_port()
+    env = agent_env(tmp_path, apiban, HEPSUB_AGENT_BIND="127.0.0.1", HEPSUB_AGENT_PORT=str(port), **settings)
+    return port, env
+
+
+async def ready(port: int) -> bool | None:
+    """True once the agent on ``port`` answers /readyz with 200 (in mirror mode: the list is in)."""
+    answer = await get_json(f"http://127.0.0.1:{port}/readyz")
+    return True if answer and answer[0] == 200 else None
 
 
 @dataclass(frozen=True)
@@ -209,17 +225,74 @@ async def test_check_prints_one_verdict_per_line_in_order(tmp_path: Path, apiban
     assert apiban.fake.request_count("check") == 2  # the private and the invalid one never go upstream
 
 
-async def test_check_with_apiban_down_answers_unknown(tmp_path: Path, apiban: ApibanPeer) -> None:
+def assert_one_line_reason(result: Result, code: int, reason: str) -> None:
+    assert result.code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"hepsub-apiban: {reason}"), lines[0]
+    result.assert_clean()
+
+
+async def test_check_with_apiban_down_answers_unknown_and_exits_1(tmp_path: Path, apiban: ApibanPeer) -> None:
     apiban.fake.add("1.2.3.4")
     apiban.fake.fail_status = 503
-    result = await run(["check", "1.2.3.4", "10.0.0.1"], agent_env(tmp_path, apiban), tmp_path)
-    assert result.code == 0, result.stderr
-    result.assert_clean()
+    ips = ["1.2.3.4", "10.0.0.1", "5.6.7.8"]
+    result = await run(["check", *ips], agent_env(tmp_path, apiban), tmp_path)
+    assert_one_line_reason(result, 1, "no APIBAN answer for 2 of 3 addresses: APIBAN answered 503")
     verdicts = [orjson.loads(line) for line in result.stdout.splitlines()]
     assert verdicts[0]["listed"] is None
     assert verdicts[0]["source"] == "unavailable"
     assert verdicts[1] == {"ip": "10.0.0.1", "listed": False, "source": "private"}
-    assert apiban.fake.request_count("check") >= 1
+    assert verdicts[2]["source"] == "unavailable"
+    assert verdicts[2]["reason"] == "not asked: APIBAN answered 503"
+    assert apiban.fake.request_count("check") == 1  # no more requests after the first failure
+
+
+async def test_check_with_apiban_unreachable_exits_1(tmp_path: Path) -> None:
+    env = agent_env(tmp_path, HEPSUB_APIBAN_URL=f"http://127.0.0.1:{free_port()}")
+    result = await run(["check", "1.2.3.4"], env, tmp_path)
+    assert_one_line_reason(result, 1, "no APIBAN answer for 1 of 1 addresses: APIBAN unreachable")
+
+
+async def test_check_with_a_refused_key_exits_2_naming_apiban_key(tmp_path: Path, apiban: ApibanPeer) -> None:
+    env = agent_env(tmp_path, apiban, HEPSUB_APIBAN_KEY="not-the-key-0000")
+    result = await run(["check", "1.2.3.4", "5.6.7.8"], env, tmp_path)
+    assert_one_line_reason(result, 2, "apiban.key: APIBAN refused the key (403)")
+    assert [orjson.loads(line)["source"] for line in result.stdout.splitlines()] == ["unavailable"] * 2
+    assert apiban.fake.request_count("check") == 1
+
+
+async def test_check_can_ask_a_running_agent_instead_of_apiban(
+    tmp_path: Path, apiban: ApibanPeer, agent: AgentFactory
+) -> None:
+    apiban.fake.add("1.2.3.4")
+    running_agent = await agent()  # check mode, against the APIBAN fake
+    url = str(running_agent.make_url("")).rstrip("/")
+    ips = ["1.2.3.4", "10.0.0.1", "nonsense"]
+    no_key = {"HEPSUB_STATE_DIR": str(tmp_path / "elsewhere")}  # no APIBAN key, no config
+    first = await run(["check", "--agent", url, *ips], no_key, tmp_path)
+    assert first.code == 0, first.stderr
+    verdicts = [orjson.loads(line) for line in first.stdout.splitlines()]
+    assert [(v["ip"], v["listed"], v["source"]) for v in verdicts] == [
+        ("1.2.3.4", True, "check"),
+        ("10.0.0.1", False, "private"),
+        ("nonsense", None, "invalid"),
+    ]
+    again = await run(["check", "--agent", url, "1.2.3.4"], no_key, tmp_path)
+    assert again.code == 0, again.stderr
+    assert orjson.loads(again.stdout)["source"] == "cache"  # the agent's cache: no new APIBAN request
+    assert apiban.fake.request_count("check") == 1
+
+    apiban.fake.fail_status = 503
+    failed = await run(["check", "--agent", url, "5.6.7.8"], no_key, tmp_path)
+    assert_one_line_reason(failed, 1, "no APIBAN answer for 1 of 1 addresses: APIBAN answered 503")
+
+
+async def test_check_with_no_agent_at_the_url_exits_1(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = await run(["check", "--agent", url, "1.2.3.4"], {}, tmp_path)
+    assert_one_line_reason(result, 1, f"cannot ask the agent at {url}: ")
+    assert result.stdout == ""
 
 
 # --------------------------------------------------------------------------- user mistakes
@@ -240,8 +313,22 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
     if name == "no-apiban-key":
         env.pop("HEPSUB_APIBAN_KEY")
         return ["serve"], env
+    homer = {"HEPSUB_HOMER_URL": "http://127.0.0.1:9", "HEPSUB_HOMER_TOKEN": HOMER_TOKEN}
+    if name.startswith("agent-host="):
+        return ["serve"], {**env, **homer, "PUBLIC_IP": name.removeprefix("agent-host=")}
+    if name.startswith("homer-ip="):
+        legacy = {
+            "HOMER_IP": name.removeprefix("homer-ip="),
+            "HOMER_TOKEN": HOMER_TOKEN,
+            "PUBLIC_IP": "10.0.0.20",
+        }
+        return ["serve"], {**env, **legacy}
+    if name == "check-agent-without-scheme":
+        return ["check", "--agent", "127.0.0.1:18088", "1.2.3.4"], env
+    if name == "site-keys-with-nothing-to-serve":
+        return ["serve"], {**env, "HEPSUB_SITE_KEYS": "a-site-key-1234", "HEPSUB_DETECT_ENABLED": "false"}
     assert name == "homer-without-agent-host"
-    return ["serve"], {**env, "HEPSUB_HOMER_URL": "http://127.0.0.1:9", "HEPSUB_HOMER_TOKEN": HOMER_TOKEN}
+    return ["serve"], {**env, **homer}
 
 
 @pytest.mark.parametrize(
@@ -253,6 +340,14 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
         ("missing-config-file", "--config"),
         ("no-apiban-key", "apiban.key"),
         ("homer-without-agent-host", "agent.host"),
+        # Each of these would be registered, and a bad registered address breaks HOMER's tab.
+        ("agent-host=http://10.0.0.20", "agent.host"),
+        ("agent-host=10.0.0.20:18088", "agent.host"),
+        ("agent-host=0.0.0.0", "agent.host"),
+        ("agent-host=agent host", "agent.host"),
+        ("site-keys-with-nothing-to-serve", "site.keys"),
+        ("check-agent-without-scheme", "--agent"),
+        ("homer-ip=http://10.0.0.10", "homer.url"),  # was registered with http://http://10.0.0.10:9080
     ],
 )
 async def test_config_mistakes_exit_2_with_one_line(tmp_path: Path, case: str, setting: str) -> None:
@@ -284,6 +379,40 @@ async def test_hep_port_in_use_exits_2_and_registers_nothing(
         result = await run(["serve"], env, tmp_path, within=10.0)
     assert_one_line_error(result, "hep.udp")
     assert homer.fake.subscriptions == []
+
+
+WARNED = {
+    "agent.host": (
+        {
+            "HEPSUB_HOMER_URL": "http://192.0.2.10:9080",  # TEST-NET: never answers
+            "HEPSUB_HOMER_TOKEN": HOMER_TOKEN,
+            "HEPSUB_HOMER_TIMEOUT": "0.5",
+            "PUBLIC_IP": "127.0.0.1",
+        },
+        "agent.host: 127.0.0.1 is this machine's loopback address, registered with HOMER at http://192.0.2.10:9080",
+    ),
+    # Check mode holds no list: the site routes would answer 503 forever (the stream still serves).
+    "site.keys": (
+        {"HEPSUB_SITE_KEYS": "a-site-key-1234"},
+        "site.keys: apiban.mode = check holds no APIBAN list",
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(WARNED))
+async def test_a_setting_that_is_probably_a_mistake_is_one_warning_line_naming_it(
+    tmp_path: Path, apiban: ApibanPeer, setting: str
+) -> None:
+    settings, expected = WARNED[setting]
+    port, env = local_agent(tmp_path, apiban, **settings)
+    async with running(["serve"], env, tmp_path) as child:
+        await child.until(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), within=5.0)
+        result = await child.stop()
+    assert result.code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"hepsub_apiban: {expected}" in warnings[0]
+    result.assert_clean()
 
 
 # --------------------------------------------------------------------------- serve
@@ -350,6 +479,40 @@ async def test_serve_registers_enriches_and_unregisters(
     assert homer.fake.deletions.count((agent_uuid, 200)) == 2
 
 
+async def test_site_keys_that_are_ordinary_words_leave_the_log_readable(
+    tmp_path: Path, apiban: ApibanPeer
+) -> None:
+    port, env = local_agent(tmp_path, apiban, HEPSUB_APIBAN_MODE="mirror", HEPSUB_SITE_KEYS="apiban,mirror,a")
+    async with running(["serve", "--log-level", "debug"], env, tmp_path) as child:
+        answer = await child.until(lambda: get_json(f"http://127.0.0.1:{port}/api/mirror/banned"), within=5.0)
+        assert answer[0] in {200, 400, 503}, answer  # the key is taken: not APIBAN's 403
+        result = await child.stop()
+    assert result.code == 0, result.stderr
+    start = next(line for line in result.stderr.splitlines() if " listening on " in line)
+    assert f"hepsub-apiban {__version__} listening on 127.0.0.1:{port}; mode mirror, " in start
+    assert "***" not in result.stderr, result.stderr
+
+
+async def test_the_first_pull_logs_its_progress_against_an_estimated_total(
+    tmp_path: Path, apiban: ApibanPeer
+) -> None:
+    week, count = 7 * 86400, 1000
+    now = int(time.time())
+    for n in range(count):  # IDs are the entries' times, spread over APIBAN's 7 days as in life
+        apiban.fake.add(f"45.1.{n // 250}.{n % 250}", now - week + (n + 1) * week // count)
+    # Two pages a second (one request of each window is kept for checks).
+    port, env = local_agent(tmp_path, apiban, HEPSUB_APIBAN_MODE="mirror", HEPSUB_APIBAN_RATE_LIMIT="3/1")
+    async with running(["serve"], env, tmp_path) as child:
+        await child.until(lambda: ready(port), within=10.0)
+        result = await child.stop()
+    assert result.code == 0, result.stderr
+    progress = [
+        line.split(": ", 1)[1] for line in result.stderr.splitlines() if "APIBAN list: synced" in line
+    ]
+    assert progress, result.stderr
+    assert progress[0].startswith("APIBAN list: synced 500 of ~1,000 addresses (2 pages), "), progress
+
+
 async def test_json_logs_start_with_a_line_that_says_what_the_agent_does(
     tmp_path: Path, apiban: ApibanPeer, homer: HomerPeer
 ) -> None:
@@ -358,12 +521,7 @@ async def test_json_logs_start_with_a_line_that_says_what_the_agent_does(
     env = {**serve_env(tmp_path, apiban, homer, port), "HEPSUB_APIBAN_MODE": "mirror"}
     async with running(["serve", "--log-format", "json", "--log-level", "info"], env, tmp_path) as child:
         await _registered(child, homer, 1)
-
-        async def loaded() -> bool | None:
-            answer = await get_json(f"http://127.0.0.1:{port}/readyz")
-            return True if answer and answer[0] == 200 else None
-
-        await child.until(loaded, within=10.0)
+        await child.until(lambda: ready(port), within=10.0)
         result = await child.stop()
     assert result.code == 0
     entries = [orjson.loads(line) for line in result.stderr.splitlines()]
@@ -404,6 +562,45 @@ async def test_serve_keeps_serving_when_homer_is_unreachable(tmp_path: Path, api
         result = await child.stop(within=10.0)
     assert result.code == 0, result.stderr
     result.assert_clean()
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def nine_packet_capture(tmp_path: Path) -> Path:
+    capture = tmp_path / "nine.pcap"
+    packets = [synthetic_hep3(f"OPTIONS sip:{n}@example.com SIP/2.0\r\n\r\n".encode()) for n in range(9)]
+    capture.write_bytes(pcap([eth_udp(packet) for packet in packets]))
+    return capture
+
+
+async def test_replay_exits_0_and_counts_what_a_listening_collector_got(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as collector:
+        collector.bind(("127.0.0.1", 0))
+        collector.settimeout(5.0)
+        target = f"udp:127.0.0.1:{collector.getsockname()[1]}"
+        result = await run(["replay", str(nine_packet_capture(tmp_path)), "--to", target], {}, tmp_path)
+        received = [collector.recv(65535) for _ in range(9)]
+    assert result.code == 0, result.stderr
+    assert result.stdout.startswith(f"sent 9 HEP packets from 1 file to {target} in "), result.stdout
+    assert all(packet.startswith(b"HEP3") for packet in received)
+
+
+@pytest.mark.parametrize("packets", ["nine-packet capture", "one-packet hex file"])
+async def test_replay_to_a_udp_port_where_nothing_listens_exits_2_with_one_line(
+    tmp_path: Path, packets: str
+) -> None:
+    source = nine_packet_capture(tmp_path) if packets.startswith("nine") else HEP_FIXTURE
+    target = f"udp:127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+    result = await run(["replay", str(source), "--to", target], {}, tmp_path)
+    assert result.code == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"hepsub-apiban: {target} refused the packets (ICMP port unreachable"), lines[
+        0
+    ]
+    assert lines[0].endswith("is a HEP collector listening there?")
 
 
 # --------------------------------------------------------------------------- demo and argparse

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hepsub_apiban import config
 from hepsub_apiban.config import KEYS, Address, ConfigError, RateLimit, Settings, load_settings
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "hepsub-apiban.toml"
@@ -120,6 +121,38 @@ def test_homer_port_defaults_to_9080_like_the_sipcapture_container() -> None:
 
 
 @pytest.mark.parametrize(
+    ("homer_ip", "homer_port", "url"),
+    [
+        ("2001:db8::10", "", "http://[2001:db8::10]:9080"),
+        ("[2001:db8::10]", "80", "http://[2001:db8::10]:80"),
+        ("homer-webapp", "80", "http://homer-webapp:80"),
+    ],
+)
+def test_legacy_homer_ip_makes_a_working_url(homer_ip: str, homer_port: str, url: str) -> None:
+    env = {"HOMER_IP": homer_ip, "HOMER_PORT": homer_port, "PUBLIC_IP": "a", "HOMER_TOKEN": "t"}
+    assert load_settings(None, env).homer.url == url
+
+
+@pytest.mark.parametrize(
+    ("homer_ip", "homer_port", "origin"),
+    [
+        ("http://10.0.0.10", "", "HOMER_IP"),  # was http://http://10.0.0.10:9080
+        ("10.0.0.10:9080", "", "HOMER_IP"),
+        ("10.0.0.10", "http", "HOMER_PORT"),
+        ("10.0.0.10", "0", "HOMER_PORT"),
+    ],
+)
+def test_legacy_homer_ip_mistakes_name_homer_url_and_the_variable(
+    homer_ip: str, homer_port: str, origin: str
+) -> None:
+    env = {"HOMER_IP": homer_ip, "HOMER_PORT": homer_port, "PUBLIC_IP": "a", "HOMER_TOKEN": "t"}
+    with pytest.raises(ConfigError, match=rf"^homer\.url: .*\(from {origin}\)$"):
+        load_settings(None, env)
+    # HEPSUB_HOMER_URL wins over the legacy names, so their mistakes do not matter then.
+    assert load_settings(None, {**env, "HEPSUB_HOMER_URL": "http://h:1"}).homer.url == "http://h:1"
+
+
+@pytest.mark.parametrize(
     ("env", "setting"),
     [
         ({"HEPSUB_AGENT_PORT": "http"}, "agent.port"),
@@ -138,6 +171,15 @@ def test_homer_port_defaults_to_9080_like_the_sipcapture_container() -> None:
         ({"HEPSUB_HEP_UDP": "9060"}, "hep.udp"),
         ({"HEPSUB_ALLOW_CIDRS": "10.0.0.0/8,nope"}, "allow.cidrs"),
         ({"HEPSUB_HOMER_TOKEN_ACCESS": "maybe"}, "homer.token_access"),
+        ({"PUBLIC_IP": "http://10.0.0.20"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "https://agent.example.com"}, "agent.host"),
+        ({"PUBLIC_IP": "10.0.0.20:18088"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "agent.example.com:18088"}, "agent.host"),
+        ({"PUBLIC_IP": "0.0.0.0"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "::"}, "agent.host"),
+        ({"PUBLIC_IP": "agent host"}, "agent.host"),
+        ({"PUBLIC_IP": "10.0.0.256"}, "agent.host"),
+        ({"HEPSUB_AGENT_HOST": "agent/get"}, "agent.host"),
     ],
 )
 def test_bad_values_name_the_setting_and_origin(env: dict[str, str], setting: str) -> None:
@@ -185,3 +227,43 @@ def test_example_config_documents_every_key_and_loads_to_the_defaults() -> None:
         assert f"{name} =" in text or f"# {name} =" in text, key.name
         assert key.env in text, key.env
     assert load_settings(EXAMPLE, {}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("given", "registered"),
+    [
+        ("10.0.0.20", "10.0.0.20"),
+        ("agent.example.com", "agent.example.com"),
+        ("hepsub_apiban", "hepsub_apiban"),  # a compose service name
+        ("2001:db8::20", "[2001:db8::20]"),  # homer-app builds http://{host}:{port}
+        ("[2001:DB8::20]", "[2001:db8::20]"),
+    ],
+)
+def test_agent_host_is_registered_as_homer_app_builds_its_url(given: str, registered: str) -> None:
+    settings = load_settings(None, {"PUBLIC_IP": given})
+    assert settings.agent.host == registered
+    assert config.setting_warnings(settings) == []
+
+
+def test_loopback_agent_host_is_a_warning_only_for_a_homer_elsewhere() -> None:
+    token = {"HEPSUB_HOMER_TOKEN": "t"}
+    remote = load_settings(
+        None, {**token, "PUBLIC_IP": "localhost", "HEPSUB_HOMER_URL": "http://10.0.0.10:9080"}
+    )
+    assert [line.split(":")[0] for line in config.setting_warnings(remote)] == ["agent.host"]
+    local = load_settings(
+        None, {**token, "PUBLIC_IP": "127.0.0.1", "HEPSUB_HOMER_URL": "http://127.0.0.1:9080"}
+    )
+    assert config.setting_warnings(local) == []
+    unregistered = load_settings(None, {"PUBLIC_IP": "127.0.0.1"})
+    assert config.setting_warnings(unregistered) == []
+
+
+def test_site_keys_in_check_mode_serve_local_detections_only_or_nothing() -> None:
+    keys = {"HEPSUB_SITE_KEYS": "a-site-key-1234", "HEPSUB_APIBAN_MODE": "check"}
+    streamed = load_settings(None, keys)
+    assert [line.split(":")[0] for line in config.setting_warnings(streamed)] == ["site.keys"]
+    assert config.setting_warnings(load_settings(None, {**keys, "HEPSUB_APIBAN_MODE": "mirror"})) == []
+    for off in ({"HEPSUB_DETECT_ENABLED": "false"}, {"HEPSUB_SITE_INCLUDE_LOCAL": "false"}):
+        with pytest.raises(ConfigError, match=r"^site\.keys: would serve nothing"):
+            load_settings(None, {**keys, **off})

@@ -340,3 +340,31 @@ async def test_until_the_list_is_in_lookups_fall_back_to_check(
     assert apiban.fake.request_count("check") == 1
     listed = await (await client.get("/api/v1/check/1.2.3.4")).json()
     assert listed["source"] == "mirror"  # a partial list already answers "listed" for sure
+
+
+def spread_over_the_last_week(rig: Rig, count: int) -> None:
+    """``count`` entries with IDs evenly spread over APIBAN's 7 days, as a real list has them."""
+    step = ACTIVE_FOR / count
+    for n, ip in enumerate(ips(count)):
+        rig.fake.add(ip, int(rig.clock.now - ACTIVE_FOR + (n + 1) * step))
+
+
+async def test_first_pull_progress_carries_an_estimate_from_the_entries_ages(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    spread_over_the_last_week(rig, 3000)
+    caplog.set_level("INFO", logger="hepsub_apiban.mirror")
+    await rig.run_until(lambda: rig.sync.mirror.loaded)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("APIBAN list: synced")]
+    # 10 pages in the first window (one request kept for checks), then the wait is logged.
+    assert progress[0].startswith("APIBAN list: synced 2,500 of ~3,000 addresses (10 pages), "), progress
+
+
+async def test_progress_says_so_far_when_ids_are_not_recent_times(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.fake.add_many(ips(3000), start_ts=int(rig.clock.now - 30 * DAY))  # IDs a month old: no estimate
+    caplog.set_level("INFO", logger="hepsub_apiban.mirror")
+    await rig.run_until(lambda: rig.sync.mirror.loaded)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("APIBAN list: synced")]
+    assert progress[0].startswith("APIBAN list: synced 2,500 addresses so far (10 pages), "), progress
