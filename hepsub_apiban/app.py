@@ -70,6 +70,7 @@ from .site_api import SiteApi
 from .state import ensure_state_dir, load_or_create_uuid
 from .store import STORE_FAILURES
 from .timing import Sleep
+from .trouble import FailureRun
 from .web import allow_from, json_errors, setup_routes
 from .workers import WorkerPool
 
@@ -168,6 +169,7 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
             mirror=sync.mirror if sync else None,
             clock=clocks.monotonic,
             wall_clock=clocks.wall,
+            trouble=None if sync else FailureRun("APIBAN lookups", log, clock=clocks.monotonic),
         )
         app[APIBAN] = client
         app[LOOKUPS] = lookups
@@ -429,4 +431,19 @@ def startup_summary(app: web.Application) -> str:
     hep = "HEP on " + ", ".join(listeners) if listeners else "no HEP listener"
     if isinstance(collector, WorkerPool) and listeners:
         hep += f" ({len(collector.slots)} worker processes)"
-    return f"{lookups}; {registration}; {hep}"
+    return f"{lookups}; {registration}; {hep}; {_site_summary(settings)}"
+
+
+def _site_summary(settings: Settings) -> str:
+    keys = len(settings.site.keys)
+    if not keys:
+        return "no site API (site.keys is empty)"
+    local = settings.detect.enabled and settings.site.include_local
+    if settings.apiban.mode == "check":
+        served = "local detections only"
+    else:
+        served = "the APIBAN list" + (" and local detections" if local else "")
+    return (
+        f"site API for {keys} key{'s' if keys > 1 else ''} on /api/{{key}}/banned and "
+        f"/v1/decisions/stream, serving {served}"
+    )

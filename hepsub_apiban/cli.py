@@ -32,7 +32,7 @@ from .hep_worker import tune_gc
 from .httpserver import BACKLOG, CappedSite
 from .jsonutil import BodyTooLarge, read_capped
 from .keys import REFUSALS, SETTINGS
-from .logs import Redactor, safe_text, setup_logging
+from .logs import FIRST_LINE, Redactor, StartupHold, safe_text, setup_logging
 from .lookups import LookupService, Verdict
 from .ratelimit import Budget
 
@@ -125,12 +125,17 @@ def bind_socket(settings: Settings) -> socket.socket:
 
 def _serve(settings: Settings) -> int:
     redactor = Redactor(settings.secrets())
-    setup_logging(settings.log.level, redactor, settings.log.format)
-    for line in setting_warnings(settings):
-        log.warning("%s", line)
-    sock = bind_socket(settings)
-    app = create_app(settings, redactor=redactor)
-    run(serve_app(app, sock))
+    # The start line comes first, the warnings about the settings right after it: what the
+    # snapshot load, the sync and the registration log while starting waits until then.
+    hold = StartupHold(setup_logging(settings.log.level, redactor, settings.log.format))
+    try:
+        for line in setting_warnings(settings):
+            log.warning("%s", line)
+        sock = bind_socket(settings)
+        app = create_app(settings, redactor=redactor)
+        run(serve_app(app, sock, hold))
+    finally:
+        hold.release()  # a start that failed loses nothing it logged
     return 0
 
 
@@ -143,7 +148,7 @@ def run(main: Coroutine[Any, Any, _T]) -> _T:
     return uvloop.run(main)
 
 
-async def serve_app(app: web.Application, sock: socket.socket) -> None:
+async def serve_app(app: web.Application, sock: socket.socket, hold: StartupHold | None = None) -> None:
     """Serve on an already bound socket until SIGINT or SIGTERM, then shut down in order."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     try:
@@ -158,7 +163,16 @@ async def serve_app(app: web.Application, sock: socket.socket) -> None:
         # full collections over the agent's whole heap (50-70 ms, on a core a worker needs).
         tune_gc()
     host, port = sock.getsockname()[:2]
-    log.info("hepsub-apiban %s listening on %s:%s; %s", __version__, host, port, startup_summary(app))
+    log.info(
+        "hepsub-apiban %s listening on %s:%s; %s",
+        __version__,
+        host,
+        port,
+        startup_summary(app),
+        extra=FIRST_LINE,
+    )
+    if hold is not None:
+        hold.release()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

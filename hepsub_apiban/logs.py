@@ -125,8 +125,44 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def setup_logging(level: str, redactor: Redactor, fmt: str = "text") -> None:
-    """One stderr handler, redacting, on the root logger; idempotent."""
+FIRST_LINE = {"first_line": True}  # ``extra`` of the line StartupHold lets through at once
+
+
+class StartupHold(logging.Filter):
+    """Holds a handler's records back while the agent starts, so that the line saying what the
+    agent does comes first and the start-up warnings right after it, whatever logged meanwhile.
+
+    The start line is logged with ``extra=FIRST_LINE``; ``release`` then lets the held records
+    through in their order. Bounded: past ``MAX_HELD`` records the hold ends by itself.
+    """
+
+    MAX_HELD = 1000
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self._handler = handler
+        self._held: list[logging.LogRecord] = []
+        self._holding = True
+        handler.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._holding or getattr(record, "first_line", False):
+            return True
+        self._held.append(record)
+        if len(self._held) >= self.MAX_HELD:
+            self.release()
+        return False
+
+    def release(self) -> None:
+        """Emit what was held and stop holding; idempotent (a failed start releases too)."""
+        self._holding = False
+        held, self._held = self._held, []
+        for record in held:
+            self._handler.handle(record)
+
+
+def setup_logging(level: str, redactor: Redactor, fmt: str = "text") -> logging.Handler:
+    """One stderr handler, redacting, on the root logger; idempotent. Returns the handler."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_hepsub", False):
@@ -142,3 +178,4 @@ def setup_logging(level: str, redactor: Redactor, fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log line per request drowns the useful lines at info level.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple, Protocol
 from cachetools import TLRUCache
 
 from .addresses import Addr, NetworkSet, is_non_routable, parse_ip
-from .apiban import ApibanClient, ApibanError
+from .apiban import ApibanClient, ApibanError, BudgetSpent
+from .trouble import FailureRun
 
 # Verdicts are built for every IP of every enrichment; see addresses._tuple_new.
 _tuple_new = tuple.__new__
@@ -86,8 +87,11 @@ class LookupService:
         mirror: ListSource | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        trouble: FailureRun | None = None,
     ) -> None:
         self._client = client
+        # Check mode's outages, logged as they start, go on and end (the sync logs mirror mode's).
+        self._trouble = trouble
         self._allow = allow
         self._has_allow = len(allow) > 0
         self._policy = cache
@@ -239,7 +243,12 @@ class LookupService:
         try:
             answer = await self._client.check(ip, reserve)
         except ApibanError as exc:
+            # A budget spent here is this agent's own pacing, not APIBAN's trouble.
+            if self._trouble is not None and not isinstance(exc, BudgetSpent):
+                self._trouble.failed(str(exc), "lookups answer listed: null meanwhile")
             return Verdict(ip, None, "unavailable", reason=str(exc))
+        if self._trouble is not None:
+            self._trouble.succeeded()
         now = int(self._wall_clock())
         verdict = Verdict(ip, answer.listed, "check", answer.id, now if answer.listed else None)
         self._cache[ip] = verdict

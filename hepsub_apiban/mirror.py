@@ -49,6 +49,7 @@ from .jsonutil import loads_object
 from .lookups import Verdict
 from .state import atomic_write
 from .timing import Sleep
+from .trouble import FailureRun
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +409,7 @@ class MirrorSync:
         self.publish: Callable[[Mirror], Awaitable[None]] | None = None
         # (ID, entries held) after the first page of the full pull under way: the estimate's base.
         self._pull_mark: tuple[int, int] | None = None
+        self._trouble = FailureRun("APIBAN list sync", log, clock=wall_clock)
 
     def progress(self, next_in: float) -> str:
         """One line on a full pull under way, for the log and the status page."""
@@ -503,8 +505,7 @@ class MirrorSync:
             page = await self._client.banned(cursor)
         except ApibanError as exc:
             return self._failed(exc)
-        if self.status.consecutive_failures:
-            log.info("APIBAN list sync resumed at ID %s", cursor)
+        self._trouble.succeeded(f"resumed at ID {cursor}")
         self.status.consecutive_failures = 0
         self.status.pages += 1
         held = self.mirror.add(page.ips, page.next_id or cursor, now)
@@ -591,10 +592,7 @@ class MirrorSync:
             return max(self._client.budget.wait_time(), 0.001)
         self.status.state = "failing"
         self.status.consecutive_failures += 1
-        if self.status.consecutive_failures == 1:
-            log.warning(
-                "APIBAN list sync paused at ID %s: %s", self.mirror.cursor, self._client.last_error_text()
-            )
+        self._trouble.failed(self._client.last_error_text(), f"paused at ID {self.mirror.cursor}")
         if isinstance(exc, RateLimited):
             return max(self._client.budget.wait_time(), 1.0)
         if isinstance(exc, BadKey):

@@ -3,8 +3,8 @@
 homer-app has no refresh call: re-POSTing the same uuid replaces the row and every subscribe
 also purges expired rows of all agents (which otherwise break the HEPSUB tab for everyone), so
 registering promptly and refreshing well before ``ttl`` matters for every agent on the HOMER.
-Failures are retried with capped exponential backoff and jitter; the HOMER message is logged
-once per change, not once per attempt.
+Failures are retried with capped exponential backoff and jitter; a run of failures is logged as
+state changes (failing, still failing every few minutes, recovered), not once per attempt.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .config import Settings
 from .jsonutil import BodyTooLarge, loads_object, read_capped
 from .logs import Redactor, safe_text
 from .timing import Sleep
+from .trouble import FailureRun
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ class Registrar:
         self._sleep = sleep
         self._jitter = jitter
         self._timeout = aiohttp.ClientTimeout(total=settings.homer.timeout)
-        self._logged: tuple[int | None, str] | None = None
+        self._trouble = FailureRun("HOMER registration", log, clock=wall_clock)
+        self._login_checked = False
+        self._login_refused: str | None = None  # homer-app's reason, once it refused homer.user's login
         self.status = RegistrationStatus()
 
     def body(self) -> dict[str, Any]:
@@ -101,6 +104,8 @@ class Registrar:
         """Register now, then keep the registration alive until cancelled."""
         while True:
             ok = await self.register_once()
+            if ok:
+                await self.check_login()
             delay = self.next_delay(ok)
             self.status.next_attempt = self._wall_clock() + delay
             await self._sleep(delay)
@@ -136,6 +141,7 @@ class Registrar:
 
     def _succeeded(self, raw: bytes) -> bool:
         now = self._wall_clock()
+        first = self.status.last_success is None
         self.status.state = "registered"
         self.status.failures = 0
         self.status.last_success = now
@@ -143,9 +149,8 @@ class Registrar:
         self.status.last_message = _message(raw) or "registered"
         expire = _expire_ts(raw)
         self.status.expires_at = expire if expire is not None else now + self._homer.ttl
-        self._log_change(
-            201,
-            logging.INFO,
+        recovered = self._trouble.succeeded()
+        (log.info if first or recovered else log.debug)(
             "registered with HOMER at %s as node %r type %r (uuid %s), refreshing every %.0f s",
             self._homer.url,
             self._agent.node,
@@ -161,23 +166,18 @@ class Registrar:
         self.status.failures += 1
         self.status.last_status = status
         self.status.last_message = message
-        self._log_change(
-            status,
-            logging.WARNING,
-            "HOMER registration failed (%s): %s; retrying with backoff",
-            status if status is not None else "no answer",
-            message,
-            detail=message,
-        )
+        said = f"({status if status is not None else 'no answer'}) {message}{_hint(status, message)}"
+        if not self._trouble.failed(said, "retrying with backoff"):
+            log.debug("HOMER registration failed %s", said)
         return False
 
-    def _log_change(self, status: int | None, level: int, fmt: str, *args: object, detail: str = "") -> None:
-        key = (status, detail)
-        if key != self._logged:
-            log.log(level, fmt, *args)
-            self._logged = key
-        else:
-            log.debug(fmt, *args)
+    async def check_login(self) -> None:
+        """Try homer.user's login once, at the first registration, so a wrong homer.password is
+        one warning at start rather than a surprise at shutdown (it is used only there)."""
+        if self._login_checked or self._homer.token_access or not self._homer.user:
+            return
+        self._login_checked = True
+        await self._delete_headers(at_shutdown=False)
 
     async def unregister(self) -> bool:
         """Remove the row at shutdown, where homer-app lets an agent do it.
@@ -189,10 +189,15 @@ class Registrar:
             return False
         headers = await self._delete_headers()
         if headers is None:
+            why = (
+                f"HOMER refused homer.user {self._homer.user!r}'s login: check homer.password"
+                if self._login_refused is not None
+                else "set homer.user/homer.password or homer.token_access to remove it at shutdown"
+            )
             log.info(
-                "HOMER keeps this agent's registration until it expires in %.0f s "
-                "(set homer.user/homer.password or homer.token_access to remove it at shutdown)",
+                "HOMER keeps this agent's registration until it expires in %.0f s (%s)",
                 max(0.0, (self.status.expires_at or 0) - self._wall_clock()),
+                why,
             )
             return False
         url = f"{self._homer.url}/api/v3/agent/subscribe/{self.uuid}"
@@ -209,25 +214,52 @@ class Registrar:
         log.info("unregistered from HOMER (uuid %s)", self.uuid)
         return True
 
-    async def _delete_headers(self) -> dict[str, str] | None:
+    async def _delete_headers(self, *, at_shutdown: bool = True) -> dict[str, str] | None:
         if self._homer.token_access:
             return {"Auth-Token": self._homer.token}
         if not self._homer.user:
             return None
         credentials = {"username": self._homer.user, "password": self._homer.password}
+        status: int | None = None
+        raw = b""
         try:
             async with self._session.post(
                 f"{self._homer.url}/api/v3/auth", json=credentials, timeout=self._timeout
             ) as response:
-                ok = response.status == 201
-                body = orjson.loads(await read_capped(response, MAX_ANSWER_BYTES)) if ok else None
-        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, BodyTooLarge):
-            body = None
-        token = body.get("token") if isinstance(body, dict) else None
-        if not isinstance(token, str) or not token:
+                status, raw = response.status, await read_capped(response, MAX_ANSWER_BYTES)
+        except (TimeoutError, aiohttp.ClientError, BodyTooLarge):
+            status = None
+        body = loads_object(raw) if status == 201 else None
+        token = body.get("token") if body is not None else None
+        if isinstance(token, str) and token:
+            self._login_refused = None
+            return {"Authorization": f"Bearer {token}"}
+        if status in (400, 401, 403):
+            # homer-app said no to these credentials (not merely unreachable): name the setting.
+            reason = self._redact(_message(raw) or f"HTTP {status}")
+            if self._login_refused is None:
+                log.warning(
+                    "HOMER refused the login of homer.user %r (%s: %s): check homer.password; "
+                    "without that login the registration stays in HOMER until its ttl runs out "
+                    "after shutdown",
+                    self._homer.user,
+                    status,
+                    reason,
+                )
+            self._login_refused = reason
+        elif at_shutdown:
             log.warning("could not log in to HOMER as %r to unregister", self._homer.user)
-            return None
-        return {"Authorization": f"Bearer {token}"}
+        return None
+
+
+def _hint(status: int | None, message: str) -> str:
+    """The setting to look at when homer-app refused the Auth-Token (homer.md: a 400 naming it)."""
+    if status is not None and "auth_token" in message.lower().replace("-", "_"):
+        return (
+            " (check homer.token: HOMER -> Preferences -> AUTH TOKEN; "
+            "homer.user and homer.password do not register)"
+        )
+    return ""
 
 
 def _message(raw: bytes) -> str:

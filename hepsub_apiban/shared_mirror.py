@@ -40,6 +40,7 @@ from .mirror import Mirror, MirrorSync
 from .ratelimit import Budget
 from .shared_budget import SharedBudget
 from .store import SCHEMA, STORE_FAILURES, Lease, Store
+from .trouble import FailureRun
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ class StoreLink:
         self._wall_clock = wall_clock
         self._monotonic = monotonic
         self._down_since: float | None = None  # monotonic: when the store stopped answering
+        self._trouble = FailureRun(f"store {settings.shown}", log, clock=monotonic)
         self._alone: asyncio.Task[None] | None = None  # the sync run without the store (ALONE_AFTER)
         self.status = StoreStatus()
         self.store: Store | None = None
@@ -296,6 +298,7 @@ class StoreLink:
                 await self._stop_pulling_alone()
                 self.status.connected = True
                 self.status.last_error = None
+                self._trouble.succeeded()
                 self.status.next_attempt = None
                 for callback in self._on_connected:
                     callback(self.store)
@@ -314,8 +317,7 @@ class StoreLink:
 
     def _failed(self, exc: BaseException) -> None:
         words = self._redact(str(exc) or type(exc).__name__)
-        if self.status.connected or self.status.last_error is None:
-            log.warning("store %s: %s; serving from memory, retrying", self._settings.shown, words)
+        self._trouble.failed(words, "serving from memory, retrying")
         if self.status.role == "follower" and self._budget is not None:
             # On its own now: its checks may go out once the puller's requests have aged out.
             self._budget.shut_for(self._budget.limit.window)

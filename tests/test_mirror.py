@@ -30,6 +30,7 @@ from hepsub_apiban.mirror import (
     snapshot_source,
 )
 from hepsub_apiban.ratelimit import Budget
+from hepsub_apiban.trouble import duration
 
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock, drive_agent_sync
 
@@ -132,6 +133,38 @@ async def test_outage_mid_pull_keeps_progress_and_backs_off(rig: Rig) -> None:
     await rig.run_until(lambda: rig.sync.mirror.loaded)
     assert len(rig.sync.mirror.entries) == 1000
     assert [r.status for r in rig.fake.requests].count(200) == 4
+
+
+def _messages(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == name]
+
+
+async def test_an_apiban_outage_during_the_sync_is_failing_still_failing_recovered(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="hepsub_apiban.mirror")
+    rig.fake.add_many(ips(1000))
+    await rig.run_until(lambda: len(rig.sync.mirror.entries) == 500)
+    cursor = rig.sync.mirror.cursor
+    caplog.clear()
+    rig.fake.fail_status = 503
+    started, attempts = rig.clock.now, 0
+    while rig.clock.now - started < 11 * 60:  # retried after 5, 10, 20 ... up to 300 s
+        rig.clock.advance(await rig.sync.step())
+        attempts += 1
+    rig.fake.fail_status = None
+    await rig.run_until(lambda: rig.sync.mirror.loaded)
+    lines = [(level, text) for level, text in _messages(caplog, "hepsub_apiban.mirror") if "sync" in text]
+    assert lines[0] == ("WARNING", f"APIBAN list sync failing: APIBAN answered 503; paused at ID {cursor}")
+    still = [text for level, text in lines[1:-1]]
+    assert len(still) == 2, lines  # at 5 and 10 minutes, not once per retry
+    assert all(text.startswith("APIBAN list sync still failing after ") for text in still)
+    assert still[1].endswith(": APIBAN answered 503")
+    assert lines[-1] == (
+        "INFO",
+        f"APIBAN list sync recovered after {attempts} failed attempts over "
+        f"{duration(rig.clock.now - started)}; resumed at ID {cursor}",
+    )
 
 
 async def test_incremental_pull_fetches_only_what_is_new(rig: Rig) -> None:

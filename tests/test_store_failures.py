@@ -218,8 +218,9 @@ async def stored_packets(url: str) -> dict[str, int]:
 
 
 async def test_postgresql_stopped_for_30_s_under_enrichment_load(
-    agent: AgentFactory, own_cluster: postgres.Cluster
+    agent: AgentFactory, own_cluster: postgres.Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="hepsub_apiban.shared_mirror")
     url = own_cluster.url()
     client = await hep_agent(agent, HEPSUB_STORE_URL=url)
     deadline = client.app[SETTINGS].agent.deadline
@@ -323,6 +324,13 @@ async def test_postgresql_stopped_for_30_s_under_enrichment_load(
     assert store["sightings"]["waiting"] == 0
     assert store["sightings"]["evicted_unwritten"] == 0
     assert "hepsub_apiban_store_connected 1.0" in metrics_after
+    # The outage is two lines, however many reconnection attempts it took (under 5 minutes).
+    link_log = [r for r in caplog.records if r.name == "hepsub_apiban.shared_mirror"]
+    outage = [r.getMessage() for r in link_log if r.getMessage().startswith("store ")]
+    assert len(outage) == 2, outage
+    assert outage[0].endswith("; serving from memory, retrying")
+    assert " failing: " in outage[0]
+    assert " recovered after " in outage[1]
     print(
         f"{len(load.answers)} answers, slowest {slowest:.3f} s; caught up {caught_up:.1f} s, "
         f"reconnected {reconnect:.1f} s after the restart"
