@@ -1,8 +1,12 @@
 # hepsub-apiban: HOMER 7 HEPSUB agent that flags APIBAN-listed SIP attackers.
 #
 #   docker build -t hepsub-apiban .
-#   docker run -d --name hepsub-apiban -p 18088:18088 -v hepsub-state:/var/lib/hepsub-apiban \
+#   docker run -d --name hepsub-apiban --restart on-failure:5 -v hepsub-state:/var/lib/hepsub-apiban \
+#     -p 18088:18088 -p 9061:9060/udp -p 9061:9060/tcp \
 #     -e APIBAN_KEY=... -e PUBLIC_IP=... -e HOMER_IP=... -e HOMER_TOKEN=... hepsub-apiban
+#
+# HEP is 9060 inside the container, published on the host's 9061: heplify-server takes 9060 on the
+# HOMER host. A configuration mistake exits 2; on-failure:5 gives up after 5 tries.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import shlex
 import shutil
@@ -18,7 +19,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -49,6 +50,10 @@ UNIT = ROOT / "config" / "hepsub-apiban.service"
 KAMAILIO_CFG = ROOT / "config" / "kamailio-siptrace.cfg"
 HEPLIFY_DOC = ROOT / "config" / "heplify.md"
 DOCKERFILE = ROOT / "Dockerfile"
+README = ROOT / "README.md"
+# heplify-server has the default HEP port, 9060, on the HOMER host: every example that runs the
+# agent takes HEP on this one on the host instead.
+HOST_HEP_PORT = 9061
 
 SETTING_ENV = {key.env for key in KEYS}
 LEGACY_NAMES = set(LEGACY_ENV) | {"HOMER_IP", "HOMER_PORT"}  # HOMER_IP + HOMER_PORT make homer.url
@@ -290,9 +295,18 @@ def test_unit_runs_serve_with_the_config_file() -> None:
     assert '"--config", "/etc/hepsub-apiban/hepsub-apiban.toml"' in DOCKERFILE.read_text()
 
 
+def unit_environment() -> dict[str, str]:
+    """What the unit's Environment= lines set (several may each set several, shell-quoted)."""
+    env: dict[str, str] = {}
+    for section, key, value in unit_entries(UNIT.read_text()):
+        if (section, key) == ("Service", "Environment"):
+            env.update(item.split("=", 1) for item in shlex.split(value))
+    return env
+
+
 def test_unit_state_dir_and_restart_policy() -> None:
     state_directory = unit_value("StateDirectory")
-    assert unit_value("Environment") == f"HEPSUB_STATE_DIR=/var/lib/{state_directory}"
+    assert unit_environment()["HEPSUB_STATE_DIR"] == f"/var/lib/{state_directory}"
     assert unit_value("EnvironmentFile") == "-/etc/hepsub-apiban/env"
     assert unit_value("User") == "hepsub-apiban"
     assert unit_value("Restart") == "on-failure"
@@ -537,3 +551,90 @@ async def test_kamailio_snippet_sends_to_homer_and_to_the_agent(tmp_path: Path) 
     # A stateless local reply (sl_send_reply) goes to duplicate_uri only, as the snippet says.
     assert homer.seen(f"stateless@{HOST}") == ["INVITE", "SIP/2.0 403 Forbidden"]
     assert agent.seen(f"stateless@{HOST}") == ["INVITE"]
+
+
+# --- ports and restart policies, the same in every example
+
+
+def readme_section(heading: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else len(text)]
+
+
+def sh_blocks(text: str) -> list[str]:
+    return re.findall(r"^```sh\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def docker_run(text: str) -> list[str]:
+    """The argv of the first ``docker run`` in ``text``: its line and the continuation lines after it
+    (a leading comment mark taken off, as in the Dockerfile's header)."""
+    lines = [line.lstrip("#").strip() for line in text.splitlines()]
+    start = next(n for n, line in enumerate(lines) if line.startswith("docker run "))
+    command = []
+    for line in lines[start:]:
+        command.append(line.removesuffix("\\"))
+        if not line.endswith("\\"):
+            break
+    return shlex.split(" ".join(command))
+
+
+def docker_ports(argv: list[str]) -> list[Port]:
+    ports = []
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-p":
+            m = re.fullmatch(r"(?:([\d.]+):)?(\d+):(\d+)(?:/(udp|tcp))?", value)
+            assert m, value
+            ports.append(Port(m.group(1) or "0.0.0.0", int(m.group(2)), int(m.group(3)), m.group(4) or "tcp"))
+    return ports
+
+
+def exported(block: str) -> dict[str, str]:
+    """NAME=value of every ``export`` line of a shell block."""
+    env: dict[str, str] = {}
+    for line in block.splitlines():
+        if line.startswith("export "):
+            words = shlex.split(line, comments=True)[1:]
+            env.update(word.split("=", 1) for word in words)
+    return env
+
+
+def test_every_example_takes_hep_on_a_port_heplify_server_does_not_use(services: dict[str, str]) -> None:
+    assert DEFAULTS.hep.udp is not None
+    assert DEFAULTS.hep.tcp is not None
+    server = compose_ports(services["heplify-server"])
+    assert published(server, DEFAULTS.hep.udp.port, "udp")  # heplify-server holds the default
+    assert DEFAULTS.hep.udp.port != HOST_HEP_PORT
+    # compose and the two docker run examples: 9060 inside the container, 9061 on the host.
+    readme_run = docker_run(readme_section("Run it for real"))
+    dockerfile_run = docker_run(DOCKERFILE.read_text().split("\nFROM ", 1)[0])
+    for ports in (
+        compose_ports(services["hepsub-apiban"]),
+        docker_ports(readme_run),
+        docker_ports(dockerfile_run),
+    ):
+        assert published(ports, HOST_HEP_PORT, "udp").target == DEFAULTS.hep.udp.port
+        assert published(ports, HOST_HEP_PORT, "tcp").target == DEFAULTS.hep.tcp.port
+        assert published(ports, 18088, "tcp").target == DEFAULTS.agent.port
+    # "Run it for real" and the systemd unit: the agent itself listens on 9061.
+    run_for_real = exported(sh_blocks(readme_section("Run it for real"))[0])
+    for env in (run_for_real, unit_environment()):
+        settings = load_settings(None, {**env, "HEPSUB_APIBAN_KEY": "k"})
+        assert settings.hep.udp == replace(DEFAULTS.hep.udp, port=HOST_HEP_PORT)
+        assert settings.hep.tcp == replace(DEFAULTS.hep.tcp, port=HOST_HEP_PORT)
+    # The start line the README shows is the one that set-up gives.
+    assert f"HEP on udp 0.0.0.0:{HOST_HEP_PORT}, tcp 0.0.0.0:{HOST_HEP_PORT};" in readme_section(
+        "Run it for real"
+    )
+
+
+def test_restart_policies_do_not_loop_on_a_configuration_mistake(services: dict[str, str]) -> None:
+    # systemd can leave out exit 2; Docker cannot, so it gives up after a few tries.
+    assert unit_value("Restart") == "on-failure"
+    assert unit_value("RestartPreventExitStatus") == "2"
+    for name in ("hepsub-apiban", "hepsub-apiban-b"):
+        assert compose_value(services[name], "restart") == "on-failure:5"
+    for argv in (docker_run(readme_section("Run it for real")), docker_run(DOCKERFILE.read_text())):
+        assert argv[argv.index("--restart") + 1] == "on-failure:5"
+    assert "`--restart on-failure:5`" in readme_section("Run it for real")
