@@ -38,8 +38,10 @@ USER hepsub
 # HTTP API (called by homer-app), HEP over UDP and TCP.
 EXPOSE 18088 9060/udp 9060/tcp
 
+# GET /healthz on the port the agent listens on: the health command reads agent.bind and
+# agent.port from the same file and environment as serve, so a changed port needs no change here.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:18088/healthz', timeout=3)" || exit 1
+    CMD ["hepsub-apiban", "health", "--config", "/etc/hepsub-apiban/hepsub-apiban.toml"]
 
 ENTRYPOINT ["hepsub-apiban"]
 CMD ["serve", "--config", "/etc/hepsub-apiban/hepsub-apiban.toml"]

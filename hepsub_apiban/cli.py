@@ -1,4 +1,4 @@
-"""Command line: ``serve``, ``check`` and ``demo``.
+"""Command line: ``serve``, ``check``, ``replay``, ``health`` and ``demo``.
 
 A mistake a user can make (bad setting, missing key, port in use) ends with one line naming
 the setting and exit code 2, never a traceback.
@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("files", nargs="+", metavar="FILE")
     replay.add_argument("--to", required=True, metavar="udp:HOST:PORT|tcp:HOST:PORT")
     replay.add_argument("--rate", type=float, help="packets per second (default: as fast as possible)")
+    health = commands.add_parser(
+        "health",
+        help="exit 0 when the agent this configuration describes answers GET /healthz "
+        "(the container's health check: it reads agent.bind and agent.port as serve does)",
+    )
+    health.add_argument("--config", type=Path, help="TOML configuration file")
     demo = commands.add_parser("demo", help="run the whole chain on loopback with built-in fakes")
     demo.add_argument("--keep-running", action="store_true", help="keep serving after the demo request")
     return parser
@@ -85,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.agent is not None:
                 return _check_via_agent(args.agent, args.ips)
             return _check(_settings(args.config), args.ips)
+        if args.command == "health":
+            return _health(args.config)
         if args.command == "replay":
             from .replay import main as replay_main
 
@@ -137,6 +145,40 @@ def _serve(settings: Settings) -> int:
     finally:
         hold.release()  # a start that failed loses nothing it logged
     return 0
+
+
+HEALTH_TIMEOUT = 3.0  # seconds: under the Dockerfile's HEALTHCHECK --timeout
+
+
+def health_url(settings: Settings) -> str:
+    """Where this machine reaches the agent's /healthz: its bind address, loopback for a wildcard."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.agent.bind, settings.agent.bind)
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.agent.port}/healthz"
+
+
+def _health(path: Path | None) -> int:
+    """Exit 0 or 1 only: Docker reserves a health check's exit 2."""
+    try:
+        settings = load_settings(path, os.environ)
+    except ConfigError as exc:
+        print(f"hepsub-apiban: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    url = health_url(settings)
+    try:
+        status = asyncio.run(_get_status(url))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"hepsub-apiban: no answer from {url}: {_reason(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    if status != 200:
+        print(f"hepsub-apiban: {url} answered {status}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+async def _get_status(url: str) -> int:
+    timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+        return response.status
 
 
 def run(main: Coroutine[Any, Any, _T]) -> _T:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import re
 import shlex
 import shutil
@@ -638,3 +639,32 @@ def test_restart_policies_do_not_loop_on_a_configuration_mistake(services: dict[
     for argv in (docker_run(readme_section("Run it for real")), docker_run(DOCKERFILE.read_text())):
         assert argv[argv.index("--restart") + 1] == "on-failure:5"
     assert "`--restart on-failure:5`" in readme_section("Run it for real")
+
+
+def test_the_health_check_asks_the_agent_where_serve_listens() -> None:
+    text = DOCKERFILE.read_text()
+    check = re.search(r"^HEALTHCHECK .*?\\\n\s+CMD (\[.*\])$", text, re.MULTILINE)
+    assert check, "no exec-form HEALTHCHECK CMD"
+    argv = json.loads(check.group(1))
+    assert argv[0] == "hepsub-apiban"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "health"
+    # The file serve reads (CMD), so agent.port and agent.bind come from the same place.
+    serve = re.search(r"^CMD (\[.*\])$", text, re.MULTILINE)
+    assert serve
+    assert build_parser().parse_args(json.loads(serve.group(1))).config == args.config
+    assert "18088" not in check.group(0)
+
+
+def test_the_api_published_on_loopback_is_said_to_be_unreachable_from_the_site(
+    services: dict[str, str],
+) -> None:
+    api = published(compose_ports(services["hepsub-apiban"]), 18088, "tcp")
+    assert api.host_ip == "127.0.0.1"
+    site = readme_section("Serve APIBAN to the rest of your site")
+    beside = readme_section("Run it beside HOMER 7 (docker compose)")
+    for section in (site, beside):
+        assert "127.0.0.1" in section
+        assert '"10.0.0.20:18088:18088"' in section
+    assert "cannot reach it" in site
+    assert "cannot reach it" in beside
