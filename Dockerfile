@@ -17,9 +17,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY hepsub_apiban/ hepsub_apiban/
 COPY config/ config/
+# The image's copy of the example file keeps the state on the volume below. Set there, not with
+# ENV HEPSUB_STATE_DIR: an environment setting would silently win over the state.dir of a TOML
+# mounted over this one. (A mounted TOML without state.dir keeps it in ./state, relative to the
+# working directory: /var/lib/hepsub-apiban/state, on the volume too.) grep fails the build if
+# the example's line changed and sed missed it.
 RUN pip install --no-cache-dir . \
     && mkdir -p /etc/hepsub-apiban \
-    && cp config/hepsub-apiban.toml /etc/hepsub-apiban/hepsub-apiban.toml \
+    && sed 's|^dir = "./state"$|dir = "/var/lib/hepsub-apiban"|' config/hepsub-apiban.toml \
+        > /etc/hepsub-apiban/hepsub-apiban.toml \
+    && grep -qx 'dir = "/var/lib/hepsub-apiban"' /etc/hepsub-apiban/hepsub-apiban.toml \
     && cd / && rm -rf /src
 
 RUN groupadd --system --gid 10001 hepsub \
@@ -30,7 +37,6 @@ RUN groupadd --system --gid 10001 hepsub \
 
 # The uuid registered with HOMER (and the list snapshot) live here; keep it on a volume
 # so a restarted container replaces its own HOMER row instead of adding a new one.
-ENV HEPSUB_STATE_DIR=/var/lib/hepsub-apiban
 VOLUME /var/lib/hepsub-apiban
 WORKDIR /var/lib/hepsub-apiban
 USER hepsub

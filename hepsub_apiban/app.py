@@ -431,7 +431,9 @@ def startup_summary(app: web.Application) -> str:
     hep = "HEP on " + ", ".join(listeners) if listeners else "no HEP listener"
     if isinstance(collector, WorkerPool) and listeners:
         hep += f" ({len(collector.slots)} worker processes)"
-    return f"{lookups}; {registration}; {hep}; {_site_summary(settings)}"
+    # Absolute: a relative state.dir depends on where the agent was started.
+    state = f"state in {settings.state.dir.absolute()}"
+    return f"{lookups}; {registration}; {hep}; {_site_summary(settings)}; {state}"
 
 
 def _site_summary(settings: Settings) -> str:

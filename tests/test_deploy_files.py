@@ -220,10 +220,42 @@ def test_compose_second_agent_shares_homers_postgresql_with_the_first(services: 
     assert "profiles" not in services["hepsub-apiban"]
 
 
-def test_compose_state_volume_is_the_image_state_dir(services: dict[str, str]) -> None:
-    state_dir = re.search(r"^ENV HEPSUB_STATE_DIR=(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
-    assert state_dir
-    assert f"- hepsub-state:{state_dir.group(1)}\n" in services["hepsub-apiban"]
+def image_env() -> dict[str, str]:
+    """The environment the Dockerfile's ENV lines give the agent."""
+    env: dict[str, str] = {}
+    for value in re.findall(r"^ENV ((?:.*\\\n)*.*)$", DOCKERFILE.read_text(), re.MULTILINE):
+        env.update(item.split("=", 1) for item in shlex.split(value.replace("\\\n", " ")))
+    return env
+
+
+def image_config(tmp_path: Path) -> Path:
+    """The image's TOML: the example file through the Dockerfile's sed."""
+    sed = re.search(r"sed 's\|(.+?)\|(.+?)\|' config/hepsub-apiban.toml", DOCKERFILE.read_text())
+    assert sed, "no sed of the example file in the Dockerfile"
+    example = (ROOT / "config" / "hepsub-apiban.toml").read_text()
+    text, changed = re.subn(sed.group(1), sed.group(2), example, flags=re.MULTILINE)
+    assert changed == 1, "the Dockerfile's sed no longer matches the example file"
+    path = tmp_path / "image.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_image_keeps_its_state_on_its_volume_and_a_mounted_toml_decides(
+    services: dict[str, str], tmp_path: Path
+) -> None:
+    volume = re.search(r"^VOLUME (\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert volume
+    env = {**image_env(), "HEPSUB_APIBAN_KEY": "k"}
+    assert "HEPSUB_STATE_DIR" not in env  # it would win over any TOML's state.dir
+    assert load_settings(image_config(tmp_path), env).state.dir == Path(volume.group(1))
+    assert f"- hepsub-state:{volume.group(1)}\n" in services["hepsub-apiban"]
+    # A TOML of the operator's own, mounted over the image's, decides where the state goes.
+    mounted = tmp_path / "mounted.toml"
+    mounted.write_text('[state]\ndir = "/data/hepsub"\n')
+    assert load_settings(mounted, env).state.dir == Path("/data/hepsub")
+    # Without state.dir: ./state in the image's working directory, which is the volume.
+    workdir = re.findall(r"^WORKDIR (\S+)$", DOCKERFILE.read_text(), re.MULTILINE)[-1]
+    assert workdir == volume.group(1)
 
 
 def test_compose_ports_line_up(services: dict[str, str]) -> None:

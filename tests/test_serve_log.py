@@ -41,6 +41,7 @@ async def test_the_start_line_comes_first_and_each_trouble_is_a_state_change(
         **serve_env(tmp_path, apiban, homer, port),
         "HEPSUB_HOMER_PASSWORD": WRONG_PASSWORD,
         "HEPSUB_SITE_KEYS": "a-site-key-1234",  # in check mode: a warning at start
+        "HEPSUB_STATE_DIR": "./state",  # relative to where the agent starts: shown absolute
     }
     apiban.fake.fail_status = 503
     async with running(["serve"], env, tmp_path) as child:
@@ -62,6 +63,7 @@ async def test_the_start_line_comes_first_and_each_trouble_is_a_state_change(
     )
     assert lines[0].endswith(
         "; site API for 1 key on /api/{key}/banned and /v1/decisions/stream, serving local detections only"
+        f"; state in {tmp_path}/state"  # tmp_path is absolute
     ), lines[0]
     assert lines[1].startswith("WARNING hepsub_apiban: site.keys: apiban.mode = check"), lines[1]
 
