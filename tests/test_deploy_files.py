@@ -700,3 +700,13 @@ def test_the_api_published_on_loopback_is_said_to_be_unreachable_from_the_site(
         assert '"10.0.0.20:18088:18088"' in section
     assert "cannot reach it" in site
     assert "cannot reach it" in beside
+
+
+def test_the_kamailio_site_client_ticks_as_the_readme_recommends() -> None:
+    cfg = (ROOT / "config" / "apiban-kamailio.cfg").read_text()
+    intervals = re.findall(r'^modparam\("rtimer", "timer", "name=apiban;interval=(\d+);', cfg, re.MULTILINE)
+    assert len(intervals) == 1
+    recommended = re.search(r"an `interval` of (\d+)-(\d+) s", README.read_text())
+    assert recommended
+    assert int(recommended.group(1)) <= int(intervals[0]) <= int(recommended.group(2))
+    assert f"`interval={intervals[0]}`" in README.read_text()

@@ -1,7 +1,7 @@
 """APIBAN's own Kamailio example, pointed at the agent's site API, run in a real Kamailio.
 
 ``config/apiban-kamailio.cfg`` is merged into a small kamailio.cfg the way its comments say, with
-the agent's URL and a site key, the rtimer interval cut from 300 s to 1 s, and ``ctl`` loaded on a
+the agent's URL and a site key, the rtimer interval cut from 30 s to 1 s, and ``ctl`` loaded on a
 socket in a temporary folder. The agent runs in mirror mode against the fake APIBAN, which lists
 600 addresses (127.0.0.2 among them, so the test can send SIP from a listed address) plus one that
 the agent's allow-list covers. The agent never holds a non-routable address; for this test only,
@@ -58,7 +58,7 @@ LATE = "46.51.100.77"  # listed by APIBAN after Kamailio has caught up
 # What the route logs for the agent's 503 (no body kept) and for the end of the list (a 400).
 UNAVAILABLE = re.compile(r"APIBAN: Non 200 response\. *$", re.MULTILINE)
 END = 'APIBAN: Non 200 response. {"ipaddress":["no new bans"],"ID":"none"}'
-TIMER = 'modparam("rtimer", "timer", "name=apiban;interval=300;mode=1;")'
+TIMER = 'modparam("rtimer", "timer", "name=apiban;interval=30;mode=1;")'
 
 
 def _kamcmd() -> str | None:
@@ -107,7 +107,7 @@ def site_config(
     """An operator's kamailio.cfg with the snippet merged in as its comments say."""
     snippet = SNIPPET.read_text()
     assert snippet.count(TIMER) == 1, "the rtimer line the test shortens is gone"
-    snippet = snippet.replace(TIMER, TIMER.replace("interval=300;", f"interval={interval};"))
+    snippet = snippet.replace(TIMER, TIMER.replace("interval=30;", f"interval={interval};"))
     return f"""#!KAMAILIO
 {core_settings(sip_port, module_dir)}
 
