@@ -293,6 +293,10 @@ def _str(raw: object) -> str:
     return raw.strip()
 
 
+# The bounds each ranged converter enforces, so the documentation is written from them (value_range).
+_RANGES: dict[Callable[[object], Any], tuple[float, float]] = {}
+
+
 def _int_between(low: int, high: int) -> Callable[[object], int]:
     def convert(raw: object) -> int:
         if isinstance(raw, bool):
@@ -305,6 +309,7 @@ def _int_between(low: int, high: int) -> Callable[[object], int]:
             raise ValueError(f"must be between {low} and {high}, got {value}")
         return value
 
+    _RANGES[convert] = (low, high)
     return convert
 
 
@@ -320,6 +325,7 @@ def _float_between(low: float, high: float, what: str = "a number of seconds") -
             raise ValueError(f"must be between {low:g} and {high:g}, got {value:g}")
         return value
 
+    _RANGES[convert] = (low, high)
     return convert
 
 
@@ -526,6 +532,15 @@ class Key:
     def env(self) -> str:
         return "HEPSUB_" + self.name.replace(".", "_").upper()
 
+    def value_range(self) -> str | None:
+        """The bounds the setting's value must lie within, both included ("10 to 86400"), if any."""
+        bounds = _RANGES.get(self.convert)
+        return None if bounds is None else " to ".join(_number(bound) for bound in bounds)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
 
 def _rule_keys() -> list[Key]:
     keys = []
@@ -614,7 +629,12 @@ KEYS: tuple[Key, ...] = (
     Key("apiban.cache_size", _int_between(1, 10_000_000), "check mode: verdicts kept in memory"),
     Key("apiban.listed_ttl", _int_between(1, 604800), "check mode: seconds a 'listed' verdict is reused"),
     Key("apiban.unlisted_ttl", _int_between(1, 604800), "check mode: seconds a clean verdict is reused"),
-    Key("state.dir", _dir, "directory for the uuid, list snapshot and sync position"),
+    Key(
+        "state.dir",
+        _dir,
+        "directory for the uuid, list snapshot and sync position; a relative one is relative to "
+        "the directory the agent starts in",
+    ),
     Key("hep.udp", _listen, "HEP over UDP listen address; empty disables"),
     Key("hep.tcp", _listen, "HEP over TCP listen address; empty disables"),
     Key("hep.rcvbuf", _int_between(65536, 1 << 30), "UDP receive buffer to ask the kernel for, bytes"),

@@ -65,15 +65,28 @@ def table(settings: Settings) -> list[str]:
         shown = " ".join(
             part for part in (f"`{value}`" if value else "", DEFAULT_NOTES.get(key.name, "")) if part
         )
-        lines.append(f"| `{key.name}` | {env_names(key.name, key.env)} | {shown} | {cell(key.help)} |")
+        meaning = key.help + (f" (range: {key.value_range()})" if key.value_range() else "")
+        lines.append(f"| `{key.name}` | {env_names(key.name, key.env)} | {shown} | {cell(meaning)} |")
     return lines
+
+
+def _rule_range(setting: str) -> str:
+    """The range of one setting of every rule (the first rule that has it; they share them)."""
+    keys = {key.name: key for key in KEYS}
+    found = next(keys[f"detect.{rule}.{setting}"] for rule in RULES if f"detect.{rule}.{setting}" in keys)
+    return f"{setting} {found.value_range()}"
 
 
 RULE_ROW = (
     "| `detect.RULE.action`, `.simulate`, `.duration`, `.threshold`, `.window` "
     "(`.slow_threshold`, `.slow_window`; `detect.toll_fraud.prefixes`) "
     "| `HEPSUB_DETECT_RULE_ACTION`, ... | see below | each detection rule: flag or serve, "
-    "simulate (log and count only), first duration in seconds, when it fires |"
+    "simulate (log and count only), first duration in seconds, when it fires (ranges: "
+    + ", ".join(
+        _rule_range(setting)
+        for setting in ("duration", "threshold", "window", "slow_threshold", "slow_window")
+    )
+    + ") |"
 )
 
 

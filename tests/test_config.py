@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,32 @@ def test_site_keys_in_check_mode_serve_local_detections_only_or_nothing() -> Non
     for off in ({"HEPSUB_DETECT_ENABLED": "false"}, {"HEPSUB_SITE_INCLUDE_LOCAL": "false"}):
         with pytest.raises(ConfigError, match=r"^site\.keys: would serve nothing"):
             load_settings(None, {**keys, **off})
+
+
+RANGED = [key for key in KEYS if key.value_range() is not None]
+
+
+def _text(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+@pytest.mark.parametrize("key", RANGED, ids=[key.name for key in RANGED])
+def test_every_range_is_documented_as_the_code_enforces_it(key: config.Key) -> None:
+    shown = key.value_range()
+    assert shown is not None
+    low, high = (float(bound) for bound in shown.split(" to "))
+    for inside in (low, high):
+        load_settings(None, {key.env: _text(inside)})
+    below = low - 1 if low >= 1 else low - max(low / 2, 0.01)
+    for outside in (below, high + 1):
+        with pytest.raises(ConfigError, match=f"^{re.escape(key.name)}: must be between"):
+            load_settings(None, {key.env: _text(outside)})
+    # The example file says it next to the default, each rule's once in [detect]'s comment.
+    text = EXAMPLE.read_text()
+    if key.name.count(".") == 2:
+        setting = key.name.rsplit(".", 1)[1]
+        intro = text[text.index("[detect]") : text.index("[detect.", text.index("[detect]") + 1)]
+        assert f"{setting} " in intro.replace("\n# ", " ")
+        assert shown in intro.replace("\n# ", " ")
+    else:
+        assert re.search(rf"^# env: {key.env}\b.*; range: {re.escape(shown)}$", text, re.MULTILINE), key.name
