@@ -6,6 +6,7 @@ The "still failing every 5 minutes" lines are shown on an injected clock (tests/
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import aiohttp
@@ -79,11 +80,15 @@ async def test_the_start_line_comes_first_and_each_trouble_is_a_state_change(
     assert lines[-1].endswith(f"(HOMER refused homer.user {HOMER_USER!r}'s login: check homer.password)")
 
     outage = [line for line in lines if "APIBAN lookups" in line]
-    assert outage == [
+    assert len(outage) == 2, result.stderr
+    assert outage[0] == (
         "WARNING hepsub_apiban.app: APIBAN lookups failing: APIBAN answered 503; "
-        "lookups answer listed: null meanwhile",
-        "INFO hepsub_apiban.app: APIBAN lookups recovered after 3 failed attempts over 0 s",
-    ], result.stderr
+        "lookups answer listed: null meanwhile"
+    )
+    # Real time here (a process): how long it took is not the point, that it is one line is.
+    assert re.fullmatch(
+        r"INFO hepsub_apiban\.app: APIBAN lookups recovered after 3 failed attempts over \d+ s", outage[1]
+    ), outage[1]
 
 
 async def test_a_refused_homer_token_is_logged_once_naming_homer_token(
