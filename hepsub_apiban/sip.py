@@ -26,8 +26,31 @@ _WANTED = frozenset({b"call-id", b"from", b"to", b"via", b"user-agent", b"cseq",
 _FIRST_LETTERS = frozenset(
     bytes([c]) for name in (*_WANTED, *_COMPACT) for c in (name[0], name[:1].upper()[0])
 )
-# The user part exists only before an "@" (sip:host:5060 has none); tel: URIs are all user.
-_USER = re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE)
+# The user part exists only before an "@" (sip:host:5060 has none); tel: URIs are all user. The
+# first one in a value, as ``re.search`` of ``sips?:([^@;>\s]+)@|tel:([^;>\s]+)`` finds it, but in
+# time linear in the value: that search tries every "sip:" against the whole run after it, so
+# 64 KB of "sip:sip:..." held the event loop for seconds. Here a "sip:" whose run does not end at
+# an "@" skips that run: every later "sip:" inside it ends at the same byte and fails too, so
+# only a "tel:" can start a user there.
+_SIP_USER = rb"sips?:[^@;>\s]++@"
+_TEL_USER = rb"tel:[^;>\s]"
+_BEFORE_USER = (
+    rb"(?:[^sStT\n]++"
+    rb"|(?!" + _SIP_USER + rb")[sS](?:ips?:(?:[^@;>\s\ntT]++|(?!" + _TEL_USER + rb")[tT])*+)?"
+    rb"|(?!" + _TEL_USER + rb")[tT])*+"
+)
+
+
+def _user_at(sip: str, tel: str) -> bytes:
+    """The user at the end of ``_BEFORE_USER``, in group ``sip`` or ``tel``, each entered only once
+    it is sure to match (see ``parse_sip``'s pattern)."""
+    return (
+        rb"(?:sips?:(?=[^@;>\s]++@)(?P<" + sip.encode() + rb">[^@;>\s]++)"
+        rb"|tel:(?=[^;>\s])(?P<" + tel.encode() + rb">[^;>\s]+))"
+    )
+
+
+_USER = re.compile(_BEFORE_USER + _user_at("sip", "tel"), re.IGNORECASE)
 _BRANCH = re.compile(rb";\s*branch\s*=\s*([^;,\s]{1,128})", re.IGNORECASE)
 _NONCE = re.compile(rb'nonce\s*=\s*"?([^",\s]{1,128})', re.IGNORECASE)
 _DISPLAY_NAME = re.compile(rb'^\s*"([^"]{0,200})"|^\s*([^<"]{1,200}?)\s*<')
@@ -140,7 +163,7 @@ def _text(value: bytes | None) -> str | None:
 def _user(value: bytes | None) -> str | None:
     if not value:
         return None
-    found = _USER.search(value)
+    found = _USER.match(value)
     return _text(found.group(1) or found.group(2)) if found else None
 
 
@@ -209,11 +232,9 @@ _TO_EOL = rb"[^\n]*+"
 
 
 def _uri_user(sip: str, tel: str) -> bytes:
-    """The first URI user in the rest of the line, as ``_USER.search`` finds it."""
-    return (
-        rb"(?:[^\n]*?(?:sips?:(?=[^@;>\s]++@)(?P<" + sip.encode() + rb">[^@;>\s]++)"
-        rb"|tel:(?=[^;>\s])(?P<" + tel.encode() + rb">[^;>\s]+))|)"
-    )
+    """The first URI user in the rest of the line, as ``_user`` finds it; first where most are:
+    after at most three bytes that cannot start one (``<``, a blank)."""
+    return rb"(?:(?:[^sStT\n]{0,3}+|" + _BEFORE_USER + rb")" + _user_at(sip, tel) + rb"|)"
 
 
 def _header(name: bytes, seen: str, pattern: bytes) -> bytes:

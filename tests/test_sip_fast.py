@@ -11,6 +11,7 @@ forms, odd case and spacing, duplicates, folding, mixed line ends, truncation, j
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hepsub_apiban.hep import HepPacket, decode
-from hepsub_apiban.sip import parse_sip, parse_sip_general
+from hepsub_apiban.sip import _USER, parse_sip, parse_sip_general
 
 from .test_collector import sip_packet
 from .test_detection import make_site
@@ -27,6 +28,7 @@ from .test_sip import FIXTURES
 from .test_workers import registers
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+EXAMPLES = int(os.environ.get("SIP_EXAMPLES", "300"))
 
 
 def assert_same(payload: bytes) -> None:
@@ -135,6 +137,22 @@ def test_every_pair_of_awkward_lines(start: str) -> None:
 
 # ------------------------------------------------------------------ built by hypothesis
 
+# How the URI user was found until it was made linear: the leftmost match of this search.
+SEARCHED_USER = re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE)
+URI_PIECES = [b"sip:", b"sips:", b"SIP:", b"sIpS:", b"tel:", b"TEL:", b"@", b";", b">", b"<", b" ", b"\t"]
+URI_PIECES += [b"\r", b"\x0b", b"a", b"1", b"s", b"S", b"t", b"ip", b"el", b":", b'"', b"\xff"]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.sampled_from(URI_PIECES), max_size=40).map(b"".join))
+@example(b"sip:sip:tel:x")
+@example(b"<sip:1.2.3.4:5060>;tag=tel:9@x")
+@example(b"sips:a sip:b@c")
+def test_user_found_in_linear_time_is_the_one_the_search_found(value: bytes) -> None:
+    found, searched = _USER.match(value), SEARCHED_USER.search(value)
+    assert (found and found.groups()) == (searched and searched.groups()), value
+
+
 NAMES = [
     "Via", "via", "VIA", "v", "V", "vIa", "Vias", "v ia", "From", "FROM", "f", "F", "Fromage", "To", "to",
     "t", "T", "Tox", "Call-ID", "call-id", "CALL-ID", "i", "I", "Call-Info", "CSeq", "cseq", "CSEQ",
@@ -228,9 +246,6 @@ def sip_messages(draw: st.DrawFn) -> bytes:
         at = draw(st.integers(0, len(payload)))
         payload = payload[:at] + draw(st.binary(max_size=8)) + payload[at:]
     return payload
-
-
-EXAMPLES = int(os.environ.get("SIP_EXAMPLES", "300"))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
