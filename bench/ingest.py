@@ -3,6 +3,7 @@ bare uvloop receiver's), and memory under a flood of spoofed sources.
 
     python bench/ingest.py [--seconds 2] [--rounds 1] [--refine 2] [--rates 20000,25000,...]
                            [--flood 1000000] [--flood-rate 25000] [--flood-only] [--no-flood] [--profile DIR]
+    python bench/ingest.py --stages
 
 Three receivers run pinned to core 0 with a 4 MiB receive buffer: a bare uvloop receiver that only
 counts datagrams, and two agents (``serve``, mirror mode, 20,000 listed IPs loaded from a snapshot)
@@ -16,6 +17,8 @@ packet offered was counted. Beside it, each agent's CPU time per packet (user + 
 /proc), compared at the rates both agents kept up with. ``--rounds N`` repeats the rate search and
 reports medians. Before all this, the same traffic goes through the collector's datagram path in
 process, detection off and on (best of 5 cycles): the steadiest ratio on a shared machine.
+``--stages`` does only that, by stage (decode, SIP, sightings, detection, the whole path), before
+(the chunk loop for every packet, the line walk) and after (``decode``, ``parse_sip``), alternating.
 
 The traffic is what a capture agent at a registrar sees (``site_traffic``): 10,000 phones (a fifth
 of them listed by APIBAN) each REGISTER, are challenged 401 by the server, REGISTER again with
