@@ -3,6 +3,7 @@ bare uvloop receiver's), and memory under a flood of spoofed sources.
 
     python bench/ingest.py [--seconds 2] [--rounds 1] [--refine 2] [--rates 20000,25000,...]
                            [--flood 1000000] [--flood-rate 25000] [--flood-only] [--no-flood] [--profile DIR]
+    python bench/ingest.py --stages
 
 Three receivers run pinned to core 0 with a 4 MiB receive buffer: a bare uvloop receiver that only
 counts datagrams, and two agents (``serve``, mirror mode, 20,000 listed IPs loaded from a snapshot)
@@ -16,6 +17,8 @@ packet offered was counted. Beside it, each agent's CPU time per packet (user + 
 /proc), compared at the rates both agents kept up with. ``--rounds N`` repeats the rate search and
 reports medians. Before all this, the same traffic goes through the collector's datagram path in
 process, detection off and on (best of 5 cycles): the steadiest ratio on a shared machine.
+``--stages`` does only that, by stage (decode, SIP, sightings, detection, the whole path), before
+(the chunk loop for every packet, the line walk) and after (``decode``, ``parse_sip``), alternating.
 
 The traffic is what a capture agent at a registrar sees (``site_traffic``): 10,000 phones (a fifth
 of them listed by APIBAN) each REGISTER, are challenged 401 by the server, REGISTER again with
@@ -43,6 +46,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import socket
 import struct
 import sys
@@ -56,6 +60,8 @@ from statistics import median
 
 from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
 
+from hepsub_apiban import collector as collector_module
+from hepsub_apiban import sip as sip_module
 from hepsub_apiban.access import Refusals
 from hepsub_apiban.addresses import NetworkSet
 from hepsub_apiban.collector import HepCollector
@@ -63,10 +69,11 @@ from hepsub_apiban.config import DetectSettings, HepSettings
 from hepsub_apiban.detection import Detector
 from hepsub_apiban.detections import Detections
 from hepsub_apiban.evidence import Evidence
-from hepsub_apiban.hep import HepPacket, build_hep3
+from hepsub_apiban.hep import BadPacket, HepPacket, _decode_v2, _decode_v3, build_hep3, decode
 from hepsub_apiban.lookups import LookupService
 from hepsub_apiban.mirror import Mirror
 from hepsub_apiban.sightings import Sightings
+from hepsub_apiban.sip import SipInfo, parse_sip, parse_sip_general
 
 SERVER_CORE, LOAD_CORE = 0, 1
 RCVBUF = 4 * 1024 * 1024
@@ -346,6 +353,135 @@ def in_process(traffic: list[bytes], listed: list[str], rounds: int = 5) -> dict
     return costs
 
 
+def decode_chunk_loop(data: bytes, received_at: float) -> HepPacket | BadPacket:
+    """``decode`` as it was before the common layouts were read at once: every packet through the
+    chunk loop (the stage table's "before")."""
+    if type(data) is not bytes:
+        data = bytes(data)
+    try:
+        if not data:
+            return BadPacket("empty datagram")
+        if data[0] in (1, 2):
+            return _decode_v2(data, received_at)
+        return _decode_v3(data, received_at)
+    except Exception as error:
+        return BadPacket(f"decoder error: {type(error).__name__}")
+
+
+class SearchedUser:
+    """``sip._USER`` as it was before (the stage table's "before"): the leftmost match of a
+    backtracking search, which the linear pattern now finds without its worst case."""
+
+    match = staticmethod(re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE).search)
+
+
+USERS = {"before": SearchedUser, "after": sip_module._USER}
+Parse = Callable[[bytes], SipInfo | None]
+Decode = Callable[[bytes, float], HepPacket | BadPacket]
+VERSIONS: dict[str, tuple[Decode, Parse]] = {
+    "before": (decode_chunk_loop, parse_sip_general),
+    "after": (decode, parse_sip),
+}
+
+
+def stages(traffic: list[bytes], listed: list[str], rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Microseconds per datagram of each stage of the collector's datagram path, best of
+    ``rounds`` cycles of ``traffic``, before and after (``VERSIONS``), alternating, on core 0:
+    decoding, SIP extraction, the sighting update and the detector, each alone on what the
+    previous stage gave (stores filled by a first cycle); then the whole path with detection off
+    and on, through the collector (so the rest is the collector's own bookkeeping)."""
+    now = time.time()
+    packets = [decode(data, now) for data in traffic]
+    assert all(isinstance(packet, HepPacket) for packet in packets)
+    sips = [(p.src_ip, p.dst_ip, parse_sip(p.payload), p.ip_proto) for p in packets]  # type: ignore[union-attr]
+    payloads = [p.payload for p in packets]  # type: ignore[union-attr]
+    mirror = Mirror()
+    mirror.add(listed, "1700000000", now)
+    sightings = Sightings(LookupService(None, NetworkSet(), mirror=mirror))
+    detector = Detector(DetectSettings(), Detections(DetectSettings(), mirror.new_serial).report)
+
+    def record() -> None:
+        for src, dst, info, _ in sips:
+            sightings.record(src, dst, info, now)  # type: ignore[arg-type]
+
+    def observe() -> None:
+        for src, dst, info, proto in sips:
+            detector.observe(src, dst, info, proto, now)  # type: ignore[arg-type]
+
+    def decoding(decode_fn: Decode) -> Callable[[], None]:
+        def run() -> None:
+            for data in traffic:
+                decode_fn(data, now)
+
+        return run
+
+    def extracting(parse_fn: Parse) -> Callable[[], None]:
+        def run() -> None:
+            for payload in payloads:
+                parse_fn(payload)
+
+        return run
+
+    def whole(path: Callable[[bytes, tuple[str, int]], None]) -> Callable[[], None]:
+        def run() -> None:
+            for data in traffic:
+                path(data, sender)
+
+        return run
+
+    sender = ("127.0.0.1", 40000)
+    work = {
+        name: {
+            "decode": decoding(decode_fn),
+            "SIP": extracting(parse_fn),
+            "sightings": record,
+            "detection": observe,
+            **{
+                f"whole, detection {'on' if detect else 'off'}": whole(datagram_path(listed, detect))
+                for detect in (False, True)
+            },
+        }
+        for name, (decode_fn, parse_fn) in VERSIONS.items()
+    }
+    costs: dict[str, dict[str, list[float]]] = {name: {} for name in VERSIONS}
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {SERVER_CORE})
+    logging.disable(logging.ERROR)
+    try:
+        for round_ in range(rounds + 1):  # the first round fills the stores
+            for name, (decode_fn, parse_fn) in VERSIONS.items():
+                # the collector calls whatever these module names hold when a datagram arrives
+                collector_module.decode, collector_module.parse_sip = decode_fn, parse_fn  # type: ignore[assignment]
+                sip_module._USER = USERS[name]  # type: ignore[assignment]
+                for stage, run in work[name].items():
+                    start = time.perf_counter()
+                    run()
+                    if round_:
+                        costs[name].setdefault(stage, []).append(time.perf_counter() - start)
+    finally:
+        collector_module.decode, collector_module.parse_sip = decode, parse_sip
+        sip_module._USER = USERS["after"]
+        logging.disable(logging.NOTSET)
+        os.sched_setaffinity(0, affinity)
+    return {
+        name: {stage: min(times) / len(traffic) * 1e6 for stage, times in by_stage.items()}
+        for name, by_stage in costs.items()
+    }
+
+
+def print_stages(costs: dict[str, dict[str, float]]) -> None:
+    names = list(costs)
+    rows = []
+    for stage in costs[names[0]]:
+        values = [costs[name][stage] for name in names]
+        rows.append([stage, *(f"{value:.2f} us" for value in values), f"{values[-1] / values[0]:.2f}"])
+    print(
+        "in process, per datagram, by stage (best of 5 cycles of the traffic, before and after alternating):"
+    )
+    print(table(["stage", *names, "after / before"], rows))
+    print()
+
+
 # ---------------------------------------------------------------- receivers
 
 
@@ -487,6 +623,10 @@ async def main(args: argparse.Namespace) -> None:
     listed = public_ips(20_000, seed=11)
     phones = listed[:2000] + public_ips(PHONES - 2000, seed=12)
     scanners = public_ips(SCANNERS, seed=13)
+    if args.stages:
+        print(f"machine: {machine()}")
+        print_stages(stages(site_traffic(phones, scanners), listed))
+        return
     processes: list[asyncio.subprocess.Process] = []
     profiles: Path | None = args.profile
     with tempfile.TemporaryDirectory(prefix="hepsub-bench-") as tmp:
@@ -726,6 +866,9 @@ if __name__ == "__main__":
     parser.add_argument("--flood-rate", type=float, default=FLOOD_RATE)
     parser.add_argument("--flood-only", action="store_true", help="skip the loss-free rate search")
     parser.add_argument("--no-flood", action="store_true", help="skip the spoofed flood")
+    parser.add_argument(
+        "--stages", action="store_true", help="only the in-process cost by stage, before and after, then exit"
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",

@@ -3,14 +3,17 @@
 The wire format is declared once, with construct (``CHUNK``, ``HEP3``, ``HEP2``, ``BODIES``). That
 declaration builds packets (``build_hep3``, ``build_hep2``: replay, tests, benchmarks) and is a slow
 reference decoder (``parse_with_construct``, ~5,000 packets/s). Ingest uses ``decode``, a
-hand-written ``struct`` loop (~3 us a packet, 60x faster); the tests hold it equal to the
-declaration on generated and corrupted packets. Rules for malformed input follow
+hand-written ``struct`` loop (~3 us a packet, 60x faster), which reads the layouts senders write
+most with one compiled pattern and one ``struct`` (about half that); the tests hold it equal to
+the declaration on generated and corrupted packets. Rules for malformed input follow
 ``shared/spec/hep.md`` §6: a packet is kept or dropped whole, and ``decode`` never raises, since
 nothing a sender does may crash the collector.
 """
 
 from __future__ import annotations
 
+import operator
+import re
 import socket
 import struct
 import time
@@ -470,9 +473,101 @@ def decode(data: bytes | memoryview | bytearray, received_at: float) -> HepPacke
             return BadPacket("empty datagram")
         if data[0] in (1, 2):
             return _decode_v2(data, received_at)
-        return _decode_v3(data, received_at)
+        return _decode_layout(data, received_at) or _decode_v3(data, received_at)
     except Exception as error:  # a bug, not the sender's: still never take the collector down
         return BadPacket(f"decoder error: {type(error).__name__}")
+
+
+# The chunk layouts senders write most, read at once: the fixed-size chunks in one of these orders
+# (``build_hep3`` and heplify: by type; captagent, Kamailio, sofia-sip, Asterisk: addresses after
+# the capture id), IPv4 or IPv6, then an optional auth key, then the payload, ending the packet.
+# One compiled pattern recognises the layout, one struct reads its values; any other packet, or
+# any doubt (a length that does not fit, trailing chunks, a zero time), takes ``_decode_v3``,
+# which gives the same packet for these, as tests/test_hep.py checks.
+_FIXED_BODY = {
+    1: "B",
+    2: "B",
+    3: "4s",
+    4: "4s",
+    5: "16s",
+    6: "16s",
+    7: "H",
+    8: "H",
+    9: "I",
+    10: "I",
+    11: "B",
+    12: "I",
+}
+_LAYOUT_ORDERS = [
+    (1, 2, 3, 4, 7, 8, 9, 10, 11, 12),
+    (1, 2, 7, 8, 9, 10, 11, 12, 3, 4),
+    (1, 2, 5, 6, 7, 8, 9, 10, 11, 12),
+    (1, 2, 7, 8, 9, 10, 11, 12, 5, 6),
+]
+
+
+# (unpack, getter, ntop, size): getter(unpack(data)) gives the header's total length, the fields
+# of _FIELDS in that order, then the header of the chunk after the fixed ones, which starts at size.
+_Layout = tuple[
+    Callable[[bytes], tuple[Any, ...]],
+    Callable[[tuple[Any, ...]], tuple[Any, ...]],
+    Callable[[bytes], str],
+    int,
+]
+_FIELDS = {  # family, IP protocol, source, destination, ports, time, protocol type, capture id
+    False: (1, 2, 3, 4, 7, 8, 9, 10, 11, 12),
+    True: (1, 2, 5, 6, 7, 8, 9, 10, 11, 12),
+}
+
+
+def _layout(order: tuple[int, ...]) -> tuple[bytes, _Layout]:
+    """The pattern that recognises the fixed chunks in ``order``, and how to read them."""
+    pattern, fmt = b"", "!4xH"
+    for chunk_type in order:
+        body = _FIXED_BODY[chunk_type]
+        width = struct.calcsize("!" + body)
+        pattern += re.escape(struct.pack("!HHH", 0, chunk_type, 6 + width)) + b"." * width
+        fmt += "6x" + body
+    size = struct.calcsize(fmt)
+    ipv6 = 5 in order
+    columns = [1 + order.index(chunk_type) for chunk_type in _FIELDS[ipv6]]
+    getter = operator.itemgetter(0, *columns, len(order) + 1, len(order) + 2, len(order) + 3)
+    ntop: Callable[[bytes], str] = (lambda raw: _inet_ntop(_AF6, raw)) if ipv6 else _inet_ntoa
+    return b"(" + pattern + b")", (struct.Struct(fmt + "HHH").unpack_from, getter, ntop, size)
+
+
+def _decode_layout(data: bytes, received_at: float) -> HepPacket | None:
+    """``data`` as a HepPacket if it has one of the common layouts, else None."""
+    found = _KNOWN_LAYOUT(data)
+    if found is None or len(data) < found.end() + 6:
+        return None
+    unpack, getter, ntop, off = _LAYOUTS[found.lastindex or 0]
+    (
+        end, family, ip_proto, src, dst, src_port, dst_port, ts_sec, ts_usec, proto_type, capture_id,
+        vendor, chunk_type, length,
+    ) = getter(unpack(data))  # fmt: skip
+    size = len(data)
+    if end > size or vendor:
+        return None
+    auth_key = None
+    if chunk_type == 14 and length >= 6 and off + length + 6 <= end:
+        auth_key = data[off + 6 : off + length]
+        off += length
+        vendor, chunk_type, length = _unpack_chunk(data, off)
+    if chunk_type != 15 or vendor or length < 6 or off + length != end or not ts_sec:
+        return None
+    return HepPacket(
+        3, family, ip_proto, ntop(src), ntop(dst), src_port, dst_port, ts_sec, ts_usec, proto_type,
+        capture_id, data[off + 6 : end], None, None, auth_key, 0, 0, False, size - end,
+    )  # fmt: skip
+
+
+_LAYOUTS: dict[int, _Layout] = {}
+_patterns = []
+for _index, _order in enumerate(_LAYOUT_ORDERS, 1):
+    _pattern, _LAYOUTS[_index] = _layout(_order)
+    _patterns.append(_pattern)
+_KNOWN_LAYOUT = re.compile(b"HEP3..(?:" + b"|".join(_patterns) + b")", re.DOTALL).match
 
 
 def _decode_v3(data: bytes, received_at: float) -> HepPacket | BadPacket:

@@ -22,6 +22,8 @@ from hepsub_apiban.hep import (
     BadPacket,
     HepPacket,
     HepStream,
+    _decode_layout,
+    _decode_v3,
     build_hep2,
     build_hep3,
     decode,
@@ -280,16 +282,47 @@ def test_hep2_round_trip(packet: HepPacket, byte_order: str) -> None:
     assert both(data) == packet
 
 
+# The layouts ``decode`` reads at once: fixed chunks by type (build_hep3, heplify) or with the
+# addresses after the capture id (captagent, Kamailio), an optional auth key, the payload last.
+COMMON_ORDERS = [
+    [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0E, 0x0F],
+    [0x01, 0x02, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x03, 0x04, 0x05, 0x06, 0x0E, 0x0F],
+]
+
+
+@st.composite
+def common_layouts(draw: st.DrawFn) -> HepPacket:
+    packet, _, _ = draw(hep3_cases())
+    return dataclasses.replace(
+        packet, vendor_chunks=0, unknown_chunks=0, compressed=False, correlation_id=None, node_name=None
+    )
+
+
+@FAST
+@given(common_layouts(), st.sampled_from(COMMON_ORDERS), st.binary(max_size=3))
+def test_common_layouts_are_read_at_once(packet: HepPacket, order: list[int], trailing: bytes) -> None:
+    data = build_hep3(packet, chunk_order=order) + trailing
+    expected = dataclasses.replace(packet, trailing_bytes=len(trailing))
+    assert _decode_layout(data, RECEIVED) == expected  # the fast path took it
+    assert both(data) == expected
+    zero_time = build_hep3(dataclasses.replace(packet, ts_sec=0), chunk_order=order)
+    assert _decode_layout(zero_time, RECEIVED) is None  # the receive time is the general path's rule
+    assert both(zero_time).ts_sec == RECEIVED_SPLIT[0]
+
+
 # --- corrupted input ------------------------------------------------------------------------------
 
 
 @st.composite
 def corrupted(draw: st.DrawFn) -> bytes:
     case = draw(hep3_cases())
-    base = draw(st.sampled_from(["hep3", "hep3", "hep3", "hep2", "random"]))
+    base = draw(st.sampled_from(["hep3", "hep3", "common", "common", "hep2", "random"]))
     if base == "hep3":
         packet, extras, order = case
         data = bytearray(build_hep3(packet, chunk_order=order, extra_chunks=extras))
+    elif base == "common":  # damage where decode reads a packet at once
+        order = draw(st.sampled_from(COMMON_ORDERS))
+        data = bytearray(build_hep3(draw(common_layouts()), chunk_order=order))
     elif base == "hep2":
         data = bytearray(build_hep2(draw(hep2_packets())))
     else:
@@ -322,6 +355,8 @@ def test_corrupted_input_never_raises_and_paths_agree(data: bytes) -> None:
     if isinstance(fast, BadPacket):
         assert not fast.reason.startswith("decoder error"), fast  # a bug, not a rejection
     both(data)  # same accept/reject, same packet when accepted
+    if data[:4] == b"HEP3":
+        assert fast == _decode_v3(data, RECEIVED)  # the common layouts' path changes nothing
 
 
 @pytest.mark.parametrize(
