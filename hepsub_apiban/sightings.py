@@ -76,9 +76,11 @@ _unlisted: dict[str, Verdict] = {}
 USERS = "\x1e"
 CALLS = "\x1f"
 _NO_SEPARATORS = str.maketrans({USERS: "\ufffd", CALLS: "\ufffd"})
-# Sighting._state bits.
+# Sighting._state bits (at most 15: a small int, shared by every sighting).
 _CHECKED = 1
 _FLAGGED = 2
+_USERS_FULL = 4  # the users sample has USER_SAMPLE values: a packet need not look further
+_CALLS_FULL = 8  # the highest bit: "_state < _CALLS_FULL" is the cheapest test on the packet path
 
 
 class Sighting:
@@ -121,14 +123,14 @@ class Sighting:
         self.actions: list[str | int] | None = None
         # Tuples: the empty one is shared, and the garbage collector stops tracking tuples of strings.
         self.user_agents = user_agents
-        self._samples = _packed(users, call_ids) if users or call_ids else ""
         self.verdict = verdict
         # Check mode: an upstream lookup for this IP is under way or done (_CHECKED); found hostile
-        # locally (_FLAGGED, the detection work sets it via Sightings.flag).
+        # locally (_FLAGGED, the detection work sets it via Sightings.flag); full samples.
         self._state = 0
-        # When last touched, in the store's own sequence (for most-recent-first listings): a float,
-        # 8 bytes smaller than an int.
-        self.order = 0.0
+        self._samples = ""
+        if users or call_ids:
+            self._pack(users, call_ids)
+        self.order = 0  # when last touched, in the store's own sequence (for most-recent-first listings)
         if methods:
             self.count(methods)
 
@@ -161,7 +163,7 @@ class Sighting:
 
     @call_ids.setter
     def call_ids(self, values: tuple[str, ...]) -> None:
-        self._samples = _packed(self.users, values)
+        self._pack(self.users, values)
 
     @property
     def users(self) -> tuple[str, ...]:
@@ -169,7 +171,36 @@ class Sighting:
 
     @users.setter
     def users(self, values: tuple[str, ...]) -> None:
-        self._samples = _packed(values, self.call_ids)
+        self._pack(values, self.call_ids)
+
+    def _pack(self, users: tuple[str, ...], call_ids: tuple[str, ...]) -> None:
+        self._samples = _packed(users, call_ids)
+        full = (_USERS_FULL if len(users) >= USER_SAMPLE else 0) | (
+            _CALLS_FULL if len(call_ids) >= CALL_ID_SAMPLE else 0
+        )
+        self._state = self._state & ~(_USERS_FULL | _CALLS_FULL) | full
+
+    def sample(self, separator: str, full: int, limit: int, value: str | None) -> None:
+        """``sampled`` for the samples string: ``value`` added to the users (``separator`` USERS,
+        ``full`` _USERS_FULL, ``limit`` USER_SAMPLE) or the Call-IDs (CALLS, _CALLS_FULL,
+        CALL_ID_SAMPLE) if there is room and it is not there yet."""
+        if not value or self._state & full:
+            return
+        samples = self._samples
+        held = samples.count(separator)  # values + 1, or 0 for none
+        if len(value) > SAMPLE_BYTES or not (value.isascii() and value.isprintable()):
+            value = _bounded(value)  # also replaces both separators (control characters)
+        if held and f"{separator}{value}{separator}" in samples:
+            return
+        if held >= limit:  # this value fills the sample
+            self._state |= full
+        if separator == CALLS:
+            self._samples = f"{samples}{value}{CALLS}" if held else f"{samples}{CALLS}{value}{CALLS}"
+        elif held:
+            end = samples.rfind(USERS) + 1
+            self._samples = f"{samples[:end]}{value}{USERS}{samples[end:]}"
+        else:
+            self._samples = f"{USERS}{value}{USERS}{samples}"
 
     @property
     def checked(self) -> bool:
@@ -243,26 +274,6 @@ def _unpacked(samples: str, separator: str) -> tuple[str, ...]:
     if start < 0:
         return ()
     return tuple(samples[start + 1 : samples.rfind(separator)].split(separator))
-
-
-def sampled_into(samples: str, separator: str, value: str | None, limit: int) -> str:
-    """``sampled`` for the samples string: ``value`` added to the users (``separator`` USERS) or
-    the Call-IDs (CALLS) if there is room and it is not there yet."""
-    if not value:
-        return samples
-    held = samples.count(separator)  # values + 1, or 0 for none
-    if held > limit:
-        return samples
-    if len(value) > SAMPLE_BYTES or not (value.isascii() and value.isprintable()):
-        value = _bounded(value)  # also replaces both separators (control characters)
-    if held and f"{separator}{value}{separator}" in samples:
-        return samples
-    if separator == CALLS:
-        return f"{samples}{value}{CALLS}" if held else f"{samples}{CALLS}{value}{CALLS}"
-    if not held:
-        return f"{USERS}{value}{USERS}{samples}"
-    end = samples.rfind(USERS) + 1
-    return f"{samples[:end]}{value}{USERS}{samples[end:]}"
 
 
 def _count(sighting: Sighting, action: str, n: int) -> None:
@@ -347,7 +358,7 @@ class Sightings:
         # Least recently seen first in each; a sighting is in exactly one of them.
         self._ordinary: OrderedDict[str, Sighting] = OrderedDict()
         self._protected: OrderedDict[str, Sighting] = OrderedDict()
-        self._sequence = count(1.0)
+        self._sequence = count(1)
         # When a listed address was last logged (at most one warning per ``log_every``): kept here
         # rather than in every sighting, as only listed ones are logged.
         self._logged: dict[str, float] = {}
@@ -414,9 +425,9 @@ class Sightings:
     def record(self, src_ip: str, dst_ip: str, sip: SipInfo, seen_at: float) -> None:
         """One SIP packet: the sender and the receiver are both sightings; the sender acted."""
         # The samples' usual case (the value is there already) is tested here, the rest of
-        # ``sampled_into``/``agents_sampled`` only when that fails: this is the packet path.
+        # ``Sighting.sample``/``agents_sampled`` only when that fails: this is the packet path.
         # The literals are USERS and CALLS (a global costs a lookup); a value holding its separator
-        # is not looked for (it cannot be there as it is: ``sampled_into`` cleans it).
+        # is not looked for (it cannot be there as it is: ``sample`` cleans it).
         call_id = sip.call_id
         enclosed = f"\x1f{call_id}\x1f" if call_id and "\x1f" not in call_id else None
         sender = self._touch(src_ip, seen_at)
@@ -424,8 +435,12 @@ class Sightings:
             if sip.status is None:
                 action = _METHOD_KEY.get(sip.method, OTHER_METHOD)
                 user = sip.from_user
-                if user and ("\x1e" in user or f"\x1e{user}\x1e" not in sender._samples):
-                    sender._samples = sampled_into(sender._samples, USERS, user, USER_SAMPLE)
+                if (
+                    user
+                    and ("\x1e" in user or f"\x1e{user}\x1e" not in sender._samples)
+                    and not sender._state & _USERS_FULL
+                ):
+                    sender.sample(USERS, _USERS_FULL, USER_SAMPLE, user)
             else:
                 # Responses count by status code ("401" answers to a scanner).
                 action = _STATUS_KEY.get(sip.status, "?")
@@ -440,13 +455,22 @@ class Sightings:
             agent = sip.user_agent
             if agent and agent not in sender.user_agents:
                 sender.user_agents = agents_sampled(sender.user_agents, agent)
-            if call_id and (enclosed is None or enclosed not in sender._samples):
-                sender._samples = sampled_into(sender._samples, CALLS, call_id, CALL_ID_SAMPLE)
+            if (
+                call_id
+                and sender._state < _CALLS_FULL
+                and (enclosed is None or enclosed not in sender._samples)
+            ):
+                sender.sample(CALLS, _CALLS_FULL, CALL_ID_SAMPLE, call_id)
             self._judge(sender)
         receiver = self._touch(dst_ip, seen_at)
         if receiver is not None:
-            if call_id and (enclosed is None or enclosed not in receiver._samples):
-                receiver._samples = sampled_into(receiver._samples, CALLS, call_id, CALL_ID_SAMPLE)
+            if (
+                call_id
+                and receiver._samples != enclosed  # (a lone Call-ID: the usual case, one comparison)
+                and receiver._state < _CALLS_FULL
+                and (enclosed is None or enclosed not in receiver._samples)
+            ):
+                receiver.sample(CALLS, _CALLS_FULL, CALL_ID_SAMPLE, call_id)
             self._judge(receiver)
 
     def add(
@@ -472,9 +496,9 @@ class Sightings:
         for value in user_agents:
             sighting.user_agents = agents_sampled(sighting.user_agents, value)
         for value in users:
-            sighting._samples = sampled_into(sighting._samples, USERS, value, USER_SAMPLE)
+            sighting.sample(USERS, _USERS_FULL, USER_SAMPLE, value)
         for value in call_ids:
-            sighting._samples = sampled_into(sighting._samples, CALLS, value, CALL_ID_SAMPLE)
+            sighting.sample(CALLS, _CALLS_FULL, CALL_ID_SAMPLE, value)
         self._judge(sighting)
         if sighting.listed:
             self.listed_packets += packets - 1  # _judge counted one

@@ -84,3 +84,19 @@ def test_the_flags_are_independent() -> None:
     sighting.checked = True
     sighting.flagged = False
     assert (sighting.checked, sighting.flagged, sighting.protected) == (True, False, False)
+
+
+def test_a_full_sample_set_from_tuples_takes_no_more_until_it_is_set_smaller() -> None:
+    sightings = store()
+    sightings.record(SENDER, RECEIVER, SipInfo(method="OPTIONS", call_id="first"), 1.0)
+    sender = sightings.get(SENDER)
+    assert sender is not None
+    ten = tuple(f"c{n}" for n in range(CALL_ID_SAMPLE))
+    sender.call_ids = ten
+    sightings.record(SENDER, RECEIVER, SipInfo(method="OPTIONS", call_id="eleventh", from_user="u"), 2.0)
+    assert (sender.call_ids, sender.users) == (ten, ("u",))
+    sender.call_ids = ten[:-1]
+    sightings.record(SENDER, RECEIVER, SipInfo(method="OPTIONS", call_id="tenth"), 3.0)
+    assert sender.call_ids == (*ten[:-1], "tenth")
+    sightings.record(SENDER, RECEIVER, SipInfo(method="OPTIONS", call_id="eleventh"), 4.0)
+    assert sender.call_ids == (*ten[:-1], "tenth")
