@@ -3,10 +3,11 @@
     python bench/sightings.py [--flood 1000000] [--capacity 100000]
 
 The step after decoding and SIP extraction: ``Sightings.record`` for one SIP REGISTER (sender and
-receiver), mirror mode with 20,000 listed addresses. Four cases: a known unlisted sender to the
-site's public address, the same to a private address, a known listed sender, and a flood where every
-packet comes from a new spoofed source into a full store (``--capacity``), after one listed sender
-was seen. Beside each, the floor a bare ``OrderedDict``
+receiver), mirror mode with 20,000 listed addresses. Five cases: a known unlisted sender to the
+site's public address, the same to a private address, a known listed sender, a known sender with a
+new Call-ID in every packet (both Call-ID samples full, as the site's SBC's is in real traffic), and
+a flood where every packet comes from a new spoofed source into a full store (``--capacity``), after
+one listed sender was seen. Beside each, the floor a bare ``OrderedDict``
 LRU needs for the same bookkeeping (probe + move to end; insert + evict), measured in the same run.
 The flood also reports whether the listed sender is still remembered and the growth of the
 process' peak RSS. Run it against another checkout with ``PYTHONPATH=<checkout>`` to compare.
@@ -87,6 +88,18 @@ def floor_flood(keys: list[str], capacity: int) -> float:
     return (time.perf_counter() - start) / len(keys)
 
 
+def new_call_ids(sightings: Sightings, infos: list[SipInfo]) -> float:
+    """Seconds per packet from one sender, each with its own Call-ID, best of 5 passes."""
+    record = sightings.record
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for info in infos:
+            record("45.33.2.3", DST, info, 1.0)
+        best = min(best, (time.perf_counter() - start) / len(infos))
+    return best
+
+
 def flood(sightings: Sightings, info: SipInfo, sources: list[str], survivor: str) -> tuple[float, bool]:
     sightings.record(survivor, DST, info, 1.0)
     record = sightings.record
@@ -107,6 +120,8 @@ async def measure(args: argparse.Namespace) -> list[list[str]]:
     unlisted_cost = per_call(lambda: steady.record("45.33.2.1", DST, info, 1.0))
     private_cost = per_call(lambda: steady.record("45.33.2.1", PRIVATE_DST, info, 1.0))
     listed_cost = per_call(lambda: steady.record(listed[0], DST, info, 1.0))
+    calls = [parse_sip(REGISTER.replace(b"bench-1@", f"bench-{n}@".encode())) for n in range(20_000)]
+    new_call_cost = new_call_ids(steady, [c for c in calls if c is not None])
     repeat_floor = floor_repeat()
     sources = spoofed(args.flood)
     before = peak_rss_kib()
@@ -122,6 +137,8 @@ async def measure(args: argparse.Namespace) -> list[list[str]]:
          f"{repeat_floor * us:.2f} us", f"{private_cost / repeat_floor:.1f} x", "-"],
         ["known listed sender + public receiver", f"{listed_cost * us:.2f} us", f"{repeat_floor * us:.2f} us",
          f"{listed_cost / repeat_floor:.1f} x", "-"],
+        ["known sender, new Call-ID each", f"{new_call_cost * us:.2f} us", f"{repeat_floor * us:.2f} us",
+         f"{new_call_cost / repeat_floor:.1f} x", "-"],
         [f"flood: {args.flood:,} new spoofed senders, cap {args.capacity:,}", f"{flood_cost * us:.2f} us",
          f"{flood_floor * us:.2f} us", f"{flood_cost / flood_floor:.1f} x",
          f"{'yes' if survived else 'NO'}; kept {len(flooded):,}, peak RSS +{grown / 1024:.0f} MiB"],

@@ -1,17 +1,22 @@
 """Memory per sighting: RSS growth of a fresh process that fills a ``Sightings`` to its cap.
 
-    python bench/sightings_memory.py [--sightings 100000]
+    python bench/sightings_memory.py [--sightings 100000] [--churn 0]
 
 Traffic as a site's phones make it: each phone (a distinct public address) registers (REGISTER,
 401, REGISTER with credentials, 200), some also send OPTIONS or SUBSCRIBE and some place a call
 (INVITE), so a sender has 1-3 methods, one user agent out of 12 models, 1-3 Call-IDs and 1-2
 users. Every packet goes through ``parse_sip`` from its bytes, so each sampled value is a fresh
-string as it is on the packet path. Mirror mode with 20,000 listed addresses (none of the phones).
+string as it is on the packet path, and so are the two addresses (the HEP decoder's text). Mirror
+mode with 20,000 listed addresses (none of the phones).
 
 The RSS figure comes from a child process (``--child``): ``/proc/self/statm`` after
 ``gc.collect()`` before the store is created and after it holds every phone, divided by the number
 of sightings; no tracemalloc runs there. The breakdown then walks the store with
 ``sys.getsizeof`` (each object counted once, so a string shared by many sightings counts once).
+
+``--churn N``: N more phones after the store is full, each replacing the least recently seen one,
+as a long-running agent's store is: the figure then includes what replacing costs (the dict's
+entry table used up by deletions and inserts, allocator pools left part-used).
 """
 
 from __future__ import annotations
@@ -90,13 +95,16 @@ def statm_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def fill(count: int) -> tuple[Sightings, int]:
-    """A store with ``count`` phones in it, and the RSS it added (bytes)."""
+def fill(count: int, churn: int = 0) -> tuple[Sightings, int]:
+    """A store with ``count`` phones in it (after ``churn`` more replaced as many), and the RSS it
+    added (bytes)."""
     mirror = Mirror()
-    mirror.add(public_ips(20_000, seed=11), "1700000000", 1.0)
+    listed = public_ips(20_000, seed=11)
+    mirror.add(listed, "1700000000", 1.0)
     mirror.last_full_sync = 1.0
     lookups = LookupService(None, NetworkSet(), mirror=mirror)
-    phones = [ip for ip in public_ips(count + 1000, seed=29) if ip != SERVER][:count]
+    skip = {SERVER, *listed}
+    phones = [ip for ip in public_ips(count + churn + 1000, seed=29) if ip not in skip][: count + churn]
     rng = random.Random(7)
     gc.collect()
     before = statm_bytes()
@@ -107,7 +115,8 @@ def fill(count: int) -> tuple[Sightings, int]:
             info = parse_sip(raw)
             assert info is not None
             seen_at += 0.001
-            sightings.record(src, dst, info, seen_at)
+            # Fresh address strings, as the decoder makes them (the store keeps the first one).
+            sightings.record(src.encode().decode(), dst.encode().decode(), info, seen_at)
     del phones
     gc.collect()
     return sightings, statm_bytes() - before
@@ -147,8 +156,8 @@ def _walk(size: Any, name: str, value: object) -> None:
             _walk(size, f"{name} (items)", item)
 
 
-def child(count: int) -> None:
-    sightings, grown = fill(count)
+def child(count: int, churn: int) -> None:
+    sightings, grown = fill(count, churn)
     result = {"sightings": len(sightings), "rss": grown, "parts": breakdown(sightings)}
     print(json.dumps(result))
 
@@ -158,13 +167,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sightings", type=int, default=100_000)
+    parser.add_argument("--churn", type=int, default=0, help="phones replacing others once the store is full")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.sightings)
+        child(args.sightings, args.churn)
         return
     output = subprocess.run(
-        [sys.executable, __file__, "--child", "--sightings", str(args.sightings)],
+        [sys.executable, __file__, "--child", "--sightings", str(args.sightings), "--churn", str(args.churn)],
         check=True,
         capture_output=True,
         text=True,
@@ -173,7 +183,8 @@ def main() -> None:
     per = result["rss"] / result["sightings"]
     print(f"machine: {machine()}")
     print(
-        f"{result['sightings']:,} sightings: RSS +{result['rss'] / 2**20:.1f} MiB, {per:,.0f} B per sighting"
+        f"{result['sightings']:,} sightings (after {args.churn:,} replaced): "
+        f"RSS +{result['rss'] / 2**20:.1f} MiB, {per:,.0f} B per sighting"
     )
     rows = sorted(result["parts"].items(), key=lambda item: -item[1])
     listed = sum(value for _, value in rows)

@@ -69,24 +69,33 @@ USER_AGENT_TABLE = 4096
 _agents: dict[str, tuple[str]] = {}
 # An unlisted answer says nothing about the address itself: one shared object per kind.
 _unlisted: dict[str, Verdict] = {}
-Sample = str | tuple[str, ...]  # a sample of one value is the value itself
+# The sampled users and Call-IDs of an address are one string (a tuple and a string per value
+# cost about 120 bytes more for a phone): each user is enclosed in USERS, each Call-ID in CALLS,
+# the users first, e.g. "\x1e100\x1e\x1fa@b\x1fc@d\x1f". A sampled value holds no control character
+# (``sampled`` replaces them), so the enclosed value is found by one substring search.
+USERS = "\x1e"
+CALLS = "\x1f"
+_NO_SEPARATORS = str.maketrans({USERS: "\ufffd", CALLS: "\ufffd"})
+# Sighting._state bits (at most 15: a small int, shared by every sighting).
+_CHECKED = 1
+_FLAGGED = 2
+_USERS_FULL = 4  # the users sample has USER_SAMPLE values: a packet need not look further
+_CALLS_FULL = 8  # the highest bit: "_state < _CALLS_FULL" is the cheapest test on the packet path
 
 
 class Sighting:
     """One address. Kept lean, as the store holds up to ``sightings.max`` of them: what it sent as
     a flat list ``[action, count, ...]`` (a Counter costs 200 bytes), shared strings for actions and
-    user agents, one shared verdict per kind of unlisted answer (bench/sightings_memory.py)."""
+    user agents, one shared verdict per kind of unlisted answer, the users and Call-IDs in one
+    string, two flags in one int (bench/sightings_memory.py)."""
 
     __slots__ = (
-        "_call_ids",
-        "_users",
+        "_samples",
+        "_state",
         "actions",
-        "checked",
         "first_seen",
-        "flagged",
         "ip",
         "last_seen",
-        "logged_at",
         "order",
         "packets",
         "user_agents",
@@ -114,13 +123,13 @@ class Sighting:
         self.actions: list[str | int] | None = None
         # Tuples: the empty one is shared, and the garbage collector stops tracking tuples of strings.
         self.user_agents = user_agents
-        # One value (most addresses have one user, many one Call-ID) is kept bare, not in a tuple.
-        self._call_ids: Sample = _one(call_ids)
-        self._users: Sample = _one(users)
         self.verdict = verdict
-        self.logged_at: float | None = None  # when this IP was last logged as listed
-        self.checked = False  # check mode: an upstream lookup for this IP is under way or done
-        self.flagged = False  # found hostile locally (the detection work sets it via Sightings.flag)
+        # Check mode: an upstream lookup for this IP is under way or done (_CHECKED); found hostile
+        # locally (_FLAGGED, the detection work sets it via Sightings.flag); full samples.
+        self._state = 0
+        self._samples = ""
+        if users or call_ids:
+            self._pack(users, call_ids)
         self.order = 0  # when last touched, in the store's own sequence (for most-recent-first listings)
         if methods:
             self.count(methods)
@@ -150,21 +159,64 @@ class Sighting:
 
     @property
     def call_ids(self) -> tuple[str, ...]:
-        stored = self._call_ids
-        return (stored,) if stored.__class__ is str else stored  # type: ignore[return-value]
+        return _unpacked(self._samples, CALLS)
 
     @call_ids.setter
     def call_ids(self, values: tuple[str, ...]) -> None:
-        self._call_ids = _one(values)
+        self._pack(self.users, values)
 
     @property
     def users(self) -> tuple[str, ...]:
-        stored = self._users
-        return (stored,) if stored.__class__ is str else stored  # type: ignore[return-value]
+        return _unpacked(self._samples, USERS)
 
     @users.setter
     def users(self, values: tuple[str, ...]) -> None:
-        self._users = _one(values)
+        self._pack(values, self.call_ids)
+
+    def _pack(self, users: tuple[str, ...], call_ids: tuple[str, ...]) -> None:
+        self._samples = _packed(users, call_ids)
+        full = (_USERS_FULL if len(users) >= USER_SAMPLE else 0) | (
+            _CALLS_FULL if len(call_ids) >= CALL_ID_SAMPLE else 0
+        )
+        self._state = self._state & ~(_USERS_FULL | _CALLS_FULL) | full
+
+    def sample(self, separator: str, full: int, limit: int, value: str | None) -> None:
+        """``sampled`` for the samples string: ``value`` added to the users (``separator`` USERS,
+        ``full`` _USERS_FULL, ``limit`` USER_SAMPLE) or the Call-IDs (CALLS, _CALLS_FULL,
+        CALL_ID_SAMPLE) if there is room and it is not there yet."""
+        if not value or self._state & full:
+            return
+        samples = self._samples
+        held = samples.count(separator)  # values + 1, or 0 for none
+        if len(value) > SAMPLE_BYTES or not (value.isascii() and value.isprintable()):
+            value = _bounded(value)  # also replaces both separators (control characters)
+        if held and f"{separator}{value}{separator}" in samples:
+            return
+        if held >= limit:  # this value fills the sample
+            self._state |= full
+        if separator == CALLS:
+            self._samples = f"{samples}{value}{CALLS}" if held else f"{samples}{CALLS}{value}{CALLS}"
+        elif held:
+            end = samples.rfind(USERS) + 1
+            self._samples = f"{samples[:end]}{value}{USERS}{samples[end:]}"
+        else:
+            self._samples = f"{USERS}{value}{USERS}{samples}"
+
+    @property
+    def checked(self) -> bool:
+        return bool(self._state & _CHECKED)
+
+    @checked.setter
+    def checked(self, value: bool) -> None:
+        self._state = self._state | _CHECKED if value else self._state & ~_CHECKED
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self._state & _FLAGGED)
+
+    @flagged.setter
+    def flagged(self, value: bool) -> None:
+        self._state = self._state | _FLAGGED if value else self._state & ~_FLAGGED
 
     @property
     def listed(self) -> bool | None:
@@ -173,7 +225,7 @@ class Sighting:
     @property
     def protected(self) -> bool:
         """Kept while any unprotected sighting is left to forget."""
-        return self.flagged or (self.verdict is not None and self.verdict.listed is True)
+        return bool(self._state & _FLAGGED) or (self.verdict is not None and self.verdict.listed is True)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -206,19 +258,22 @@ class Sighting:
         }
 
 
-def _one(values: tuple[str, ...]) -> Sample:
-    return values[0] if len(values) == 1 else values
+def _packed(users: Iterable[str], call_ids: Iterable[str]) -> str:
+    """The samples string of ``users`` and ``call_ids``; a separator in a value (only a value
+    sampled elsewhere can hold one) is replaced as ``sampled`` replaces control characters."""
+    users = [value.translate(_NO_SEPARATORS) for value in users]
+    call_ids = [value.translate(_NO_SEPARATORS) for value in call_ids]
+    return (
+        (f"{USERS}{USERS.join(users)}{USERS}" if users else "")
+        + (f"{CALLS}{CALLS.join(call_ids)}{CALLS}" if call_ids else "")
+    )  # fmt: skip
 
 
-def sampled_bare(stored: Sample, value: str | None, limit: int) -> Sample:
-    """``sampled`` for a sample kept as its value alone while it has one."""
-    if stored.__class__ is str:
-        if value == stored or not value:
-            return stored
-        added = sampled((stored,), value, limit)
-        return stored if len(added) == 1 else added
-    added = sampled(stored, value, limit)  # type: ignore[arg-type]
-    return added[0] if len(added) == 1 else added
+def _unpacked(samples: str, separator: str) -> tuple[str, ...]:
+    start = samples.find(separator)
+    if start < 0:
+        return ()
+    return tuple(samples[start + 1 : samples.rfind(separator)].split(separator))
 
 
 def _count(sighting: Sighting, action: str, n: int) -> None:
@@ -304,6 +359,11 @@ class Sightings:
         self._ordinary: OrderedDict[str, Sighting] = OrderedDict()
         self._protected: OrderedDict[str, Sighting] = OrderedDict()
         self._sequence = count(1)
+        # When a listed address was last logged (at most one warning per ``log_every``): kept here
+        # rather than in every sighting, as only listed ones are logged.
+        self._logged: dict[str, float] = {}
+        # The parsed address of the sighting created last, until its first verdict.
+        self._fresh: Addr | None = None
         self._listed = 0
         self._checks: set[asyncio.Task[None]] = set()
         self._starting = 0  # check tasks created that have not asked the lookup service yet
@@ -364,15 +424,27 @@ class Sightings:
 
     def record(self, src_ip: str, dst_ip: str, sip: SipInfo, seen_at: float) -> None:
         """One SIP packet: the sender and the receiver are both sightings; the sender acted."""
+        # The samples' usual case (the value is there already) is tested here, the rest of
+        # ``Sighting.sample``/``agents_sampled`` only when that fails: this is the packet path.
+        # The literals are USERS and CALLS (a global costs a lookup); a value holding its separator
+        # is not looked for (it cannot be there as it is: ``sample`` cleans it).
+        call_id = sip.call_id
+        enclosed = f"\x1f{call_id}\x1f" if call_id and "\x1f" not in call_id else None
         sender = self._touch(src_ip, seen_at)
         if sender is not None:
             if sip.status is None:
                 action = _METHOD_KEY.get(sip.method, OTHER_METHOD)
-                sender._users = sampled_bare(sender._users, sip.from_user, USER_SAMPLE)
+                user = sip.from_user
+                if (
+                    user
+                    and ("\x1e" in user or f"\x1e{user}\x1e" not in sender._samples)
+                    and not sender._state & _USERS_FULL
+                ):
+                    sender.sample(USERS, _USERS_FULL, USER_SAMPLE, user)
             else:
                 # Responses count by status code ("401" answers to a scanner).
                 action = _STATUS_KEY.get(sip.status, "?")
-            actions = sender.actions  # _count inlined: this is the packet path
+            actions = sender.actions  # _count inlined
             if actions is None:
                 sender.actions = [action, 1]
             else:
@@ -380,12 +452,25 @@ class Sightings:
                     actions[actions.index(action) + 1] += 1  # type: ignore[operator]
                 except ValueError:
                     sender.actions = actions + [action, 1]  # noqa: RUF005  (exact size, where [*a, b] over-allocates)
-            sender.user_agents = agents_sampled(sender.user_agents, sip.user_agent)
-            sender._call_ids = sampled_bare(sender._call_ids, sip.call_id, CALL_ID_SAMPLE)
+            agent = sip.user_agent
+            if agent and agent not in sender.user_agents:
+                sender.user_agents = agents_sampled(sender.user_agents, agent)
+            if (
+                call_id
+                and sender._state < _CALLS_FULL
+                and (enclosed is None or enclosed not in sender._samples)
+            ):
+                sender.sample(CALLS, _CALLS_FULL, CALL_ID_SAMPLE, call_id)
             self._judge(sender)
         receiver = self._touch(dst_ip, seen_at)
         if receiver is not None:
-            receiver._call_ids = sampled_bare(receiver._call_ids, sip.call_id, CALL_ID_SAMPLE)
+            if (
+                call_id
+                and receiver._samples != enclosed  # (a lone Call-ID: the usual case, one comparison)
+                and receiver._state < _CALLS_FULL
+                and (enclosed is None or enclosed not in receiver._samples)
+            ):
+                receiver.sample(CALLS, _CALLS_FULL, CALL_ID_SAMPLE, call_id)
             self._judge(receiver)
 
     def add(
@@ -411,18 +496,19 @@ class Sightings:
         for value in user_agents:
             sighting.user_agents = agents_sampled(sighting.user_agents, value)
         for value in users:
-            sighting._users = sampled_bare(sighting._users, value, USER_SAMPLE)
+            sighting.sample(USERS, _USERS_FULL, USER_SAMPLE, value)
         for value in call_ids:
-            sighting._call_ids = sampled_bare(sighting._call_ids, value, CALL_ID_SAMPLE)
+            sighting.sample(CALLS, _CALLS_FULL, CALL_ID_SAMPLE, value)
         self._judge(sighting)
         if sighting.listed:
             self.listed_packets += packets - 1  # _judge counted one
 
     def _touch(self, ip: str, seen_at: float) -> Sighting | None:
         # The decoder's text is canonical in all but odd cases, so the first probe usually hits.
-        sighting = self._ordinary.get(ip)
+        ordinary = self._ordinary
+        sighting = ordinary.get(ip)
         if sighting is not None:
-            self._ordinary.move_to_end(ip)
+            ordinary.move_to_end(ip)
         else:
             sighting = self._protected.get(ip)
             if sighting is not None:
@@ -432,8 +518,9 @@ class Sightings:
                 if sighting is None:
                     return None
         sighting.order = next(self._sequence)
-        if self.touched is not None:
-            self.touched.add(sighting.ip)
+        touched = self.touched
+        if touched is not None:
+            touched.add(sighting.ip)
         if seen_at > sighting.last_seen:
             sighting.last_seen = seen_at
         sighting.packets += 1
@@ -454,6 +541,7 @@ class Sightings:
         if len(self._ordinary) + len(self._protected) >= self.capacity:
             self._evict()
         sighting = Sighting(key, address, seen_at, seen_at)
+        self._fresh = address
         if self.detected is not None and self.detected(key):
             sighting.flagged = True  # detected before it was (again) remembered: after a restart
             self._protected[key] = sighting
@@ -470,15 +558,22 @@ class Sightings:
             if sighting.listed:
                 self._listed -= 1
         self.evicted += 1
+        if self._logged:
+            self._logged.pop(key, None)
         if self.touched is not None and key in self.touched:
             self.touched.discard(key)
             self.evicted_unwritten += 1
 
     def _judge(self, sighting: Sighting) -> None:
         before = sighting.verdict
-        # Every packet asks again (an address listed after it was first seen is flagged on its next
-        # packet); an answer that cannot have changed comes back as the same object, cheaply.
-        verdict = self._lookups.answer_again(sighting.ip, before)
+        if before is None and (fresh := self._fresh) is not None and fresh.text is sighting.ip:
+            # Just created: the address parsed to key it gives its first answer (not parsed again).
+            self._fresh = None
+            verdict = self._lookups.answer_now(fresh)
+        else:
+            # Every packet asks again (an address listed after it was first seen is flagged on its
+            # next packet); an answer that cannot have changed comes back as the same object, cheaply.
+            verdict = self._lookups.answer_again(sighting.ip, before)
         if verdict is None:
             self._check_later(sighting)
             return
@@ -486,7 +581,9 @@ class Sightings:
             self._take_verdict(sighting, verdict)
         if verdict.listed:
             self.listed_packets += 1
-            self._log_listed(sighting)
+            logged_at = self._logged.get(sighting.ip)  # _log_listed's own test, without the call
+            if logged_at is None or self._clock() - logged_at >= self._log_every:
+                self._log_listed(sighting)
 
     def _take_verdict(self, sighting: Sighting, verdict: Verdict) -> None:
         """Set a new verdict; a change of listed moves the sighting between the two orders."""
@@ -536,9 +633,10 @@ class Sightings:
 
     def _log_listed(self, sighting: Sighting) -> None:
         now = self._clock()
-        if sighting.logged_at is not None and now - sighting.logged_at < self._log_every:
+        logged_at = self._logged.get(sighting.ip)
+        if logged_at is not None and now - logged_at < self._log_every:
             return
-        sighting.logged_at = now
+        self._logged[sighting.ip] = now
         # Method keys are from a fixed set; user agents and the ID came from the network.
         methods = ", ".join(f"{m} x{n}" for m, n in sighting.methods.most_common(5))
         log.warning(

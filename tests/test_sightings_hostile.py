@@ -153,7 +153,7 @@ def test_shared_user_agents_stay_bounded_and_samples_read_the_same(monkeypatch: 
         store.record(forged, SBC, SipInfo(method="OPTIONS", user_agent=f"forged-{n}"), 2.0)
     assert len(sightings_module._agents) == 100  # a full table keeps further agents per address
     assert store.get("46.0.1.243").user_agents == ("forged-499",)  # type: ignore[union-attr]
-    # One sampled value is kept bare; what is read back is the same tuple either way.
+    # The samples are kept packed in one string; what is read back is a tuple of them.
     store.record(phones[0], SBC, SipInfo(method="INVITE", call_id="c-2", from_user="100"), 3.0)
     assert (first.users, first.call_ids) == (("100",), (f"c-{phones[0]}", "c-2"))
     assert first.methods == {"REGISTER": 1, "INVITE": 1}
