@@ -13,8 +13,11 @@ phone known, the server learned, the scanners detected). Then the rates go up, a
 each; at each rate every receiver that has not lost a packet yet gets the same traffic in turn,
 so the machine's noise falls on both agents alike; then ``--refine`` halvings of the gap between
 each receiver's highest loss-free rate and its first lossy one. A rate is loss-free when every
-packet offered was counted. Beside it, each agent's CPU time per packet (user + system, from
-/proc), compared at the rates both agents kept up with. ``--rounds N`` repeats the rate search and
+packet offered was counted; a rate the sender could not reach counts as what it really offered
+(its ceiling on this machine, about 230,000/s), and a bare receiver that lost nothing at any rate
+is reported as at least that, so the agent / bare ratios printed are then upper bounds. Beside
+it, each agent's CPU time per packet (user + system, from /proc), compared at the rates both
+agents kept up with. ``--rounds N`` repeats the rate search and
 reports medians. Before all this, the same traffic goes through the collector's datagram path in
 process, detection off and on (best of 5 cycles): the steadiest ratio on a shared machine.
 ``--stages`` does only that, by stage (decode, SIP, sightings, detection, the whole path), before
@@ -493,10 +496,16 @@ class Receiver:
     pid: int | None = None  # an agent's, for its CPU time and RSS
     http_port: int = 0
     best: list[int] = field(default_factory=list)  # the highest loss-free rate of each round
+    lost_any: bool = False  # lost packets at some rate: its best is its limit, not the sender's
     cpu_per_packet: dict[tuple[int, int], float] = field(default_factory=dict)  # (round, rate) -> us
 
 
 async def offer(port: int, rate: float, seconds: float, packets_file: Path) -> int:
+    return (await offer_timed(port, rate, seconds, packets_file))[0]
+
+
+async def offer_timed(port: int, rate: float, seconds: float, packets_file: Path) -> tuple[int, float]:
+    """Packets sent and the seconds the sender took (more than ``seconds`` when it fell behind)."""
     argv = pinned(LOAD_CORE, [PYTHON, "-c", SENDER, str(port), str(rate), str(seconds), str(packets_file)])
     process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     out, _ = await process.communicate()
@@ -506,7 +515,7 @@ async def offer(port: int, rate: float, seconds: float, packets_file: Path) -> i
             f"  (sender fell behind at {rate:,.0f}/s: {sent.decode()} in {float(elapsed):.2f} s)",
             file=sys.stderr,
         )
-    return int(sent)
+    return int(sent), float(elapsed)
 
 
 def bare_count(port: int) -> int:
@@ -576,8 +585,10 @@ async def step(
     """``rate`` offered to ``receiver`` for ``seconds``: its row added; True when packets were lost."""
     before = await settle(receiver.count)
     cpu_before = cpu_seconds(receiver.pid) if receiver.pid else 0.0
-    sent = await offer(receiver.port, rate, seconds, packets)
+    sent, elapsed = await offer_timed(receiver.port, rate, seconds, packets)
     received = await settle(receiver.count) - before
+    # What was really offered: a sender that fell behind offered less than asked (its ceiling).
+    offered = rate if elapsed <= seconds * 1.1 else min(rate, int(sent / elapsed))
     lost, cpu = sent - received, ""
     if receiver.pid:
         used = (cpu_seconds(receiver.pid) - cpu_before) / max(received, 1) * 1e6
@@ -585,9 +596,12 @@ async def step(
             receiver.cpu_per_packet[(round_, rate)] = used
         cpu = f"{used:.1f} us"
     loss = f"{lost / sent * 100:.2f} %"
-    rows.append([str(round_), receiver.name, f"{rate:,}", f"{sent:,}", f"{received:,}", loss, cpu])
+    shown = f"{rate:,}" if offered == rate else f"{offered:,} (asked {rate:,})"
+    rows.append([str(round_), receiver.name, shown, f"{sent:,}", f"{received:,}", loss, cpu])
     if not lost:
-        receiver.best[-1] = max(receiver.best[-1], rate)
+        receiver.best[-1] = max(receiver.best[-1], offered)
+    else:
+        receiver.lost_any = True
     return lost > 0
 
 
@@ -763,6 +777,18 @@ def print_rates(
     print(table(headers, summary))
     if all(off.best):
         print(f"loss-free rate, detection on / off (medians): {median(on.best) / median(off.best):.2f}")
+    if all(bare.best):
+        bound = (
+            ""
+            if bare.lost_any
+            else " (upper bounds: the bare receiver lost nothing at any rate, so its figure is the most "
+            "the sender offered, not its limit)"
+        )
+        base = median(bare.best)
+        print(
+            f"loss-free rate against the bare receiver (medians): detection off "
+            f"{median(off.best) / base:.2f}, detection on {median(on.best) / base:.2f}{bound}"
+        )
     if both:
         cpu_ratio = median(off.cpu_per_packet[key] / on.cpu_per_packet[key] for key in both)
         print(
