@@ -95,3 +95,19 @@ def rss_kib(pid: int) -> int:
 
 
 PYTHON = sys.executable
+
+
+def agent_env(feed_url: str, state: Path, port: int, log_level: str = "warning") -> dict[str, str]:
+    """The environment of a benchmarked ``serve``: the bench key, the state dir holding its
+    snapshot, HTTP on loopback at ``port``, no HEP listeners."""
+    return {
+        **os.environ,
+        "HEPSUB_APIBAN_URL": feed_url,
+        "HEPSUB_APIBAN_KEY": BENCH_KEY,
+        "HEPSUB_STATE_DIR": str(state),
+        "HEPSUB_AGENT_BIND": "127.0.0.1",
+        "HEPSUB_AGENT_PORT": str(port),
+        "HEPSUB_HEP_UDP": "",
+        "HEPSUB_HEP_TCP": "",
+        "HEPSUB_LOG_LEVEL": log_level,
+    }

@@ -41,7 +41,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiohttp import web
-from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, table, write_snapshot
+from common import BENCH_KEY, PYTHON, agent_env, free_port, machine, pinned, public_ips, table, write_snapshot
 
 from hepsub_apiban.app import create_app
 from hepsub_apiban.config import load_settings
@@ -186,20 +186,6 @@ async def check_agent(agent: str, listed: list[str], clean: list[str]) -> bytes:
     assert sorted(answer["check@bench"]["listed"]) == sorted(listed[:5]), answer
     assert {answer[ip]["source"] for ip in listed[:5] + clean[:5]} == {"mirror"}, answer
     return raw
-
-
-def agent_env(feed_url: str, state: Path, port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HEPSUB_APIBAN_URL": feed_url,
-        "HEPSUB_APIBAN_KEY": BENCH_KEY,
-        "HEPSUB_STATE_DIR": str(state),
-        "HEPSUB_AGENT_BIND": "127.0.0.1",
-        "HEPSUB_AGENT_PORT": str(port),
-        "HEPSUB_HEP_UDP": "",
-        "HEPSUB_HEP_TCP": "",
-        "HEPSUB_LOG_LEVEL": "warning",
-    }
 
 
 async def in_process(feed_url: str, state: Path, bodies: list[bytes]) -> dict[str, float]:

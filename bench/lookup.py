@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import os
 import random
 import tempfile
 import time
@@ -23,7 +22,7 @@ import timeit
 from pathlib import Path
 
 import aiohttp
-from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
+from common import PYTHON, agent_env, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
 
 from hepsub_apiban.addresses import NetworkSet, parse_ip
 from hepsub_apiban.lookups import LookupService
@@ -76,17 +75,7 @@ async def rss_after_load(listed_count: int) -> int:
         state = Path(tmp) / "state"
         write_snapshot(state, feed_url, public_ips(listed_count, seed=3) if listed_count else [], time.time())
         port = free_port()
-        env = {
-            **os.environ,
-            "HEPSUB_APIBAN_URL": feed_url,
-            "HEPSUB_APIBAN_KEY": BENCH_KEY,
-            "HEPSUB_STATE_DIR": str(state),
-            "HEPSUB_AGENT_BIND": "127.0.0.1",
-            "HEPSUB_AGENT_PORT": str(port),
-            "HEPSUB_HEP_UDP": "",
-            "HEPSUB_HEP_TCP": "",
-            "HEPSUB_LOG_LEVEL": "error",
-        }
+        env = agent_env(feed_url, state, port, log_level="error")
         argv = pinned(SERVER_CORE, [PYTHON, "-m", "hepsub_apiban", "serve"])
         process = await asyncio.create_subprocess_exec(*argv, env=env)
         try:
