@@ -127,11 +127,17 @@ def _start_line(line: bytes) -> tuple[str | None, int | None]:
 def _headers(lines: list[bytes]) -> dict[bytes, list[bytes]]:
     headers: dict[bytes, list[bytes]] = {}
     last: list[bytes] | None = None
+    folded: list[tuple[list[bytes], int, list[bytes]]] = []  # (a header's values, which one, its parts)
     for line in lines:
         first = line[:1]
         if first in (b" ", b"\t"):
             if last:
-                last[-1] += b" " + line.strip()  # folded continuation line
+                # A folded continuation line. The parts are joined once at the end: adding them
+                # one by one copies the value each time, quadratic in a 64 KB run of folds.
+                at = len(last) - 1
+                if not folded or folded[-1][0] is not last or folded[-1][1] != at:
+                    folded.append((last, at, [last[at]]))
+                folded[-1][2].append(line.strip())
             continue
         if first not in _FIRST_LETTERS:  # most headers: skipped without splitting them
             last = None
@@ -147,6 +153,8 @@ def _headers(lines: list[bytes]) -> dict[bytes, list[bytes]]:
             continue
         last = headers.setdefault(key, [])
         last.append(value.strip())
+    for values, at, parts in folded:
+        values[at] = b" ".join(parts)
     return headers
 
 

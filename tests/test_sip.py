@@ -124,3 +124,34 @@ def test_credentials_and_their_nonce_and_the_challenge_nonce() -> None:
     )
     assert plain is not None
     assert (plain.credentials, plain.nonce, plain.from_name, plain.cseq) == (False, None, None, None)
+
+
+def test_folded_lines_join_into_the_value_they_continue() -> None:
+    # The bottom Via is the last Via value; each fold joins its own value, a header met again
+    # starts a new one, another header's folds in between change nothing.
+    payload = (
+        b"INVITE sip:100@pbx SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.1\r\n"
+        b"  ;branch=z9hG4bKtop\r\n"
+        b"From: <sip:200@pbx>\r\n"
+        b"\t;tag=1\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.2\r\n"
+        b" ;received=198.51.100.7\r\n"
+        b"\t;rport=5070\r\n"
+        b"User-Agent: folded\r\n"
+        b" phone 1.0\r\n"
+        b"\r\n"
+    )
+    info = parse_sip(payload)
+    assert info is not None
+    assert (info.branch, info.via_received, info.via_rport) == ("z9hG4bKtop", "198.51.100.7", 5070)
+    assert (info.from_user, info.user_agent) == ("200", "folded phone 1.0")
+
+
+def test_a_long_run_of_folds_keeps_every_part() -> None:
+    # 5,000 folds, then the parameter the agent reads: found only if every part was joined.
+    folds = b"".join(b" ;p%d=v\r\n" % n for n in range(5000))
+    payload = b"OPTIONS sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.3\r\n" + folds + b" ;rport=5099\r\n\r\n"
+    info = parse_sip(payload)
+    assert info is not None
+    assert info.via_rport == 5099
