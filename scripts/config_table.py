@@ -1,7 +1,8 @@
-"""Print the README's configuration table from ``hepsub_apiban.config.KEYS``.
+"""Print the configuration table of docs/configuration.md from ``hepsub_apiban.config.KEYS``.
 
-Usage: ``.venv/bin/python scripts/config_table.py``, then paste the output into README.md,
-so the table cannot drift from the settings the code actually reads.
+Usage: ``.venv/bin/python scripts/config_table.py``, then paste the output into
+docs/configuration.md (tests/test_docs.py checks it is there), so the table cannot drift from the
+settings the code actually reads.
 """
 
 from __future__ import annotations

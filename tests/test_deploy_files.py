@@ -52,6 +52,8 @@ KAMAILIO_CFG = ROOT / "config" / "kamailio-siptrace.cfg"
 HEPLIFY_DOC = ROOT / "config" / "heplify.md"
 DOCKERFILE = ROOT / "Dockerfile"
 README = ROOT / "README.md"
+RUNNING_DOC = ROOT / "docs" / "compose.md"  # the container, docker compose, systemd
+SITE_DOC = ROOT / "docs" / "site-api.md"
 # heplify-server has the default HEP port, 9060, on the HOMER host: every example that runs the
 # agent takes HEP on this one on the host instead.
 HOST_HEP_PORT = 9061
@@ -589,8 +591,9 @@ async def test_kamailio_snippet_sends_to_homer_and_to_the_agent(tmp_path: Path) 
 # --- ports and restart policies, the same in every example
 
 
-def readme_section(heading: str) -> str:
-    text = README.read_text()
+def doc_section(doc: Path, heading: str) -> str:
+    """The ``## heading`` section of a Markdown file, up to the next ``##`` heading."""
+    text = doc.read_text()
     start = text.index(f"\n## {heading}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end > 0 else len(text)]
@@ -640,25 +643,25 @@ def test_every_example_takes_hep_on_a_port_heplify_server_does_not_use(services:
     assert published(server, DEFAULTS.hep.udp.port, "udp")  # heplify-server holds the default
     assert DEFAULTS.hep.udp.port != HOST_HEP_PORT
     # compose and the two docker run examples: 9060 inside the container, 9061 on the host.
-    readme_run = docker_run(readme_section("Run it for real"))
+    docs_run = docker_run(doc_section(RUNNING_DOC, "Run it in a container"))
     dockerfile_run = docker_run(DOCKERFILE.read_text().split("\nFROM ", 1)[0])
     for ports in (
         compose_ports(services["hepsub-apiban"]),
-        docker_ports(readme_run),
+        docker_ports(docs_run),
         docker_ports(dockerfile_run),
     ):
         assert published(ports, HOST_HEP_PORT, "udp").target == DEFAULTS.hep.udp.port
         assert published(ports, HOST_HEP_PORT, "tcp").target == DEFAULTS.hep.tcp.port
         assert published(ports, 18088, "tcp").target == DEFAULTS.agent.port
     # "Run it for real" and the systemd unit: the agent itself listens on 9061.
-    run_for_real = exported(sh_blocks(readme_section("Run it for real"))[0])
+    run_for_real = exported(sh_blocks(doc_section(README, "Run it for real"))[0])
     for env in (run_for_real, unit_environment()):
         settings = load_settings(None, {**env, "HEPSUB_APIBAN_KEY": "k"})
         assert settings.hep.udp == replace(DEFAULTS.hep.udp, port=HOST_HEP_PORT)
         assert settings.hep.tcp == replace(DEFAULTS.hep.tcp, port=HOST_HEP_PORT)
     # The start line the README shows is the one that set-up gives.
-    assert f"HEP on udp 0.0.0.0:{HOST_HEP_PORT}, tcp 0.0.0.0:{HOST_HEP_PORT};" in readme_section(
-        "Run it for real"
+    assert f"HEP on udp 0.0.0.0:{HOST_HEP_PORT}, tcp 0.0.0.0:{HOST_HEP_PORT};" in doc_section(
+        README, "Run it for real"
     )
 
 
@@ -668,9 +671,10 @@ def test_restart_policies_do_not_loop_on_a_configuration_mistake(services: dict[
     assert unit_value("RestartPreventExitStatus") == "2"
     for name in ("hepsub-apiban", "hepsub-apiban-b"):
         assert compose_value(services[name], "restart") == "on-failure:5"
-    for argv in (docker_run(readme_section("Run it for real")), docker_run(DOCKERFILE.read_text())):
+    container = doc_section(RUNNING_DOC, "Run it in a container")
+    for argv in (docker_run(container), docker_run(DOCKERFILE.read_text())):
         assert argv[argv.index("--restart") + 1] == "on-failure:5"
-    assert "`--restart on-failure:5`" in readme_section("Run it for real")
+    assert "`--restart on-failure:5`" in container
 
 
 def test_the_health_check_asks_the_agent_where_serve_listens() -> None:
@@ -693,8 +697,8 @@ def test_the_api_published_on_loopback_is_said_to_be_unreachable_from_the_site(
 ) -> None:
     api = published(compose_ports(services["hepsub-apiban"]), 18088, "tcp")
     assert api.host_ip == "127.0.0.1"
-    site = readme_section("Serve APIBAN to the rest of your site")
-    beside = readme_section("Run it beside HOMER 7 (docker compose)")
+    site = SITE_DOC.read_text().split("\n## ", 1)[0]  # the page up to its CrowdSec section
+    beside = doc_section(RUNNING_DOC, "Run it beside HOMER 7 (docker compose)")
     for section in (site, beside):
         assert "127.0.0.1" in section
         assert '"10.0.0.20:18088:18088"' in section
@@ -702,11 +706,11 @@ def test_the_api_published_on_loopback_is_said_to_be_unreachable_from_the_site(
     assert "cannot reach it" in beside
 
 
-def test_the_kamailio_site_client_ticks_as_the_readme_recommends() -> None:
+def test_the_kamailio_site_client_ticks_as_the_site_api_page_recommends() -> None:
     cfg = (ROOT / "config" / "apiban-kamailio.cfg").read_text()
     intervals = re.findall(r'^modparam\("rtimer", "timer", "name=apiban;interval=(\d+);', cfg, re.MULTILINE)
     assert len(intervals) == 1
-    recommended = re.search(r"an `interval` of (\d+)-(\d+) s", README.read_text())
+    recommended = re.search(r"an `interval` of (\d+)-(\d+) s", SITE_DOC.read_text())
     assert recommended
     assert int(recommended.group(1)) <= int(intervals[0]) <= int(recommended.group(2))
-    assert f"`interval={intervals[0]}`" in README.read_text()
+    assert f"`interval={intervals[0]}`" in SITE_DOC.read_text()
