@@ -35,12 +35,12 @@ _T = TypeVar("_T")
 # A page of 250 IPv6 addresses in their longest spelling is about 12 KB; a megabyte is generous
 # and still bounds what one answer can cost (an unbounded read once peaked at 3.3 GB).
 MAX_BODY_BYTES = 1 << 20
-PAGE_SIZE = 250  # apiban.md §2: "banned ip addresses in batches of 250"
+PAGE_SIZE = 250  # docs/peers/apiban.md#paging: "banned ip addresses in batches of 250"
 # IDs are unix seconds (10 digits); 20 digits still fit milliseconds or nanoseconds, and keep
 # int() on them cheap.
 MAX_ID_DIGITS = 20
 _PLAIN_ID = re.compile(f"[0-9]{{1,{MAX_ID_DIGITS}}}")  # ASCII only: str.isdigit() takes "²"
-# An ID is the unix time of an entry (apiban.md §2); one more than a day ahead of this host's
+# An ID is the unix time of an entry (docs/peers/apiban.md#paging); one more than a day ahead of this host's
 # clock cannot be, whatever the time zone or clock skew, and would skip every ban until then.
 ID_AHEAD_LIMIT = 86400.0
 
@@ -109,7 +109,7 @@ def _texts(body: dict[str, Any]) -> list[str]:
 
 
 def _id(body: dict[str, Any]) -> str | None:
-    # A string, as documented (apiban.md §2); a number is not accepted: the Go clients every
+    # A string, as documented (docs/peers/apiban.md#paging); a number is not accepted: the Go clients every
     # APIBAN user runs decode ID into a string, so APIBAN cannot be sending numbers.
     value = body.get("ID")
     return value if isinstance(value, str) else None
@@ -167,7 +167,7 @@ def classify_banned(status: int, raw: bytes, *, after: str | None = None, now: f
     texts = _addresses(body.get("ipaddress"))
     entry_id = body.get("ID")
     # The documented ends: ID "none" (any status, with or without a last few addresses), or
-    # "no new bans" with ID "none" or no ID at all (apiban.md §2, §4).
+    # "no new bans" with ID "none" or no ID at all (docs/peers/apiban.md#paging, #statuses).
     if entry_id == "none" or (entry_id is None and any(t.lower() == "no new bans" for t in texts)):
         return Page(tuple(t for t in texts if t.lower() != "no new bans"), next_id=None, end=True)
     if status != 200 or not isinstance(body.get("ipaddress"), list):

@@ -176,7 +176,7 @@ class RuleSettings:
     prefixes: tuple[str, ...] = ()  # toll_fraud: dialled prefixes that count
 
 
-# detection.md §5, with "more than N" written as the event that fires (N + 1).
+# docs/peers/detection-tools.md#rules, with "more than N" written as the event that fires (N + 1).
 DEFAULT_RULES: dict[str, RuleSettings] = {
     "scanner_ua": RuleSettings("serve", False, 3600, 3, 60),
     "auth_failure": RuleSettings("serve", False, 4 * 3600, 6, 10, 21, 600),

@@ -1,4 +1,5 @@
-"""Local attacker detection: the rules of detection.md §5, run on every captured SIP packet.
+"""Local attacker detection: the rules of docs/peers/detection-tools.md#rules, run on every captured SIP
+packet.
 
 Each rule is keyed by the *remote* address: the source of a request, the destination of the reply
 to it. An address is local (never a remote, never detected) when it is in ``detect.own``, sent us
@@ -7,8 +8,8 @@ challenge (only servers challenge). Non-routable and ``allow.cidrs`` addresses a
 
 Requests are matched to their final replies by Call-ID, CSeq, method and Via branch, per remote, so a
 retransmitted request counts once and a failure is known to answer a request that carried
-credentials. That is what keeps the rules off the traps detection.md §2 names: the first 401
-every phone gets (a request without credentials) counts for nothing, and the authenticated
+credentials. That is what keeps the rules off the traps docs/peers/detection-tools.md#traps names: the first
+401 every phone gets (a request without credentials) counts for nothing, and the authenticated
 office behind one NAT address is exempt for a day once one of its phones got a 200 to a request
 with credentials (every rule but scanner-ua).
 
@@ -30,7 +31,7 @@ from .addresses import Addr, NetworkSet, is_non_routable, parse_ip
 from .config import DetectSettings
 from .sip import SipInfo
 
-IDLE_AFTER = 300.0  # detection.md §5: idle counters are forgotten after 5 minutes
+IDLE_AFTER = 300.0  # docs/peers/detection-tools.md#rules: idle counters are forgotten after 5 minutes
 MAX_PENDING = 64  # requests per remote waiting for their final reply
 TRANSACTION_TIMEOUT = 32.0  # RFC 3261 Timer B: an INVITE with no final reply by then never got one
 MAX_NONCES = 4  # challenges remembered per remote, to recognise credentials computed on ours

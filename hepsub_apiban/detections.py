@@ -2,8 +2,8 @@
 
 A rule's finding becomes a detection of its address. What is *served* (listed by the site API and
 the CrowdSec decision stream, so firewalls block it) needs more than one rule's counters, because
-over UDP anyone can forge a SIP source (detection.md §2): the address must evidently talk to us
-(it used TCP/TLS, or sent credentials computed on a nonce our server gave it), or two different
+over UDP anyone can forge a SIP source (docs/peers/detection-tools.md#traps): the address must evidently talk
+to us (it used TCP/TLS, or sent credentials computed on a nonce our server gave it), or two different
 rules must have fired for it. Without that it is flagged: shown in HOMER, the sightings, metrics
 and logs, never handed to a firewall. A circuit breaker caps newly served addresses per minute,
 so that a flood of findings (an attack on the detector itself) cannot list half the internet.

@@ -6,7 +6,7 @@ reference decoder (``parse_with_construct``, ~5,000 packets/s). Ingest uses ``de
 hand-written ``struct`` loop (~3 us a packet, 60x faster), which reads the layouts senders write
 most with one compiled pattern and one ``struct`` (about half that); the tests hold it equal to
 the declaration on generated and corrupted packets. Rules for malformed input follow
-``shared/spec/hep.md`` §6: a packet is kept or dropped whole, and ``decode`` never raises, since
+``docs/peers/hep.md#edge-cases``: a packet is kept or dropped whole, and ``decode`` never raises, since
 nothing a sender does may crash the collector.
 """
 
@@ -127,7 +127,7 @@ CHUNK: Any = Struct(
 )
 
 # GreedyRange stops *silently* at the first chunk that fails to parse, so a reader must check that
-# the chunks fill the header's length exactly (hep.md §10); ``parse_with_construct`` does.
+# the chunks fill the header's length exactly (docs/peers/hep.md#python); ``parse_with_construct`` does.
 HEP3: Any = Struct(
     "magic" / Const(MAGIC),
     "length" / Rebuild(Int16ub, lambda ctx: 6 + sum(6 + len(c["body"]) for c in ctx.chunks)),
@@ -760,7 +760,7 @@ def _decode_v2(data: bytes, received_at: float) -> HepPacket | BadPacket:
 
 
 class HepStream:
-    """Splits a TCP/TLS byte stream into back-to-back HEPv3 packets (hep.md §5).
+    """Splits a TCP/TLS byte stream into back-to-back HEPv3 packets (docs/peers/hep.md#transports).
 
     A bad packet *header* (magic, length < 6, or a v1/v2 first byte: v1/v2 has no length and can't
     be framed) makes the stream unrecoverable: ``broken`` is set with ``broken_reason`` and later

@@ -253,7 +253,9 @@ class Registrar:
 
 
 def _hint(status: int | None, message: str) -> str:
-    """The setting to look at when homer-app refused the Auth-Token (homer.md: a 400 naming it)."""
+    """The setting to look at when homer-app refused the Auth-Token (docs/peers/homer-app.md#registration: a
+    400 naming it).
+    """
     if status is not None and "auth_token" in message.lower().replace("-", "_"):
         return (
             " (check homer.token: HOMER -> Preferences -> AUTH TOKEN; "

@@ -1,4 +1,4 @@
-"""One APIBAN request budget for every agent of a key in check mode (``store.url``, issue 12).
+"""One APIBAN request budget for every agent of a key in check mode (``store.url``).
 
 In check mode each agent sends a ``/check`` per new address on the same key, and APIBAN counts
 them together (``apiban.rate_limit``, 11 per 120 s). With a store, a request goes out only when

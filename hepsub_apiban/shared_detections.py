@@ -1,4 +1,4 @@
-"""Served detections shared by agents through the store (``store.url``, issue 12).
+"""Served detections shared by agents through the store (``store.url``).
 
 Each agent runs the rules on its own traffic; only what its book *serves* (which already needed
 proof, detections.py) is shared: a flagged-only detection stays local, so no agent can put an

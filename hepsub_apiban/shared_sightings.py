@@ -1,4 +1,4 @@
-"""Sightings shared by agents through the store (``store.url``, issue 12).
+"""Sightings shared by agents through the store (``store.url``).
 
 Writing: the in-memory ``Sightings`` marks every address a packet touches (a set of remembered
 addresses, so at most ``sightings.max``); about once a second the writer takes that set and

@@ -3,8 +3,8 @@
 Kamailio, OpenSIPS, the iptables/nftables clients and pfSense all pull APIBAN themselves, each
 spending the key's 11 requests per 2 minutes. Pointed at the agent instead, they keep their
 configuration but the base URL, and the site spends one budget, once. Answers copy APIBAN's
-bodies and statuses (apiban.md §2-§4), including its quirks: the end of the list is a 400, a
-key or rate error carries ``ipaddress`` as a string. Keys here are the site's own (``site.keys``),
+bodies and statuses (docs/peers/apiban.md#paging to #statuses), including its quirks: the end of the list is
+a 400, a key or rate error carries ``ipaddress`` as a string. Keys here are the site's own (``site.keys``),
 never the upstream APIBAN key. IDs are the mirror's local serials: one per address, increasing,
 kept across restarts, so a client resumes from the last ID it got. Served local detections join
 the list (``site.include_local``) with IDs from the same sequence (``blocklist``).

@@ -30,7 +30,7 @@ HOMER_TOKEN = "homer-SECRET-token-b41d5e77"
 HOMER_USER, HOMER_PASSWORD = "admin", "homer-SECRET-password-2c9e"
 SECRETS = (APIBAN_KEY, HOMER_TOKEN, HOMER_PASSWORD, postgres.PASSWORD)
 
-# homer.md §8: the exact body homer-app posts with the default mapping.
+# docs/peers/homer-app.md#request-fixtures: the exact body homer-app posts with the default mapping.
 HOMER_BODY_1 = (
     b'{"data":{"sid":["a84b4c76e66710@pc33.example.com"],"source_ip":["192.168.1.10","203.0.113.7"]},'
     b'"fromts":1669986139000,"tots":1669987239000}'

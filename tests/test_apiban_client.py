@@ -26,7 +26,7 @@ from hepsub_apiban.ratelimit import Budget
 
 from .conftest import APIBAN_KEY, ApibanPeer, ManualClock
 
-# Status and body pairs as apiban.md §4 documents them (and the quirks it lists).
+# Status and body pairs as docs/peers/apiban.md#statuses documents them (and the quirks it lists).
 CHECK_CASES = [
     (200, b'{"ipaddress":["1.2.3.4"],"ID":"987654321"}', CheckAnswer(True, "987654321")),
     (200, b'{"ipaddress":"1.2.3.4","ID":"987654321"}', CheckAnswer(True, "987654321")),

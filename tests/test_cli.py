@@ -42,7 +42,7 @@ from .test_replay import eth_udp, pcap, synthetic_hep3
 
 T = TypeVar("T")
 CALL = "a84b4c76e66710@pc33.example.com"
-FIXTURE_IPS = ["192.168.1.10", "203.0.113.7"]  # homer.md §8, fixture 1
+FIXTURE_IPS = ["192.168.1.10", "203.0.113.7"]  # docs/peers/homer-app.md#request-fixtures, fixture 1
 CLEARED = ("HEPSUB_", "HOMER_")
 CLEARED_NAMES = frozenset({"PUBLIC_IP", "APIBAN_KEY"})
 HEP_FIXTURE = Path(__file__).parent / "fixtures" / "hep" / "heplify-server-decoder-test-hep3.hex"

@@ -1,4 +1,4 @@
-"""Issue 10 with real peers: attack tools and legitimate traffic against a real SIP server.
+"""Local detection with real peers: attack tools and legitimate traffic against a real SIP server.
 
 Kamailio from Debian (tests/pbx.py: a registrar/PBX on 127.0.0.1-127.0.0.5, digest auth for users
 1000-1199, siptrace mirroring every request and reply as HEPv3) feeds the agent's UDP collector.

@@ -1,6 +1,7 @@
 """HOMER enrichment through the real HTTP stack, against the APIBAN fake.
 
-Bodies are homer.md §8's fixtures: what homer-app really posts with the default mapping.
+Bodies are the fixtures of docs/peers/homer-app.md#request-fixtures: what homer-app really posts with the
+default mapping.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The HOMER fake through real HTTP: what an agent sees of homer-app (spec/homer.md §1-§5, §8)."""
+"""The HOMER fake through real HTTP: what an agent sees of homer-app (docs/peers/homer-app.md, #registration
+to #fan-out, #request-fixtures).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ TOKEN = "homer-test-token"
 AGENT_UUID = "3f1c2b7e-8d4a-4c1e-9b2f-0a6d5e4c3b21"
 OTHER_UUID = "9e8d7c6b-5a49-4382-a1b0-c9d8e7f6a5b4"
 WALL = 1_700_000_000.0  # 2023-11-14T22:13:20Z
-# spec §8 fixture #1, byte for byte, from the UI's from=1669986439123 / to=1669987039456.
+# docs/peers/homer-app.md#request-fixtures fixture #1, byte for byte, from the UI's from=1669986439123 /
+# to=1669987039456.
 BODY_1 = (
     b'{"data":{"sid":["a84b4c76e66710@pc33.example.com"],"source_ip":["192.168.1.10","203.0.113.7"]},'
     b'"fromts":1669986139000,"tots":1669987239000}'

@@ -1,5 +1,6 @@
 """HEP codec: the public HEP fixtures (tests/fixtures/hep), build/decode round trips, the fast path
-against the construct declaration, corrupted input, the §6 edge-case rules, and the TCP stream splitter."""
+against the construct declaration, corrupted input, the edge-case rules (docs/peers/hep.md#edge-cases), and
+the TCP stream splitter."""
 
 from __future__ import annotations
 
@@ -367,7 +368,7 @@ def test_short_and_junk_datagrams(data: bytes) -> None:
     rejected(data)
 
 
-# --- edge-case rules (hep.md §6) ------------------------------------------------------------------
+# --- edge-case rules (docs/peers/hep.md#edge-cases) -----------------------------------------------------
 
 
 def test_hep2_little_endian_time_header() -> None:

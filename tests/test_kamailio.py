@@ -1,8 +1,9 @@
 """Real HEP from a real sender: Kamailio's siptrace mirrors a scanner's SIP traffic to our UDP port.
 
 The receiving side here is a plain asyncio datagram endpoint, and the packets are checked
-against hep.md §1/§4 with a few lines of test-local parsing. When ``hepsub_apiban.hep.decode``
-exists, every packet also goes through it and the addresses it reports are checked. The last tests
+against docs/peers/hep.md#hepv3 and #hepv1-and-hepv2 with a few lines of test-local parsing.
+When ``hepsub_apiban.hep.decode`` exists, every packet also goes through it and the addresses it
+reports are checked. The last tests
 configure siptrace's ``auth_key``: what it puts on the wire, and that the agent with
 ``hep.auth_key`` lets in Kamailio with the right key and nothing from one with a wrong or no key.
 """
@@ -85,7 +86,7 @@ async def hep_sink() -> AsyncIterator[tuple[HepSink, int]]:
 
 @dataclass
 class Hep:
-    """What a packet says, parsed here from the bytes (hep.md §1, §2, §4)."""
+    """What a packet says, parsed here from the bytes (docs/peers/hep.md#hepv3, #chunks, #hepv1-and-hepv2)."""
 
     version: int
     family: int
@@ -136,7 +137,7 @@ def parse_hep(data: bytes) -> Hep:
     capture_id = timestamp = None
     offset = 16
     if version == 2:
-        # Host (little-endian) order, struct padded to 12 bytes (hep.md §4).
+        # Host (little-endian) order, struct padded to 12 bytes (docs/peers/hep.md#hepv1-and-hepv2).
         sec, usec, capture_id = struct.unpack_from("<IIH", data, offset)
         assert data[offset + 10 : offset + 12] == b"\0\0"
         timestamp = sec + usec / 1e6

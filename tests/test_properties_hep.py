@@ -49,7 +49,7 @@ def chunk(vendor: int, chunk_type: int, body: bytes, length: int | None = None) 
     return struct.pack("!HHH", vendor, chunk_type, len(body) + 6 if length is None else length) + body
 
 
-# The chunks a packet needs to be accepted (hep.md §6: addresses, ports, payload).
+# The chunks a packet needs to be accepted (docs/peers/hep.md#edge-cases: addresses, ports, payload).
 REQUIRED = [
     chunk(0, 3, socket.inet_aton("203.0.113.7")),
     chunk(0, 4, socket.inet_aton("198.51.100.1")),

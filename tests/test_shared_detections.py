@@ -1,4 +1,4 @@
-"""Served detections shared by agents through the store (issue 12): one row per address, one ID
+"""Served detections shared by agents through the store: one row per address, one ID
 every agent's site API and decision stream serves, ends that reach every agent, and an outage of
 the store that loses nothing.
 

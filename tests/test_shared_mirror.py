@@ -1,4 +1,4 @@
-"""Several agents on one APIBAN key through the store (issue 12): one puller, the others follow.
+"""Several agents on one APIBAN key through the store: one puller, the others follow.
 
 Against a real PostgreSQL (tests/postgres.py) and the APIBAN fake enforcing 11 requests per
 120 s on the same manual clock as the agents' budgets and sync loops; the lease is judged by

@@ -1,4 +1,4 @@
-"""Sightings shared by agents through the store (issue 12): written as cumulative totals per
+"""Sightings shared by agents through the store: written as cumulative totals per
 writer and life, so nothing is counted twice; read by enrichment with a fallback to memory.
 
 Against a real PostgreSQL (tests/postgres.py). The store "going away" is a TCP relay in front of

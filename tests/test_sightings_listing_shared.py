@@ -1,4 +1,4 @@
-"""/api/v1/sightings with a store (issue 12 item 3): any agent lists what every agent saw, within
+"""/api/v1/sightings with a store: any agent lists what every agent saw, within
 a few seconds, bounded by the route's limit; with the store failing, this agent's own view, said
 to be partial. Two real agents, real UDP, a real PostgreSQL; the hung store is the ``Gate`` relay.
 """

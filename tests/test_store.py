@@ -1,4 +1,4 @@
-"""The shared store (issue 12): ``store.url``, the schema it creates and migrates, the lease.
+"""The shared store (PostgreSQL): ``store.url``, the schema it creates and migrates, the lease.
 
 Against a real PostgreSQL: a throwaway cluster (tests/postgres.py), a fresh database per test.
 """

@@ -1,4 +1,4 @@
-"""Issue 12's failures, as they happen: a puller killed with SIGKILL, PostgreSQL stopped for 30 s.
+"""The shared store's failures, as they happen: a puller killed with SIGKILL, PostgreSQL stopped for 30 s.
 
 Real processes, real clocks: agent A of the takeover test is ``python -m hepsub_apiban serve`` in a
 process of its own, killed with SIGKILL mid-pull; the outage test stops a PostgreSQL cluster of its

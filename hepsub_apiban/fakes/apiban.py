@@ -1,7 +1,8 @@
 """In-process fake of the APIBAN API (apiban.org), quirks included.
 
 Serves the documented v1 contract (key in the URL path), the apiv2 POST endpoints and the ipset list,
-with the status/body inconsistencies real clients have to survive (see the spec, §1-§4 and §11):
+with the status/body inconsistencies real clients have to survive (see docs/peers/apiban.md, #endpoints to
+#statuses, and #fake):
 
 * ``GET  /api/{key}/banned[/{id}]``  250-IP pages in ascending ID order; 400 "no new bans" at the end.
 * ``GET  /api/{key}/check/{ip}``     200 listed / 400 (or 200) "not blocked" / 400 ``{}`` for a bad IP.

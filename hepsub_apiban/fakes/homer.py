@@ -1,4 +1,4 @@
-"""In-package fake of homer-app's agent-subscription API (HOMER 7), faithful to ``spec/homer.md``.
+"""In-package fake of homer-app's agent-subscription API (HOMER 7), faithful to ``docs/peers/homer-app.md``.
 
 It reproduces what an external HEPSUB agent can observe of homer-app (sipcapture/homer-app, echo v4,
 gorm v1 on PostgreSQL, validator.v9), including its oddities:
@@ -61,7 +61,8 @@ DB_DEFAULTS: Final[Mapping[str, Any]] = {
     "type": "type",
 }
 
-# The hepsub_mapping_schema rows the migration seeds, all with the same default mapping (spec §3).
+# The hepsub_mapping_schema rows the migration seeds, all with the same default mapping
+# (docs/peers/homer-app.md#enrichment-request).
 MAPPED_PROFILES: Final = frozenset({(1, "default"), (1, "call"), (1, "registration")})
 DEFAULT_SOURCE_FIELDS: Final = ("sid", "source_ip")
 LOOKUP_FIELD: Final = '{"data":$source_field,"fromts":$fromts,"tots":$tots}'
@@ -205,7 +206,8 @@ class FakeHomer:
 
     def _seed_dummy(self) -> None:
         # migration.go seeds this row with expire_date = now at install time, i.e. already expired; it
-        # breaks the UI fan-out until some agent subscribes and thereby purges it (spec §5).
+        # breaks the UI fan-out until some agent subscribes and thereby purges it
+        # (docs/peers/homer-app.md#fan-out).
         seeded = self._wall_clock() - 60.0
         guid = str(uuidlib.uuid4())
         self.rows[guid] = AgentRow(
@@ -314,7 +316,7 @@ class FakeHomer:
         return None
 
     async def _list_all(self, request: web.Request) -> web.Response:
-        # Expired rows included: this is what the UI fans out over (spec §5).
+        # Expired rows included: this is what the UI fans out over (docs/peers/homer-app.md#fan-out).
         rows = [row.as_json() for row in _by_guid(self.rows.values())]
         return go_json_response(200, {"data": rows, "message": "successfully retrieved agent records"})
 
