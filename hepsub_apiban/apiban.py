@@ -227,6 +227,8 @@ class ApibanClient:
         budget: Budget,
         redactor: Redactor,
         wall_clock: Callable[[], float] = time.time,
+        *,
+        shared: SharedGate | None = None,
     ) -> None:
         self._session = session
         self._base = f"{settings.url}/api/{quote(settings.key, safe='')}"
@@ -235,7 +237,7 @@ class ApibanClient:
         self._redact = redactor
         self._wall_clock = wall_clock
         self.budget = budget
-        self.shared: SharedGate | None = None  # with store.url: the key's window shared by its agents
+        self.shared = shared  # with store.url: the key's window shared by its agents
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, outcome) -> count
         self.last_error: UpstreamError | None = None
         self.last_success: float | None = None

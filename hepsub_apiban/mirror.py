@@ -110,11 +110,6 @@ class Mirror:
     def verdict(self, ip: str) -> Verdict | None:
         return self.entries.get(ip)
 
-    def adopt(self, other: Mirror) -> None:
-        """Take over another mirror's state in place: lookups hold a reference to this object."""
-        self.__dict__.update(other.__dict__)
-        self._order = None
-
     def needs_full_pull(self, now: float) -> bool:
         if self.full_pull_started is not None:
             return False
@@ -230,6 +225,42 @@ class Mirror:
                 "entries": [[v.ip, v.id, v.last_reported, self.serials[v.ip]] for v in self.entries.values()],
             }
         )
+
+
+class CurrentMirror:
+    """The mirror the agent answers from, read through by everyone who answers from it.
+
+    A loaded snapshot, or the store's copy after a pull ends (shared_mirror.py), replaces the
+    mirror whole while the agent runs. The lookups, the site API's blocklist and the detection
+    book's numbering are built once, before any load, and keep this object: each reads ``mirror``
+    on every use, so a replacement reaches them all at once, with no state copied into an object
+    someone else holds. Built by the application factory, handed to each at construction.
+    """
+
+    __slots__ = ("mirror",)
+
+    def __init__(self, mirror: Mirror | None = None) -> None:
+        self.mirror = mirror if mirror is not None else Mirror()
+
+    # ``ListSource`` (lookups.py): what the packet path asks, one attribute read more than the mirror.
+    @property
+    def loaded(self) -> bool:
+        return self.mirror.loaded
+
+    def verdict(self, ip: str) -> Verdict | None:
+        return self.mirror.entries.get(ip)
+
+    # The serial source of the detection book: local detections share the mirror's sequence.
+    def new_serial(self, now: float) -> int:
+        return self.mirror.new_serial(now)
+
+    @property
+    def next_serial(self) -> int:
+        return self.mirror.next_serial
+
+    @next_serial.setter
+    def next_serial(self, value: int) -> None:
+        self.mirror.next_serial = value
 
 
 class SnapshotError(ValueError):
@@ -382,7 +413,7 @@ class MirrorSync:
     def __init__(
         self,
         client: ApibanClient,
-        mirror: Mirror,
+        current: CurrentMirror,
         *,
         poll_interval: float,
         snapshot_path: Path,
@@ -391,7 +422,7 @@ class MirrorSync:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._client = client
-        self.mirror = mirror
+        self.current = current
         self._poll = poll_interval
         self._path = snapshot_path
         self._source = source
@@ -410,6 +441,10 @@ class MirrorSync:
         # (ID, entries held) after the first page of the full pull under way: the estimate's base.
         self._pull_mark: tuple[int, int] | None = None
         self._trouble = FailureRun("APIBAN list sync", log, clock=wall_clock)
+
+    @property
+    def mirror(self) -> Mirror:
+        return self.current.mirror
 
     def progress(self, next_in: float) -> str:
         """One line on a full pull under way, for the log and the status page."""
@@ -452,7 +487,7 @@ class MirrorSync:
         except SnapshotError as exc:
             self._snapshot_rejected(str(exc))
             return
-        self.mirror.adopt(loaded)
+        self.current.mirror = loaded
         expired = self.mirror.expire(self._wall_clock())
         self.status.snapshot_loaded = True
         log.info(
