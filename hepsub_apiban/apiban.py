@@ -218,7 +218,15 @@ class UpstreamError:
 
 
 class ApibanClient:
-    """One per process; shares the process' ClientSession and the key's budget."""
+    """The one way to APIBAN: ``/check`` and ``/banned`` requests, parsed and classified.
+
+    Owns the per-endpoint outcome counters and the last error; shares the process' ``ClientSession``
+    and the key's ``Budget`` (and, with a store, the key's window in it: ``shared``). Used by the
+    lookups and the mirror sync only.
+
+    Never sends a request the budget does not allow, never puts the key in a log line or an error
+    (the ``Redactor``), and never lets a malformed answer through as a verdict or a page.
+    """
 
     def __init__(
         self,

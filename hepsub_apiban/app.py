@@ -91,6 +91,20 @@ class Clocks:
 def create_app(
     settings: Settings, *, redactor: Redactor | None = None, clocks: Clocks = Clocks()
 ) -> web.Application:
+    """The agent as one aiohttp application: settings in, every object built whole and put under its
+    ``AppKey`` (keys.py), routes added, background work in ``cleanup_ctx`` contexts.
+
+    Built here, before anything runs: the middlewares, the refusals, the agent's UUID, the mirror's
+    holder (``CurrentMirror``) and the site API's blocklist (routes are fixed before the start).
+    Built at startup, in this order: the HTTP session; the APIBAN client, the lookups and the mirror
+    sync; the store link; the sightings, detection, evidence and the HEP collector (or worker pool);
+    the store sharing; the HOMER registration (once the listeners are bound); the metrics (last, once
+    every source exists). Shutdown runs the other way round. Used by ``cli serve``, the demo, the
+    tests and the benches; nothing else builds these objects for a running agent.
+
+    Never makes a network request and never starts a task: it only builds (a state dir that cannot be
+    written is a ``ConfigError`` here, not a traceback half-way through the start).
+    """
     agent = settings.agent
     middlewares: list[Middleware] = [json_errors]
     if agent.allow_from:

@@ -104,6 +104,17 @@ SharedListener = Callable[[Detection, float | None], object]
 
 
 class Detections:
+    """The detection book: what the rules found, for how long, and whether it is served to firewalls.
+
+    Owns the active detections, their repeat history, the circuit breaker and the tombstones of ended
+    ones, and saves them in the state dir. Told by the ``Detector`` (``report``), read by the site
+    blocklist, the decision stream, enrichment, the HOMER tab and the metrics; tells the sightings
+    (``on_change``) and ``SharedDetections`` (``on_shared``) what changed.
+
+    Never serves an address on one rule's counters alone (it needs proof or two rules), never more
+    than the breaker allows per minute, and never for longer than ``MAX_DURATION``.
+    """
+
     def __init__(
         self,
         settings: DetectSettings,

@@ -78,7 +78,16 @@ MAX_TOMBSTONES = 100_000  # removed entries remembered for the decision stream's
 
 
 class Mirror:
-    """The list and the sync position; answers lookups for listed addresses (``ListSource``)."""
+    """The APIBAN list held in memory and the sync position: answers lookups for listed addresses.
+
+    Owns the entries, their local serials (one sequence for the site API, shared with the detection
+    book), the tombstones of removed entries and the position a pull resumes from. Changed only by
+    ``MirrorSync`` (and, with a store, by ``StoreLink`` following the puller); read through
+    ``CurrentMirror`` by the lookups, the blocklist and the book's numbering.
+
+    Never holds a non-routable or malformed address, never makes a request itself, and a read costs
+    one dict probe (the serial order is sorted once per change, not per reader).
+    """
 
     def __init__(self) -> None:
         self.entries: dict[str, Verdict] = {}
@@ -408,7 +417,17 @@ class SyncStatus:
 
 
 class MirrorSync:
-    """Keeps a Mirror current; one step is at most one APIBAN request."""
+    """Keeps the mirror current within the key's budget: full pulls, incremental pulls, the snapshot.
+
+    Owns the sync loop (``run``, one APIBAN request per ``step`` at most), its ``status`` and the
+    snapshot in the state dir; replaces the mirror whole through ``CurrentMirror`` when a snapshot is
+    loaded. Built by ``create_app`` in mirror mode; run by its lookups context, or by ``StoreLink``
+    while this agent holds the puller lease.
+
+    Never spends the last request of a window a per-IP check may need while a list is pulled, never
+    takes a short or malformed page as the list (a shrunken full pull must be confirmed), and never
+    stops on an error: a failing step is logged and retried.
+    """
 
     def __init__(
         self,

@@ -127,6 +127,16 @@ class Row:
 
 
 class SharedDetections:
+    """Served detections shared by the agents of a store: marked by the book, written and followed.
+
+    Owns the marks of the book's served detections and their writer's stats; built by ``create_app``
+    with ``store.url`` and detection on, with the book and its serial source. The ``StoreLink`` attaches
+    the store once connected. It registers itself as the book's ``on_shared`` listener when built.
+
+    Never shares a flagged-only detection (serving needed proof), never writes on the packet path,
+    and loses no mark while the store is down (every served detection is marked again on reconnect).
+    """
+
     def __init__(
         self,
         book: Detections,

@@ -236,7 +236,16 @@ def process_holder(agent: str) -> str:
 
 
 class StoreLink:
-    """The agent's link to the store: (re)connects with backoff and, in mirror mode, pulls or follows."""
+    """The agent's link to the PostgreSQL store: connects, migrates, reconnects with backoff; in mirror
+    mode it takes the APIBAN puller lease or follows the list the puller writes.
+
+    Owns the ``Store`` once connected, the lease and the store's ``status``. Built by ``create_app``
+    with ``store.url``, with the mirror sync and the shared budget it drives; hands the store to
+    ``SharedSightings``, ``SharedDetections`` and ``SharedBudget`` (``when_connected``).
+
+    Never holds up the start (a database that is down is retried in the background while the agent
+    serves from memory and its snapshot), and never lets two agents of one key pull APIBAN at once.
+    """
 
     def __init__(
         self,

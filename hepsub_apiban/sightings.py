@@ -341,6 +341,18 @@ _order_of = attrgetter("order")
 
 
 class Sightings:
+    """Every address seen in the captured SIP traffic, what it did and its verdict: bounded, protected.
+
+    Owns the sighting of each address (``sightings.max`` at most, least recently seen unprotected ones
+    forgotten first) and the background /check tasks of check mode. Fed by the collector (``record``,
+    once per packet) and by ``WorkerPool`` batches; read by enrichment, the HOMER tab, the evidence
+    (``protected_addresses``), ``SharedSightings`` and the metrics. Asks the ``LookupService`` for verdicts.
+
+    ``record`` runs once per packet on the event loop: it never awaits, never makes an upstream request
+    (a check is a background task limited to ``sightings.check_share`` of the budget), keeps every
+    per-address sample bounded, and never forgets a protected address while an ordinary one is left.
+    """
+
     def __init__(
         self,
         lookups: LookupService,
