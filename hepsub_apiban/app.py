@@ -95,9 +95,10 @@ def create_app(
     ``AppKey`` (keys.py), routes added, background work in ``cleanup_ctx`` contexts.
 
     Built here, before anything runs: the middlewares, the refusals, the agent's UUID, the mirror's
-    holder (``CurrentMirror``) and the site API's blocklist (routes are fixed before the start).
+    holder (``CurrentMirror``), the detection book and detector (a saved book is read back), and the
+    site API's blocklist, which serves both (routes are fixed before the start).
     Built at startup, in this order: the HTTP session; the APIBAN client, the lookups and the mirror
-    sync; the store link; the sightings, detection, evidence and the HEP collector (or worker pool);
+    sync; the store link; the sightings, evidence and the HEP collector (or worker pool);
     the store sharing; the HOMER registration (once the listeners are bound); the metrics (last, once
     every source exists). Shutdown runs the other way round. Used by ``cli serve``, the demo, the
     tests and the benches; nothing else builds these objects for a running agent.
@@ -125,11 +126,14 @@ def create_app(
     # One holder for the mirror, built before the routes: the site API and the lookups read through
     # it, and a loaded snapshot or the store's copy replaces what it holds (mirror.CurrentMirror).
     current = CurrentMirror() if settings.apiban.mode == "mirror" else None
+    # Served detections take their IDs from the mirror's sequence, so site clients see one list.
+    serials: CurrentMirror | _Serials = current if current is not None else _Serials()
+    book = _detection(app, serials, clocks) if settings.detect.enabled else None
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_lookups(clocks, current))
     if settings.store.url:
         app.cleanup_ctx.append(_store_link(clocks))
-    app.cleanup_ctx.append(_collector(clocks))
+    app.cleanup_ctx.append(_collector(clocks, serials))
     if settings.store.url:
         app.cleanup_ctx.append(_sightings_sharing)
         app.cleanup_ctx.append(_detections_sharing)
@@ -137,11 +141,13 @@ def create_app(
     app.cleanup_ctx.append(_metrics)
     setup_routes(app, settings.agent.path.rstrip("/"))
     if settings.site.keys:
-        _site_routes(app, clocks, current)
+        _site_routes(app, clocks, current, book)
     return app
 
 
-def _site_routes(app: web.Application, clocks: Clocks, current: CurrentMirror | None) -> None:
+def _site_routes(
+    app: web.Application, clocks: Clocks, current: CurrentMirror | None, book: Detections | None
+) -> None:
     """The APIBAN-compatible site API and the CrowdSec decision API: one blocklist, one key gate.
     Registered after the agent's own routes, so /api/v1/... is never taken for a key."""
     settings = app[SETTINGS]
@@ -157,6 +163,7 @@ def _site_routes(app: web.Application, clocks: Clocks, current: CurrentMirror | 
         include_local=settings.site.include_local,
         clock=clocks.wall,
         mirror=current,
+        book=book,
     )
     app[BLOCKLIST] = blocklist
     app[SITE_API] = SiteApi(access, blocklist, body_timeout=settings.agent.body_timeout)
@@ -226,17 +233,24 @@ def _lookups(
     return context
 
 
-def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:
+def _collector(
+    clocks: Clocks, serials: CurrentMirror | _Serials
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
+        book = app.get(DETECTIONS)
         sightings = Sightings(
             app[LOOKUPS],
             capacity=settings.sightings.max,
             check_share=settings.sightings.check_share,
             log_every=settings.apiban.poll_interval,
             clock=clocks.wall,
+            detected=None if book is None else book.holds,
         )
-        detector = _detection(app, sightings, clocks) if settings.detect.enabled else None
+        detector = None
+        if book is not None:
+            _detection_started(app, book, sightings, serials, clocks)
+            detector = app[DETECTOR]
         evidence = Evidence(sightings.protected_addresses())
         collector = (
             HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector, evidence)
@@ -298,31 +312,40 @@ DETECTIONS_FILE = "detections.json"
 UPKEEP_EVERY = 10.0  # seconds between expiring detections, forgetting idle counters and saving
 
 
-def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> Detector:
-    """The detector and its book; a saved book comes back with its remaining durations."""
+def _detection(app: web.Application, serials: CurrentMirror | _Serials, clocks: Clocks) -> Detections:
+    """The book and the detector, built before the routes (the site API serves the book); a saved
+    book comes back with its remaining durations. Numbered through ``serials`` (the mirror's
+    holder in mirror mode), so a mirror replaced by the store's copy keeps numbering them."""
     settings = app[SETTINGS]
-    sync = app.get(MIRROR_SYNC)
-    # Served detections take their IDs from the mirror's sequence, so site clients see one list;
-    # through the holder, so a mirror replaced by the store's copy keeps numbering them.
-    serials: CurrentMirror | _Serials = sync.current if sync is not None else _Serials()
-    book = Detections(settings.detect, serials.new_serial, clock=clocks.wall, on_change=sightings.flag)
+    book = Detections(settings.detect, serials.new_serial, clock=clocks.wall)
     authenticated = book.load(settings.state.dir / DETECTIONS_FILE)
-    if sync is not None:
-        highest = max((d.serial or 0 for d in book.active()), default=-1)
-        serials.next_serial = max(serials.next_serial, highest + 1)
     detector = Detector(settings.detect, book.report, allow=NetworkSet(settings.allow.cidrs))
     detector.restore_authenticated(authenticated, clocks.wall())
-    sightings.detected = book.holds
     app[DETECTIONS] = book
-    if BLOCKLIST in app:
-        app[BLOCKLIST].book = book
     app[DETECTOR] = detector
+    return book
+
+
+def _detection_started(
+    app: web.Application,
+    book: Detections,
+    sightings: Sightings,
+    serials: CurrentMirror | _Serials,
+    clocks: Clocks,
+) -> None:
+    """At startup, once the mirror's snapshot is loaded and the sightings exist."""
+    if isinstance(serials, CurrentMirror):
+        # The snapshot numbered the list; the saved detections' IDs stay below what comes next.
+        highest = max((d.serial or 0 for d in book.active()), default=-1)
+        serials.next_serial = max(serials.next_serial, highest + 1)
+    # The sightings and the book each tell the other: the sightings ask the book (``holds``, at
+    # construction) and the book, built first for the site API's routes, tells them what changes.
+    book.tell(sightings.flag)
     if STORE_LINK in app:
         # Served detections go to the store and come back with the ID every agent serves.
         sharing = SharedDetections(book, app[AGENT_UUID], serials, wall_clock=clocks.wall)
         app[SHARED_DETECTIONS] = sharing
         app[STORE_LINK].when_connected(sharing.attach)
-    return detector
 
 
 def _book_report(app: web.Application) -> Report | None:

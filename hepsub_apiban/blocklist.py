@@ -73,11 +73,10 @@ class Blocklist:
         include_local: bool,
         clock: Clock = time.time,
         mirror: CurrentMirror | None = None,
+        book: Detections | None = None,
     ) -> None:
         self._current = mirror  # None in check mode: no APIBAN list to serve
-        # The book is built with the sightings, after the routes this object serves are fixed; the
-        # application hands it over once, when detection runs (its one late collaborator).
-        self.book: Detections | None = None
+        self.book = book  # None without detection
         self.include_local = include_local
         self._allow = allow
         self._clock = clock

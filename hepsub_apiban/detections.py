@@ -109,7 +109,7 @@ class Detections:
     Owns the active detections, their repeat history, the circuit breaker and the tombstones of ended
     ones, and saves them in the state dir. Told by the ``Detector`` (``report``), read by the site
     blocklist, the decision stream, enrichment, the HOMER tab and the metrics; tells the sightings
-    (``on_change``) and ``SharedDetections`` (``on_shared``) what changed.
+    (``on_change``, or ``tell``) and ``SharedDetections`` (``on_shared``) what changed.
 
     Never serves an address on one rule's counters alone (it needs proof or two rules), never more
     than the breaker allows per minute, and never for longer than ``MAX_DURATION``.
@@ -136,6 +136,15 @@ class Detections:
         self.stats = DetectionStats()
         self.dirty = False
         self.on_shared: SharedListener | None = None  # with store.url (shared_detections.py)
+
+    def tell(self, listener: Listener) -> None:
+        """From now on, tell ``listener`` of every address detected or no longer detected.
+
+        For the sightings, which the book cannot be built with: the book is built before the
+        routes (the site API serves it), the sightings at startup (they need the lookups), and
+        they ask the book in turn (``holds``). Restored detections were told to no one: the
+        sightings ask ``holds`` for each address as they first see it."""
+        self._on_change = listener
 
     # ---------------------------------------------------------------- findings
 

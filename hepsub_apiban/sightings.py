@@ -361,6 +361,7 @@ class Sightings:
         check_share: float = 0.5,
         log_every: float = 300.0,
         clock: Callable[[], float] = time.time,
+        detected: Callable[[str], bool] | None = None,
     ) -> None:
         self._lookups = lookups
         self.capacity = capacity
@@ -382,8 +383,8 @@ class Sightings:
         self.evicted = 0
         self.evicted_protected = 0  # only when the whole store is protected
         self.listed_packets = 0
-        # Whether local detection holds an address now; set by the application when detection runs.
-        self.detected: Callable[[str], bool] | None = None
+        # Whether local detection holds an address now (the book's ``holds``); None without detection.
+        self.detected = detected
         # Addresses touched since the shared store last took them (shared_sightings.py sets it):
         # only remembered ones, so never more than ``capacity``. One forgotten before it was
         # written is counted in ``evicted_unwritten`` (its last counts never reach the store).
