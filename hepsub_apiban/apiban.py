@@ -222,7 +222,7 @@ class ApibanClient:
 
     Owns the per-endpoint outcome counters and the last error; shares the process' ``ClientSession``
     and the key's ``Budget`` (and, with a store, the key's window in it: ``shared``). Used by the
-    lookups and the mirror sync only.
+    lookups and the mirror sync (and by ``hepsub-apiban check``, outside the agent).
 
     Never sends a request the budget does not allow, never puts the key in a log line or an error
     (the ``Redactor``), and never lets a malformed answer through as a verdict or a page.
