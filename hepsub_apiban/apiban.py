@@ -218,7 +218,15 @@ class UpstreamError:
 
 
 class ApibanClient:
-    """One per process; shares the process' ClientSession and the key's budget."""
+    """The one way to APIBAN: ``/check`` and ``/banned`` requests, parsed and classified.
+
+    Owns the per-endpoint outcome counters and the last error; shares the process' ``ClientSession``
+    and the key's ``Budget`` (and, with a store, the key's window in it: ``shared``). Used by the
+    lookups and the mirror sync (and by ``hepsub-apiban check``, outside the agent).
+
+    Never sends a request the budget does not allow, never puts the key in a log line or an error
+    (the ``Redactor``), and never lets a malformed answer through as a verdict or a page.
+    """
 
     def __init__(
         self,
@@ -227,6 +235,8 @@ class ApibanClient:
         budget: Budget,
         redactor: Redactor,
         wall_clock: Callable[[], float] = time.time,
+        *,
+        shared: SharedGate | None = None,
     ) -> None:
         self._session = session
         self._base = f"{settings.url}/api/{quote(settings.key, safe='')}"
@@ -235,7 +245,7 @@ class ApibanClient:
         self._redact = redactor
         self._wall_clock = wall_clock
         self.budget = budget
-        self.shared: SharedGate | None = None  # with store.url: the key's window shared by its agents
+        self.shared = shared  # with store.url: the key's window shared by its agents
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, outcome) -> count
         self.last_error: UpstreamError | None = None
         self.last_success: float | None = None

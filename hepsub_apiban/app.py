@@ -47,6 +47,7 @@ from .keys import (
     REFUSALS,
     REGISTRAR,
     SETTINGS,
+    SHARED_BUDGET,
     SHARED_DETECTIONS,
     SHARED_SIGHTINGS,
     SIGHTINGS,
@@ -56,13 +57,13 @@ from .keys import (
 )
 from .logs import Redactor
 from .lookups import CachePolicy, LookupService
-from .metrics import Metrics
-from .mirror import Mirror, MirrorSync, snapshot_source
+from .metrics import Metrics, Sources
+from .mirror import CurrentMirror, MirrorSync, snapshot_source
 from .ratelimit import Budget
 from .registration import Registrar
 from .shared_budget import SharedBudget
 from .shared_detections import SharedDetections
-from .shared_mirror import StoreLink
+from .shared_mirror import StoreLink, process_holder
 from .shared_sightings import SharedSightings
 from .sightings import Sightings
 from .site_access import SiteAccess
@@ -90,6 +91,21 @@ class Clocks:
 def create_app(
     settings: Settings, *, redactor: Redactor | None = None, clocks: Clocks = Clocks()
 ) -> web.Application:
+    """The agent as one aiohttp application: settings in, every object built whole and put under its
+    ``AppKey`` (keys.py), routes added, background work in ``cleanup_ctx`` contexts.
+
+    Built here, before anything runs: the middlewares, the refusals, the agent's UUID, the mirror's
+    holder (``CurrentMirror``), the detection book and detector (a saved book is read back), and the
+    site API's blocklist, which serves both (routes are fixed before the start).
+    Built at startup, in this order: the HTTP session; the APIBAN client, the lookups and the mirror
+    sync; the store link; the sightings, evidence and the HEP collector (or worker pool);
+    the store sharing; the HOMER registration (once the listeners are bound); the metrics (last, once
+    every source exists). Shutdown runs the other way round. Used by ``cli serve``, the demo, the
+    tests and the benches; nothing else builds these objects for a running agent.
+
+    Never makes a network request and never starts a task: it only builds (a state dir that cannot be
+    written is a ``ConfigError`` here, not a traceback half-way through the start).
+    """
     agent = settings.agent
     middlewares: list[Middleware] = [json_errors]
     if agent.allow_from:
@@ -100,31 +116,38 @@ def create_app(
     quiet_bad_requests()
     app[SETTINGS] = settings
     app[REDACTOR] = redactor or Redactor(settings.secrets())
-    app[METRICS] = Metrics()
     app[REFUSALS] = Refusals(clock=clocks.monotonic)
-    app[METRICS].sources.refusals = app[REFUSALS]
     app[STARTED_AT] = clocks.wall()
     if settings.apiban.mode == "mirror" or not settings.agent.uuid or settings.detect.enabled:
         # Before anything starts: a state dir that cannot take a write (full disk included) is a
         # one-line error naming state.dir, not a traceback half-way through the start.
         ensure_state_dir(settings.state.dir)
     app[AGENT_UUID] = settings.agent.uuid or load_or_create_uuid(settings.state.dir)
+    # One holder for the mirror, built before the routes: the site API and the lookups read through
+    # it, and a loaded snapshot or the store's copy replaces what it holds (mirror.CurrentMirror).
+    current = CurrentMirror() if settings.apiban.mode == "mirror" else None
+    # Served detections take their IDs from the mirror's sequence, so site clients see one list.
+    serials: CurrentMirror | _Serials = current if current is not None else _Serials()
+    book = _detection(app, serials, clocks) if settings.detect.enabled else None
     app.cleanup_ctx.append(_http_session)
-    app.cleanup_ctx.append(_lookups(clocks))
+    app.cleanup_ctx.append(_lookups(clocks, current))
     if settings.store.url:
         app.cleanup_ctx.append(_store_link(clocks))
-    app.cleanup_ctx.append(_collector(clocks))
+    app.cleanup_ctx.append(_collector(clocks, serials))
     if settings.store.url:
         app.cleanup_ctx.append(_sightings_sharing)
         app.cleanup_ctx.append(_detections_sharing)
     app.cleanup_ctx.append(_registration(clocks))
+    app.cleanup_ctx.append(_metrics)
     setup_routes(app, settings.agent.path.rstrip("/"))
     if settings.site.keys:
-        _site_routes(app, clocks)
+        _site_routes(app, clocks, current, book)
     return app
 
 
-def _site_routes(app: web.Application, clocks: Clocks) -> None:
+def _site_routes(
+    app: web.Application, clocks: Clocks, current: CurrentMirror | None, book: Detections | None
+) -> None:
     """The APIBAN-compatible site API and the CrowdSec decision API: one blocklist, one key gate.
     Registered after the agent's own routes, so /api/v1/... is never taken for a key."""
     settings = app[SETTINGS]
@@ -136,7 +159,11 @@ def _site_routes(app: web.Application, clocks: Clocks) -> None:
         refusals=app[REFUSALS],
     )
     blocklist = Blocklist(
-        NetworkSet(settings.allow.cidrs), include_local=settings.site.include_local, clock=clocks.wall
+        NetworkSet(settings.allow.cidrs),
+        include_local=settings.site.include_local,
+        clock=clocks.wall,
+        mirror=current,
+        book=book,
     )
     app[BLOCKLIST] = blocklist
     app[SITE_API] = SiteApi(access, blocklist, body_timeout=settings.agent.body_timeout)
@@ -152,36 +179,50 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:
+def _lookups(
+    clocks: Clocks, current: CurrentMirror | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         budget = Budget(settings.apiban.rate_limit, clocks.monotonic)
-        client = ApibanClient(app[HTTP_SESSION], settings.apiban, budget, app[REDACTOR], clocks.wall)
+        # With a store, the key's window is shared by its agents: check mode's /check requests
+        # spend it, mirror mode's puller records its requests in it (shared_budget.py).
+        shared = (
+            SharedBudget(
+                budget,
+                snapshot_source(settings.apiban.url, settings.apiban.key),
+                process_holder(app[AGENT_UUID]),
+                gating=current is None,
+                monotonic=clocks.monotonic,
+            )
+            if settings.store.url
+            else None
+        )
+        client = ApibanClient(
+            app[HTTP_SESSION], settings.apiban, budget, app[REDACTOR], clocks.wall, shared=shared
+        )
         policy = CachePolicy(
             settings.apiban.cache_size, settings.apiban.listed_ttl, settings.apiban.unlisted_ttl
         )
         allow = NetworkSet(settings.allow.cidrs)
-        sync = _mirror_sync(app, client, clocks) if settings.apiban.mode == "mirror" else None
+        sync = _mirror_sync(app, client, current, clocks) if current is not None else None
         lookups = LookupService(
             client,
             allow,
             policy,
-            mirror=sync.mirror if sync else None,
+            mirror=current,
             clock=clocks.monotonic,
             wall_clock=clocks.wall,
             trouble=None if sync else FailureRun("APIBAN lookups", log, clock=clocks.monotonic),
         )
         app[APIBAN] = client
         app[LOOKUPS] = lookups
-        app[METRICS].sources.client = client
-        app[METRICS].sources.lookups = lookups
-        app[METRICS].sources.sync = sync
+        if shared is not None:
+            app[SHARED_BUDGET] = shared
         # With a store, the sync runs only while this agent holds the key's puller lease.
         task = None
         if sync is not None and not settings.store.url:
             task = asyncio.create_task(sync.run(), name="apiban-mirror-sync")
-        if BLOCKLIST in app and sync is not None:
-            app[BLOCKLIST].mirror = sync.mirror
         yield
         if task is not None:
             task.cancel()
@@ -192,17 +233,24 @@ def _lookups(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]
     return context
 
 
-def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None]]:
+def _collector(
+    clocks: Clocks, serials: CurrentMirror | _Serials
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
+        book = app.get(DETECTIONS)
         sightings = Sightings(
             app[LOOKUPS],
             capacity=settings.sightings.max,
             check_share=settings.sightings.check_share,
             log_every=settings.apiban.poll_interval,
             clock=clocks.wall,
+            detected=None if book is None else book.holds,
         )
-        detector = _detection(app, sightings, clocks) if settings.detect.enabled else None
+        detector = None
+        if book is not None:
+            _detection_started(app, book, sightings, serials, clocks)
+            detector = app[DETECTOR]
         evidence = Evidence(sightings.protected_addresses())
         collector = (
             HepCollector(sightings, settings.hep, clocks.wall, app[REFUSALS], detector, evidence)
@@ -214,8 +262,6 @@ def _collector(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[None
         app[SIGHTINGS] = sightings
         app[EVIDENCE] = evidence
         app[COLLECTOR] = collector
-        app[METRICS].sources.sightings = sightings
-        app[METRICS].sources.collector = collector
         upkeep = asyncio.create_task(_detection_upkeep(app, clocks), name="detection-upkeep")
         await collector.start()
         yield
@@ -237,7 +283,6 @@ async def _sightings_sharing(app: web.Application) -> AsyncIterator[None]:
     enrichment. The store is attached (``attach``) by whoever connects it; until then, memory."""
     sharing = SharedSightings(None, app[SIGHTINGS], app[AGENT_UUID])
     app[SHARED_SIGHTINGS] = sharing
-    app[METRICS].sources.shared_sightings = sharing
     app[STORE_LINK].when_connected(sharing.attach)  # registered after the link, only with a store
     # Real time, as the detection upkeep: the injected sleep belongs to the sync loop tests drive.
     task = asyncio.create_task(sharing.run(), name="sightings-sharing")
@@ -267,33 +312,40 @@ DETECTIONS_FILE = "detections.json"
 UPKEEP_EVERY = 10.0  # seconds between expiring detections, forgetting idle counters and saving
 
 
-def _detection(app: web.Application, sightings: Sightings, clocks: Clocks) -> Detector:
-    """The detector and its book; a saved book comes back with its remaining durations."""
+def _detection(app: web.Application, serials: CurrentMirror | _Serials, clocks: Clocks) -> Detections:
+    """The book and the detector, built before the routes (the site API serves the book); a saved
+    book comes back with its remaining durations. Numbered through ``serials`` (the mirror's
+    holder in mirror mode), so a mirror replaced by the store's copy keeps numbering them."""
     settings = app[SETTINGS]
-    sync = app.get(MIRROR_SYNC)
-    # Served detections take their IDs from the mirror's sequence, so site clients see one list.
-    serials = sync.mirror if sync is not None else _Serials()
-    book = Detections(settings.detect, serials.new_serial, clock=clocks.wall, on_change=sightings.flag)
+    book = Detections(settings.detect, serials.new_serial, clock=clocks.wall)
     authenticated = book.load(settings.state.dir / DETECTIONS_FILE)
-    if sync is not None:
-        highest = max((d.serial or 0 for d in book.active()), default=-1)
-        sync.mirror.next_serial = max(sync.mirror.next_serial, highest + 1)
     detector = Detector(settings.detect, book.report, allow=NetworkSet(settings.allow.cidrs))
     detector.restore_authenticated(authenticated, clocks.wall())
-    sightings.detected = book.holds
     app[DETECTIONS] = book
-    if BLOCKLIST in app:
-        app[BLOCKLIST].book = book
     app[DETECTOR] = detector
-    app[METRICS].sources.detections = book
-    app[METRICS].sources.detector = detector
+    return book
+
+
+def _detection_started(
+    app: web.Application,
+    book: Detections,
+    sightings: Sightings,
+    serials: CurrentMirror | _Serials,
+    clocks: Clocks,
+) -> None:
+    """At startup, once the mirror's snapshot is loaded and the sightings exist."""
+    if isinstance(serials, CurrentMirror):
+        # The snapshot numbered the list; the saved detections' IDs stay below what comes next.
+        highest = max((d.serial or 0 for d in book.active()), default=-1)
+        serials.next_serial = max(serials.next_serial, highest + 1)
+    # The sightings and the book each tell the other: the sightings ask the book (``holds``, at
+    # construction) and the book, built first for the site API's routes, tells them what changes.
+    book.tell(sightings.flag)
     if STORE_LINK in app:
         # Served detections go to the store and come back with the ID every agent serves.
         sharing = SharedDetections(book, app[AGENT_UUID], serials, wall_clock=clocks.wall)
         app[SHARED_DETECTIONS] = sharing
-        app[METRICS].sources.shared_detections = sharing
         app[STORE_LINK].when_connected(sharing.attach)
-    return detector
 
 
 def _book_report(app: web.Application) -> Report | None:
@@ -340,24 +392,17 @@ def _store_link(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[Non
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
-        sync = app.get(MIRROR_SYNC)
+        shared = app[SHARED_BUDGET]
         link = StoreLink(
             settings.store,
-            app[AGENT_UUID],
-            sync=sync,
+            shared.holder,
+            sync=app.get(MIRROR_SYNC),
             budget=app[APIBAN].budget,
-            source=snapshot_source(settings.apiban.url, settings.apiban.key),
+            source=shared.source,
+            shared_budget=shared,
             wall_clock=clocks.wall,
         )
         app[STORE_LINK] = link
-        app[METRICS].sources.store = link
-        # Check mode: every agent's /check requests spend one budget for the key. Mirror mode: the
-        # puller's requests are recorded in it, for the agent that takes over from it.
-        shared = SharedBudget(
-            app[APIBAN].budget, link.source, link.holder, gating=sync is None, monotonic=clocks.monotonic
-        )
-        app[APIBAN].shared = shared
-        link.shared_budget = shared
         link.when_connected(shared.attach)
         link.start()
         yield
@@ -367,11 +412,13 @@ def _store_link(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[Non
     return context
 
 
-def _mirror_sync(app: web.Application, client: ApibanClient, clocks: Clocks) -> MirrorSync:
+def _mirror_sync(
+    app: web.Application, client: ApibanClient, current: CurrentMirror, clocks: Clocks
+) -> MirrorSync:
     settings = app[SETTINGS]
     sync = MirrorSync(
         client,
-        Mirror(),
+        current,
         poll_interval=settings.apiban.poll_interval,
         snapshot_path=settings.state.dir / "mirror.json",  # checked writable by create_app
         source=snapshot_source(settings.apiban.url, settings.apiban.key),
@@ -398,7 +445,6 @@ def _registration(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[N
             sleep=clocks.sleep,
         )
         app[REGISTRAR] = registrar
-        app[METRICS].sources.registrar = registrar
         task = asyncio.create_task(registrar.run(), name="homer-registration")
         yield
         task.cancel()
@@ -407,6 +453,28 @@ def _registration(clocks: Clocks) -> Callable[[web.Application], AsyncIterator[N
         await registrar.unregister()
 
     return context
+
+
+async def _metrics(app: web.Application) -> AsyncIterator[None]:
+    """Metrics, built last: every object they read at scrape time exists by then, so the collector
+    is handed all of them at once. Only handlers read ``METRICS``, and they run after startup."""
+    app[METRICS] = Metrics(
+        Sources(
+            client=app[APIBAN],
+            lookups=app[LOOKUPS],
+            registrar=app.get(REGISTRAR),
+            sync=app.get(MIRROR_SYNC),
+            sightings=app[SIGHTINGS],
+            collector=app[COLLECTOR],
+            refusals=app[REFUSALS],
+            detections=app.get(DETECTIONS),
+            detector=app.get(DETECTOR),
+            store=app.get(STORE_LINK),
+            shared_sightings=app.get(SHARED_SIGHTINGS),
+            shared_detections=app.get(SHARED_DETECTIONS),
+        )
+    )
+    yield
 
 
 def startup_summary(app: web.Application) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .addresses import NetworkSet, parse_ip
 from .detection import rule_name
 from .detections import Detection, Detections
-from .mirror import ACTIVE_FOR, Mirror
+from .mirror import ACTIVE_FOR, CurrentMirror, Mirror
 from .timing import Clock
 
 APIBAN_ORIGIN = "apiban"
@@ -57,12 +57,33 @@ def local_entry(detection: Detection) -> Entry:
 
 
 class Blocklist:
-    def __init__(self, allow: NetworkSet, *, include_local: bool, clock: Clock = time.time) -> None:
-        self.mirror: Mirror | None = None  # set once the application has started its mirror
-        self.book: Detections | None = None  # set once detection runs
+    """What the site API and the CrowdSec decision stream hand out: the mirror's entries merged with
+    the served local detections, allow-listed addresses left out.
+
+    Owns no list of its own: it reads the mirror (through ``CurrentMirror``, which a snapshot or the
+    store may replace) and the detection book on every call. Used by ``SiteApi`` and ``DecisionApi``
+    only. Never makes an upstream request, never hands out an allow-listed address, and a page
+    costs what it reads (the mirror keeps its order sorted).
+    """
+
+    def __init__(
+        self,
+        allow: NetworkSet,
+        *,
+        include_local: bool,
+        clock: Clock = time.time,
+        mirror: CurrentMirror | None = None,
+        book: Detections | None = None,
+    ) -> None:
+        self._current = mirror  # None in check mode: no APIBAN list to serve
+        self.book = book  # None without detection
         self.include_local = include_local
         self._allow = allow
         self._clock = clock
+
+    @property
+    def mirror(self) -> Mirror | None:
+        return self._current.mirror if self._current is not None else None
 
     @property
     def loaded(self) -> bool:

@@ -79,6 +79,18 @@ def key_refusal(packet: HepPacket, key: bytes) -> str:
 
 
 class HepCollector:
+    """The HEP listeners of a one-process agent: every packet from socket to sightings, detection, evidence.
+
+    Owns the UDP endpoint and the TCP listener (``hep_tcp``), its counters (``stats``) and the
+    refusals of the HEP channels. Built by ``create_app`` with the ``Sightings``, the ``Detector`` and
+    the ``Evidence`` it feeds; read by /api/v1/status and /metrics. ``WorkerPool`` takes its place when
+    ``hep.workers`` > 1, and a HEP worker runs a subclass of it on the same code.
+
+    ``handle`` runs on the event loop once per packet, so it must never await, never make an upstream
+    request (a new address's /check is the sightings' background task), never raise on what a sender
+    sent (a bad packet is counted and dropped), and stay a few dict probes for a packet nobody watches.
+    """
+
     def __init__(
         self,
         sightings: Sightings,

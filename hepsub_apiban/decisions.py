@@ -161,6 +161,14 @@ class Cursor:
 
 
 class DecisionApi:
+    """CrowdSec's decision API for bouncers: the site's ``Blocklist`` as decisions, streamed per bouncer.
+
+    Owns the cursor of each bouncer (``MAX_BOUNCERS`` at most); built by ``create_app`` beside
+    ``SiteApi`` with the same blocklist and key gate.
+
+    Never makes an upstream request, and gives each address once, by its longest decision.
+    """
+
     def __init__(self, access: SiteAccess, blocklist: Blocklist, clock: Clock = time.monotonic) -> None:
         self._access = access
         self.blocklist = blocklist

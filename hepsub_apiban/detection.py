@@ -197,6 +197,17 @@ class DetectorStats:
 
 
 class Detector:
+    """Local detection's rules, run on every captured SIP packet: counters per remote address.
+
+    Owns the counters of at most ``detect.max_tracked`` remotes, the addresses known to be local (HEP
+    senders, servers that challenge) and the authenticated exemptions. Fed by the collector
+    (``observe``, ``hep_sender``) or a HEP worker's copy; reports what a rule finds to the book
+    (``Detections.report``, the ``report`` callback it is built with).
+
+    Never lists anything itself (the book decides what is served), never tracks a non-routable,
+    allow-listed or local address, and never awaits or grows without a bound on the packet path.
+    """
+
     def __init__(
         self,
         settings: DetectSettings,

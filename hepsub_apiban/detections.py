@@ -104,6 +104,17 @@ SharedListener = Callable[[Detection, float | None], object]
 
 
 class Detections:
+    """The detection book: what the rules found, for how long, and whether it is served to firewalls.
+
+    Owns the active detections, their repeat history, the circuit breaker and the tombstones of ended
+    ones, and saves them in the state dir. Told by the ``Detector`` (``report``), read by the site
+    blocklist, the decision stream, enrichment, the HOMER tab and the metrics; tells the sightings
+    (``on_change``, or ``tell``) and ``SharedDetections`` (``share_with``) what changed.
+
+    Never serves an address on one rule's counters alone (it needs proof or two rules), never more
+    than the breaker allows per minute, and never for longer than ``MAX_DURATION``.
+    """
+
     def __init__(
         self,
         settings: DetectSettings,
@@ -124,7 +135,21 @@ class Detections:
         self.ended: deque[tuple[float, Detection]] = deque(maxlen=MAX_TOMBSTONES)
         self.stats = DetectionStats()
         self.dirty = False
-        self.on_shared: SharedListener | None = None  # with store.url (shared_detections.py)
+        self.on_shared: SharedListener | None = None  # with store.url: share_with (shared_detections.py)
+
+    def tell(self, listener: Listener) -> None:
+        """From now on, tell ``listener`` of every address detected or no longer detected.
+
+        For the sightings, which the book cannot be built with: the book is built before the
+        routes (the site API serves it), the sightings at startup (they need the lookups), and
+        they ask the book in turn (``holds``). Restored detections were told to no one: the
+        sightings ask ``holds`` for each address as they first see it."""
+        self._on_change = listener
+
+    def share_with(self, listener: SharedListener) -> None:
+        """From now on, tell ``listener`` of every detection served, extended, renumbered or
+        ended: ``SharedDetections``, which is built with this book and so after it."""
+        self.on_shared = listener
 
     # ---------------------------------------------------------------- findings
 

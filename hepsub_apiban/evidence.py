@@ -63,6 +63,15 @@ def _kept(packet: HepPacket) -> _Kept:
 
 
 class Evidence:
+    """The last raw SIP packets of every protected address (listed or detected), for the pcap download.
+
+    Owns the packet rings, bounded in packets per address, addresses and bytes. The collector (or a
+    ``WorkerPool`` batch) keeps packets in it; ``GET /api/v1/evidence/{ip}.pcap`` and the HOMER tab read it.
+
+    An ordinary packet costs two hash probes of ``protected`` (a live view of the sightings) and
+    nothing else; nothing a sender sends can grow it past its bounds.
+    """
+
     def __init__(
         self,
         protected: Container[str],

@@ -286,6 +286,15 @@ class WorkerCollector(HepCollector):
 
 
 class Worker:
+    """One HEP worker process' state: its own sightings tally, detector and evidence for one batch.
+
+    Owns what the worker counted since its last batch; built by the worker's ``serve`` from the pickled
+    settings the agent sends. Talks to nothing but its sockets and the agent's control socket.
+
+    Never asks APIBAN (an empty, complete mirror answers "not listed"), and never lets a batch grow
+    past its bounds while the agent is slow to read.
+    """
+
     def __init__(self, settings: Settings, index: int, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.index = index

@@ -22,6 +22,7 @@ from .lookups import LookupService
 from .metrics import Metrics
 from .mirror import MirrorSync
 from .registration import Registrar
+from .shared_budget import SharedBudget
 from .shared_detections import SharedDetections
 from .shared_mirror import StoreLink
 from .shared_sightings import SharedSightings
@@ -49,3 +50,4 @@ DETECTIONS = web.AppKey("detections", Detections)
 BLOCKLIST = web.AppKey("blocklist", Blocklist)
 EVIDENCE = web.AppKey("evidence", Evidence)
 STORE_LINK = web.AppKey("store_link", StoreLink)
+SHARED_BUDGET = web.AppKey("shared_budget", SharedBudget)

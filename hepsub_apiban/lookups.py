@@ -78,6 +78,17 @@ class CachePolicy:
 
 
 class LookupService:
+    """One verdict per IP for everyone who asks (enrichment, the sightings, the status page).
+
+    Owns the verdict cache and the in-flight /check requests; reads the mirror (``ListSource``, through
+    ``CurrentMirror`` in mirror mode) and sends through the ``ApibanClient``. Used by the web layer and
+    the sightings; the collector reaches it only through the sightings.
+
+    ``answer_now`` never makes a request, so the packet path uses it alone; ``lookup_many`` waits at
+    most the caller's deadline whatever APIBAN does, spends the key's budget only within the caller's
+    ``share``, sends one /check per address however many callers ask, and never caches a failure.
+    """
+
     def __init__(
         self,
         client: ApibanClient | None,

@@ -78,7 +78,16 @@ MAX_TOMBSTONES = 100_000  # removed entries remembered for the decision stream's
 
 
 class Mirror:
-    """The list and the sync position; answers lookups for listed addresses (``ListSource``)."""
+    """The APIBAN list held in memory and the sync position: answers lookups for listed addresses.
+
+    Owns the entries, their local serials (one sequence for the site API, shared with the detection
+    book), the tombstones of removed entries and the position a pull resumes from. Changed only by
+    ``MirrorSync`` (and, with a store, by ``StoreLink`` following the puller); read through
+    ``CurrentMirror`` by the lookups, the blocklist and the book's numbering.
+
+    Never holds a non-routable or malformed address, never makes a request itself, and a read costs
+    one dict probe (the serial order is sorted once per change, not per reader).
+    """
 
     def __init__(self) -> None:
         self.entries: dict[str, Verdict] = {}
@@ -109,11 +118,6 @@ class Mirror:
 
     def verdict(self, ip: str) -> Verdict | None:
         return self.entries.get(ip)
-
-    def adopt(self, other: Mirror) -> None:
-        """Take over another mirror's state in place: lookups hold a reference to this object."""
-        self.__dict__.update(other.__dict__)
-        self._order = None
 
     def needs_full_pull(self, now: float) -> bool:
         if self.full_pull_started is not None:
@@ -230,6 +234,42 @@ class Mirror:
                 "entries": [[v.ip, v.id, v.last_reported, self.serials[v.ip]] for v in self.entries.values()],
             }
         )
+
+
+class CurrentMirror:
+    """The mirror the agent answers from, read through by everyone who answers from it.
+
+    A loaded snapshot, or the store's copy after a pull ends (shared_mirror.py), replaces the
+    mirror whole while the agent runs. The lookups, the site API's blocklist and the detection
+    book's numbering are built once, before any load, and keep this object: each reads ``mirror``
+    on every use, so a replacement reaches them all at once, with no state copied into an object
+    someone else holds. Built by the application factory, handed to each at construction.
+    """
+
+    __slots__ = ("mirror",)
+
+    def __init__(self, mirror: Mirror | None = None) -> None:
+        self.mirror = mirror if mirror is not None else Mirror()
+
+    # ``ListSource`` (lookups.py): what the packet path asks, one attribute read more than the mirror.
+    @property
+    def loaded(self) -> bool:
+        return self.mirror.loaded
+
+    def verdict(self, ip: str) -> Verdict | None:
+        return self.mirror.entries.get(ip)
+
+    # The serial source of the detection book: local detections share the mirror's sequence.
+    def new_serial(self, now: float) -> int:
+        return self.mirror.new_serial(now)
+
+    @property
+    def next_serial(self) -> int:
+        return self.mirror.next_serial
+
+    @next_serial.setter
+    def next_serial(self, value: int) -> None:
+        self.mirror.next_serial = value
 
 
 class SnapshotError(ValueError):
@@ -377,12 +417,22 @@ class SyncStatus:
 
 
 class MirrorSync:
-    """Keeps a Mirror current; one step is at most one APIBAN request."""
+    """Keeps the mirror current within the key's budget: full pulls, incremental pulls, the snapshot.
+
+    Owns the sync loop (``run``, one APIBAN request per ``step`` at most), its ``status`` and the
+    snapshot in the state dir; replaces the mirror whole through ``CurrentMirror`` when a snapshot is
+    loaded. Built by ``create_app`` in mirror mode; run by its lookups context, or by ``StoreLink``
+    while this agent holds the puller lease.
+
+    Never spends the last request of a window a per-IP check may need while a list is pulled, never
+    takes a short or malformed page as the list (a shrunken full pull must be confirmed), and never
+    stops on an error: a failing step is logged and retried.
+    """
 
     def __init__(
         self,
         client: ApibanClient,
-        mirror: Mirror,
+        current: CurrentMirror,
         *,
         poll_interval: float,
         snapshot_path: Path,
@@ -391,7 +441,7 @@ class MirrorSync:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._client = client
-        self.mirror = mirror
+        self.current = current
         self._poll = poll_interval
         self._path = snapshot_path
         self._source = source
@@ -410,6 +460,10 @@ class MirrorSync:
         # (ID, entries held) after the first page of the full pull under way: the estimate's base.
         self._pull_mark: tuple[int, int] | None = None
         self._trouble = FailureRun("APIBAN list sync", log, clock=wall_clock)
+
+    @property
+    def mirror(self) -> Mirror:
+        return self.current.mirror
 
     def progress(self, next_in: float) -> str:
         """One line on a full pull under way, for the log and the status page."""
@@ -452,7 +506,7 @@ class MirrorSync:
         except SnapshotError as exc:
             self._snapshot_rejected(str(exc))
             return
-        self.mirror.adopt(loaded)
+        self.current.mirror = loaded
         expired = self.mirror.expire(self._wall_clock())
         self.status.snapshot_loaded = True
         log.info(

@@ -16,6 +16,16 @@ from .timing import Clock
 
 
 class Budget:
+    """The APIBAN key's request window in this process: never more than N requests in any S seconds.
+
+    Owns the times of the requests sent and a block (after a 429, or while another agent pulls). Spent
+    by the ``ApibanClient`` before every request; read by the mirror sync, the lookups (``headroom``)
+    and ``SharedBudget``, which puts the key's window shared by several agents behind it.
+
+    Never sleeps or awaits: callers ask (``wait_time``, ``headroom``) and decide; every call is linear
+    in the requests of one window (11 for APIBAN).
+    """
+
     def __init__(self, limit: RateLimit, clock: Clock) -> None:
         self.limit = limit
         self._clock = clock

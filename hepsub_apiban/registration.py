@@ -61,6 +61,16 @@ class RegistrationStatus:
 
 
 class Registrar:
+    """This agent's HEPSUB registration with homer-app: subscribe, refresh at 0.9 x ttl, unsubscribe.
+
+    Owns the registration loop (``run``, a task of ``create_app``'s registration context, started once
+    the listeners are bound) and its ``status`` for /api/v1/status and /metrics. Uses the process' HTTP
+    session; HOMER's credentials go through the ``Redactor`` before any log line.
+
+    Never blocks the start (HOMER down means retries with capped backoff and jitter, logged as state
+    changes) and never logs a token or a password.
+    """
+
     def __init__(
         self,
         session: aiohttp.ClientSession,

@@ -105,7 +105,16 @@ class SharedBudgetStats:
 
 
 class SharedBudget:
-    """The key's window in the store, behind this agent's own ``Budget``; see the module docstring."""
+    """The key's request window in the store, behind this agent's own ``Budget`` (see the module docstring).
+
+    Owns the store's view of the window for this key (its ``source``) and this process (its
+    ``holder``). Built with the ``ApibanClient`` when ``store.url`` is set: in check mode it gates
+    every /check, in mirror mode it records the puller's requests for the agent that takes over; the
+    ``StoreLink`` attaches the store once connected.
+
+    Never waits on a store that does not answer longer than its timeout: this agent then spends its
+    own share of the window.
+    """
 
     def __init__(
         self,

@@ -127,6 +127,16 @@ class Row:
 
 
 class SharedDetections:
+    """Served detections shared by the agents of a store: marked by the book, written and followed.
+
+    Owns the marks of the book's served detections and their writer's stats; built by ``create_app``
+    with ``store.url`` and detection on, with the book and its serial source. The ``StoreLink`` attaches
+    the store once connected. It registers itself with the book (``share_with``) when built.
+
+    Never shares a flagged-only detection (serving needed proof), never writes on the packet path,
+    and loses no mark while the store is down (every served detection is marked again on reconnect).
+    """
+
     def __init__(
         self,
         book: Detections,
@@ -152,7 +162,7 @@ class SharedDetections:
         self._followed_at: float | None = None
         self._pruned_at: float | None = None
         self.stats = DetectionSharingStats()
-        book.on_shared = self.mark
+        book.share_with(self.mark)
 
     def attach(self, store: Store) -> None:
         """The store, connected (or reconnected): every served detection is marked again, so what

@@ -229,8 +229,23 @@ class StoreStatus:
     next_attempt: float | None = None  # wall clock of the next connection attempt while unconnected
 
 
+def process_holder(agent: str) -> str:
+    """The name this process holds leases and spends the key's window under: a new one per process,
+    so a restarted agent does not inherit its old lease's budget."""
+    return f"{agent}:{secrets.token_hex(4)}"
+
+
 class StoreLink:
-    """The agent's link to the store: (re)connects with backoff and, in mirror mode, pulls or follows."""
+    """The agent's link to the PostgreSQL store: connects, migrates, reconnects with backoff; in mirror
+    mode it takes the APIBAN puller lease or follows the list the puller writes.
+
+    Owns the ``Store`` once connected, the lease and the store's ``status``. Built by ``create_app``
+    with ``store.url``, with the mirror sync and the shared budget it drives; hands the store to
+    ``SharedSightings``, ``SharedDetections`` and ``SharedBudget`` (``when_connected``).
+
+    Never holds up the start (a database that is down is retried in the background while the agent
+    serves from memory and its snapshot), and never lets two agents of one key pull APIBAN at once.
+    """
 
     def __init__(
         self,
@@ -240,14 +255,14 @@ class StoreLink:
         sync: MirrorSync | None = None,
         budget: Budget | None = None,
         source: str = "",
+        shared_budget: SharedBudget | None = None,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._ttl = settings.lease_ttl
         self._redact = Redactor(settings.secrets())
-        # A new holder per process: a restarted agent does not inherit its old lease's budget.
-        self.holder = f"{holder}:{secrets.token_hex(4)}"
+        self.holder = holder  # process_holder(agent UUID): this process, not the agent
         self._sync = sync
         self._budget = budget
         self._source = source
@@ -268,7 +283,7 @@ class StoreLink:
         self._on_connected: list[Callable[[Store], None]] = []
         # The key's request window in the store (shared_budget.py): gating in check mode, recording
         # the puller's requests in mirror mode.
-        self.shared_budget: SharedBudget | None = None
+        self.shared_budget = shared_budget
 
     def when_connected(self, callback: Callable[[Store], None]) -> None:
         """Call ``callback`` with the store once it is connected and migrated (at once if it is)."""
@@ -403,7 +418,7 @@ class StoreLink:
         fresh = Mirror()
         held = await shared.apply_changes(fresh, 0)
         if held > 0:
-            self._sync.mirror.adopt(fresh)
+            self._sync.current.mirror = fresh
             self._held = held
         self._diverged = False
 

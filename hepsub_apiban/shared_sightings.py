@@ -111,6 +111,18 @@ class SharingStats:
 
 
 class SharedSightings:
+    """The sightings of every agent of a store: this agent's written about once a second, all read back.
+
+    Owns the writer's marks (the addresses ``Sightings`` touched since the last write) and its stats.
+    Built by ``create_app`` with ``store.url``; the ``StoreLink`` attaches the store once it is
+    connected (``attach``), until then it holds what memory holds. Read by enrichment (``seen``:
+    every agent's sightings of a call's addresses).
+
+    Never holds enrichment longer than ``read_timeout`` (a store that fails is left alone for a moment,
+    and the answer is this agent's memory), never writes on the packet path, and never counts a batch
+    twice (cumulative totals per writer and address life).
+    """
+
     def __init__(
         self,
         store: Store | None,

@@ -341,6 +341,18 @@ _order_of = attrgetter("order")
 
 
 class Sightings:
+    """Every address seen in the captured SIP traffic, what it did and its verdict: bounded, protected.
+
+    Owns the sighting of each address (``sightings.max`` at most, least recently seen unprotected ones
+    forgotten first) and the background /check tasks of check mode. Fed by the collector (``record``,
+    once per packet) and by ``WorkerPool`` batches; read by enrichment, the HOMER tab, the evidence
+    (``protected_addresses``), ``SharedSightings`` and the metrics. Asks the ``LookupService`` for verdicts.
+
+    ``record`` runs once per packet on the event loop: it never awaits, never makes an upstream request
+    (a check is a background task limited to ``sightings.check_share`` of the budget), keeps every
+    per-address sample bounded, and never forgets a protected address while an ordinary one is left.
+    """
+
     def __init__(
         self,
         lookups: LookupService,
@@ -349,6 +361,7 @@ class Sightings:
         check_share: float = 0.5,
         log_every: float = 300.0,
         clock: Callable[[], float] = time.time,
+        detected: Callable[[str], bool] | None = None,
     ) -> None:
         self._lookups = lookups
         self.capacity = capacity
@@ -370,8 +383,8 @@ class Sightings:
         self.evicted = 0
         self.evicted_protected = 0  # only when the whole store is protected
         self.listed_packets = 0
-        # Whether local detection holds an address now; set by the application when detection runs.
-        self.detected: Callable[[str], bool] | None = None
+        # Whether local detection holds an address now (the book's ``holds``); None without detection.
+        self.detected = detected
         # Addresses touched since the shared store last took them (shared_sightings.py sets it):
         # only remembered ones, so never more than ``capacity``. One forgotten before it was
         # written is counted in ``evicted_unwritten`` (its last counts never reach the store).

@@ -34,6 +34,15 @@ class Refused(enum.Enum):
 
 
 class SiteAccess:
+    """The key gate of the site's APIs: which ``site.keys`` may read, each client within its rate.
+
+    Owns digests of the keys, each client's rate and the key guessers' failure budget; shared by
+    ``SiteApi`` and ``DecisionApi``, so a guesser has one budget whichever door it knocks on.
+
+    Never compares a key in a time that depends on it (digests, each against every key), and never
+    keeps more clients than its bound.
+    """
+
     def __init__(
         self,
         keys: tuple[str, ...],

@@ -61,6 +61,17 @@ def not_ready() -> web.Response:
 
 
 class SiteApi:
+    """The APIBAN-compatible API for the site's own clients (Kamailio, OpenSIPS, ipset, pfSense).
+
+    Owns nothing but its routes: answers come from the ``Blocklist`` and the key gate (``SiteAccess``)
+    it is built with, in APIBAN's bodies and statuses. Built by ``create_app`` when ``site.keys`` is set,
+    its routes added after the agent's own.
+
+    Never makes an upstream request (a site client reads the mirror, never APIBAN), never hands out the
+    upstream APIBAN key (site keys are the site's own), and answers 503 until the list is in, not an
+    empty list.
+    """
+
     def __init__(self, access: SiteAccess, blocklist: Blocklist, *, body_timeout: float = 10.0) -> None:
         self._access = access
         self.blocklist = blocklist

@@ -230,7 +230,12 @@ class Lease:
 
 
 class Store:
-    """A small pool of connections to the store's database."""
+    """A small pool of connections to the store's database (PostgreSQL), and its schema migrations.
+
+    Built and owned by ``StoreLink``; every store-backed object (``SharedSightings``,
+    ``SharedDetections``, ``SharedBudget``, the mirror's rows) gets it from the link once connected.
+    Never lets a query run without a timeout, and never runs on the packet path.
+    """
 
     def __init__(self, pool: asyncpg.Pool, settings: StoreSettings) -> None:
         self._pool = pool

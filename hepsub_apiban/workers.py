@@ -109,7 +109,15 @@ class Slot:
 
 
 class WorkerPool(HepCollector):
-    """The HEP collector of an agent with hep.workers > 1: packets are handled in the workers."""
+    """The HEP collector of an agent with ``hep.workers`` > 1: the packets are handled in worker processes.
+
+    Owns the worker processes (``slots``), their sockets on the HEP ports and the merge of their batches
+    into the agent's ``Sightings``, detection book, ``Evidence``, counters and refusals. Built by
+    ``create_app`` in the collector's place; read by /api/v1/status and /metrics as the collector is.
+
+    Never parses what a worker sends beyond its length-prefixed JSON and evidence records, never holds
+    the event loop with one big batch (merged in slices), and never lets a worker outlive the agent.
+    """
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from hepsub_apiban.logs import Redactor
 from hepsub_apiban.mirror import (
     ACTIVE_FOR,
     START_ID,
+    CurrentMirror,
     Mirror,
     MirrorSync,
     SnapshotError,
@@ -58,7 +59,7 @@ class Rig:
     def new_sync(self) -> MirrorSync:
         return MirrorSync(
             self.client,
-            Mirror(),
+            CurrentMirror(),
             poll_interval=300,
             snapshot_path=self.path,
             source=self.source,

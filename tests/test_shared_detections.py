@@ -29,7 +29,7 @@ from hepsub_apiban.config import DetectSettings
 from hepsub_apiban.detection import PROOF_NONCE, PROOF_TCP, Finding
 from hepsub_apiban.detections import MAX_DURATION, Detection, Detections
 from hepsub_apiban.keys import DETECTIONS, MIRROR_SYNC, SHARED_DETECTIONS, STORE_LINK
-from hepsub_apiban.mirror import Mirror
+from hepsub_apiban.mirror import CurrentMirror, Mirror
 from hepsub_apiban.shared_detections import SharedDetections
 from hepsub_apiban.store import Store
 
@@ -370,8 +370,9 @@ def test_a_site_api_page_never_ends_between_two_entries_of_one_id(agent: AgentFa
     end = clock() + 3600
     shared = Detection(ATTACKER, clock(), end, {"scanner_ua": "e"}, PROOF_TCP, serial=tied)
     assert book.adopt(shared, clock()) is shared
-    blocklist = Blocklist(NetworkSet(), include_local=True, clock=clock)
-    blocklist.mirror, blocklist.book = mirror, book
+    blocklist = Blocklist(
+        NetworkSet(), include_local=True, clock=clock, mirror=CurrentMirror(mirror), book=book
+    )
     first, last = blocklist.page_after(0, 2, clock())
     assert (first, last) == (["45.0.0.1", "45.0.0.2", ATTACKER], tied)
     assert blocklist.page_after(tied, 2, clock()) == (["45.0.0.3"], mirror.serials["45.0.0.3"])

@@ -37,6 +37,7 @@ from hepsub_apiban.logs import Redactor
 from hepsub_apiban.mirror import (
     MAX_SNAPSHOT_BYTES,
     STATE_CLOCK_SLACK,
+    CurrentMirror,
     Mirror,
     MirrorSync,
     SnapshotError,
@@ -195,7 +196,7 @@ async def sync_for(tmp_path: Path) -> AsyncIterator[Callable[[], MirrorSync]]:
         def make() -> MirrorSync:
             return MirrorSync(
                 client,
-                Mirror(),
+                CurrentMirror(),
                 poll_interval=300,
                 snapshot_path=tmp_path / "mirror.json",
                 source=SOURCE,
