@@ -15,26 +15,44 @@ CITED = re.findall(r"`([^`\s]+)`", DOC)
 
 
 def modules() -> list[str]:
-    return sorted(path.stem for path in PACKAGE.glob("*.py"))
+    """The package's modules as paths without ``.py``: ``collector``, ``hep/decoder``, ``hep/__init__``.
+
+    Subpackages count file by file; the fakes are outside the wings (ARCHITECTURE.md says why).
+    """
+    nested = [f"{p.parent.name}/{p.stem}" for p in PACKAGE.glob("*/*.py") if p.parent.name != "fakes"]
+    return sorted([path.stem for path in PACKAGE.glob("*.py")] + nested)
+
+
+def _module_of(parts: list[str]) -> str:
+    """The module a relative import names (a file, else a subpackage's ``__init__``), or ''."""
+    for end in range(len(parts), 0, -1):
+        joined = "/".join(parts[:end])
+        if (PACKAGE / f"{joined}.py").exists():
+            return joined
+        if (PACKAGE / joined / "__init__.py").exists():
+            return f"{joined}/__init__"
+    return ""
 
 
 def wings() -> list[tuple[str, list[str]]]:
     """(wing, its modules) from the table after the ``wings`` marker, bottom wing first."""
     table = DOC.split("<!-- wings", 1)[1].split("\n\n", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
-    return [(row.split("|")[1].strip(), re.findall(r"`(\w+)\.py`", row.split("|")[2])) for row in rows]
+    return [(row.split("|")[1].strip(), re.findall(r"`([\w/]+)\.py`", row.split("|")[2])) for row in rows]
 
 
 def imports(name: str) -> set[str]:
     """The package's modules that ``name`` imports (relative imports, as the package writes them)."""
     tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
+    here = name.split("/")[:-1]  # the subpackage ``name`` sits in; [] at the top
     found: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[: len(here) - node.level + 1]
             if node.module:
-                found.add(node.module.split(".")[0])
+                found.add(_module_of([*base, *node.module.split(".")]))
             else:
-                found.update(alias.name for alias in node.names)
+                found.update(_module_of([*base, alias.name]) for alias in node.names)
     return found & set(modules())
 
 
@@ -67,7 +85,8 @@ def test_every_file_cited_exists() -> None:
 
 
 def _package() -> dict[str, ModuleType]:
-    return {m: importlib.import_module(f"hepsub_apiban.{m}") for m in modules() if m != "__main__"}
+    dotted = [m.removesuffix("/__init__").replace("/", ".") for m in modules() if m != "__main__"]
+    return {name: importlib.import_module(f"hepsub_apiban.{name}") for name in dotted}
 
 
 def _resolves(dotted: str, package: dict[str, ModuleType]) -> bool:
