@@ -72,7 +72,8 @@ from hepsub_apiban.config import DetectSettings, HepSettings
 from hepsub_apiban.detection import Detector
 from hepsub_apiban.detections import Detections
 from hepsub_apiban.evidence import Evidence
-from hepsub_apiban.hep import BadPacket, HepPacket, _decode_v2, _decode_v3, build_hep3, decode
+from hepsub_apiban.hep import BadPacket, HepPacket, build_hep3, decode
+from hepsub_apiban.hep.decoder import _decode_v2, _decode_v3
 from hepsub_apiban.lookups import LookupService
 from hepsub_apiban.mirror import Mirror
 from hepsub_apiban.sightings import Sightings

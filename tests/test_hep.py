@@ -23,13 +23,12 @@ from hepsub_apiban.hep import (
     BadPacket,
     HepPacket,
     HepStream,
-    _decode_layout,
-    _decode_v3,
     build_hep2,
     build_hep3,
     decode,
     parse_with_construct,
 )
+from hepsub_apiban.hep.decoder import _decode_layout, _decode_v3
 
 from . import HEP_FIXTURES
 
