@@ -23,7 +23,7 @@ from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from common import BENCH_KEY, machine, public_ips, table
 
 from hepsub_apiban.app import Clocks, create_app
-from hepsub_apiban.config import load_settings
+from hepsub_apiban.core.config import load_settings
 from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.keys import LOOKUPS, MIRROR_SYNC
 

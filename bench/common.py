@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from hepsub_apiban import __version__
-from hepsub_apiban.mirror import Mirror, snapshot_source
+from hepsub_apiban.apiban.mirror import Mirror, snapshot_source
 
 BENCH_KEY = "bench-apiban-key"
 

@@ -14,12 +14,12 @@ import timeit
 
 from common import machine, table
 
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.hep import HepPacket, build_hep2, build_hep3, decode, parse_with_construct
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.sightings import Sightings
-from hepsub_apiban.sip import parse_sip
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.formats.hep import HepPacket, build_hep2, build_hep3, decode, parse_with_construct
+from hepsub_apiban.formats.sip import parse_sip
+from hepsub_apiban.ingest.sightings import Sightings
 
 SIP_200 = (
     b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.168.111.111:5060;branch=z9hG4bK+21f113e7;rport=5060\r\n"

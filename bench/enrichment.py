@@ -44,9 +44,9 @@ from aiohttp import web
 from common import BENCH_KEY, PYTHON, agent_env, free_port, machine, pinned, public_ips, table, write_snapshot
 
 from hepsub_apiban.app import create_app
-from hepsub_apiban.config import load_settings
-from hepsub_apiban.enrichment import build_answer, parse_request
+from hepsub_apiban.core.config import load_settings
 from hepsub_apiban.fakes.apiban import FakeApiban
+from hepsub_apiban.homer.enrichment import build_answer, parse_request
 from hepsub_apiban.keys import LOOKUPS, SETTINGS
 from hepsub_apiban.web import _known as known_of
 from hepsub_apiban.web import answer_enrichment

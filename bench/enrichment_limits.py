@@ -44,11 +44,11 @@ from aiohttp import web
 from common import BENCH_KEY, PYTHON, free_port, machine, pinned, table, write_snapshot
 
 from hepsub_apiban.app import create_app
-from hepsub_apiban.config import load_settings
-from hepsub_apiban.hep import HepPacket, build_hep3
+from hepsub_apiban.core.config import load_settings
+from hepsub_apiban.formats.hep import HepPacket, build_hep3
+from hepsub_apiban.formats.sip import SipInfo
+from hepsub_apiban.ingest.sightings import SAMPLE_BYTES
 from hepsub_apiban.keys import SIGHTINGS
-from hepsub_apiban.sightings import SAMPLE_BYTES
-from hepsub_apiban.sip import SipInfo
 from hepsub_apiban.web import answer_enrichment
 
 SERVER_CORE, CLIENT_CORE = 0, 1

@@ -22,14 +22,14 @@ from collections.abc import Callable
 from common import machine, table
 from decode import SIP_200
 
-from hepsub_apiban.access import Refusals
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.collector import HepCollector
-from hepsub_apiban.config import HepSettings
-from hepsub_apiban.hep import HepPacket, build_hep2, build_hep3
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.sightings import Sightings
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.access import Refusals
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.core.config import HepSettings
+from hepsub_apiban.formats.hep import HepPacket, build_hep2, build_hep3
+from hepsub_apiban.ingest.collector import HepCollector
+from hepsub_apiban.ingest.sightings import Sightings
 
 KEY = "bench-hep-key-0123456789abcdef"
 NUMBER = 20_000

@@ -63,21 +63,21 @@ from statistics import median
 
 from common import BENCH_KEY, PYTHON, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
 
-from hepsub_apiban import collector as collector_module
-from hepsub_apiban import sip as sip_module
-from hepsub_apiban.access import Refusals
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.collector import HepCollector
-from hepsub_apiban.config import DetectSettings, HepSettings
-from hepsub_apiban.detection import Detector
-from hepsub_apiban.detections import Detections
-from hepsub_apiban.evidence import Evidence
-from hepsub_apiban.hep import BadPacket, HepPacket, build_hep3, decode
-from hepsub_apiban.hep.decoder import _decode_v2, _decode_v3
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.sightings import Sightings
-from hepsub_apiban.sip import SipInfo, parse_sip, parse_sip_general
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.access import Refusals
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.core.config import DetectSettings, HepSettings
+from hepsub_apiban.detection.book import Detections
+from hepsub_apiban.detection.detector import Detector
+from hepsub_apiban.formats import sip as sip_module
+from hepsub_apiban.formats.hep import BadPacket, HepPacket, build_hep3, decode
+from hepsub_apiban.formats.hep.decoder import _decode_v2, _decode_v3
+from hepsub_apiban.formats.sip import SipInfo, parse_sip, parse_sip_general
+from hepsub_apiban.ingest import collector as collector_module
+from hepsub_apiban.ingest.collector import HepCollector
+from hepsub_apiban.ingest.evidence import Evidence
+from hepsub_apiban.ingest.sightings import Sightings
 
 SERVER_CORE, LOAD_CORE = 0, 1
 RCVBUF = 4 * 1024 * 1024

@@ -48,7 +48,7 @@ from ingest import (
     site_traffic,
 )
 
-from hepsub_apiban.hep import HepPacket, decode
+from hepsub_apiban.formats.hep import HepPacket, decode
 
 # One process, many sockets, paced like ingest.py's sender but sleeping while it is ahead.
 SENDER = """

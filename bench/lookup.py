@@ -24,9 +24,9 @@ from pathlib import Path
 import aiohttp
 from common import PYTHON, agent_env, free_port, machine, pinned, public_ips, rss_kib, table, write_snapshot
 
-from hepsub_apiban.addresses import NetworkSet, parse_ip
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.addresses import NetworkSet, parse_ip
 
 SERVER_CORE = 0
 

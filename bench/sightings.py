@@ -26,11 +26,11 @@ from pathlib import Path
 
 from common import machine, public_ips, table
 
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.sightings import Sightings
-from hepsub_apiban.sip import SipInfo, parse_sip
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.formats.sip import SipInfo, parse_sip
+from hepsub_apiban.ingest.sightings import Sightings
 
 DST = "80.2.2.2"  # the site's public SIP address (not in the listed sample)
 PRIVATE_DST = "192.168.1.10"  # its private side

@@ -34,11 +34,11 @@ from typing import Any
 
 from common import machine, public_ips, table
 
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.sightings import Sightings
-from hepsub_apiban.sip import parse_sip
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.formats.sip import parse_sip
+from hepsub_apiban.ingest.sightings import Sightings
 
 SERVER = "80.2.2.2"
 AGENTS = [

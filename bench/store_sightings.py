@@ -28,14 +28,14 @@ from common import machine, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/postgres.py
 
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.config import StoreSettings
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.shared_sightings import BATCH_ROWS, SharedSightings, _columns
-from hepsub_apiban.sightings import Sightings
-from hepsub_apiban.sip import SipInfo
-from hepsub_apiban.store import SCHEMA, Store
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.core.config import StoreSettings
+from hepsub_apiban.formats.sip import SipInfo
+from hepsub_apiban.ingest.sightings import Sightings
+from hepsub_apiban.store.database import SCHEMA, Store
+from hepsub_apiban.store.sightings import BATCH_ROWS, SharedSightings, _columns
 from tests.postgres import remove_cluster, start_cluster
 
 SBC = "80.2.2.2"

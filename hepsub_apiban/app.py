@@ -20,17 +20,25 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from . import __version__
-from .access import Refusals, SourceFilter
-from .addresses import NetworkSet
-from .apiban import ApibanClient
-from .blocklist import Blocklist
-from .collector import HepCollector
-from .config import Settings
-from .decisions import DecisionApi
-from .detection import Detector, Report
-from .detections import Detections
-from .evidence import Evidence
-from .httpserver import handler_args, quiet_bad_requests
+from .apiban.client import ApibanClient
+from .apiban.lookups import CachePolicy, LookupService
+from .apiban.mirror import CurrentMirror, MirrorSync, snapshot_source
+from .core.access import Refusals, SourceFilter
+from .core.addresses import NetworkSet
+from .core.config import Settings
+from .core.httpserver import handler_args, quiet_bad_requests
+from .core.logs import Redactor
+from .core.ratelimit import Budget
+from .core.state import ensure_state_dir, load_or_create_uuid
+from .core.timing import Sleep
+from .core.trouble import FailureRun
+from .detection.book import Detections
+from .detection.detector import Detector, Report
+from .homer.registration import Registrar
+from .ingest.collector import HepCollector
+from .ingest.evidence import Evidence
+from .ingest.sightings import Sightings
+from .ingest.workers import WorkerPool
 from .keys import (
     AGENT_UUID,
     APIBAN,
@@ -55,25 +63,17 @@ from .keys import (
     STARTED_AT,
     STORE_LINK,
 )
-from .logs import Redactor
-from .lookups import CachePolicy, LookupService
 from .metrics import Metrics, Sources
-from .mirror import CurrentMirror, MirrorSync, snapshot_source
-from .ratelimit import Budget
-from .registration import Registrar
-from .shared_budget import SharedBudget
-from .shared_detections import SharedDetections
-from .shared_mirror import StoreLink, process_holder
-from .shared_sightings import SharedSightings
-from .sightings import Sightings
-from .site_access import SiteAccess
-from .site_api import SiteApi
-from .state import ensure_state_dir, load_or_create_uuid
-from .store import STORE_FAILURES
-from .timing import Sleep
-from .trouble import FailureRun
+from .site.access import SiteAccess
+from .site.api import SiteApi
+from .site.blocklist import Blocklist
+from .site.decisions import DecisionApi
+from .store.budget import SharedBudget
+from .store.database import STORE_FAILURES
+from .store.detections import SharedDetections
+from .store.mirror import StoreLink, process_holder
+from .store.sightings import SharedSightings
 from .web import allow_from, json_errors, setup_routes
-from .workers import WorkerPool
 
 USER_AGENT = f"hepsub-apiban/{__version__}"
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def _lookups(
         settings = app[SETTINGS]
         budget = Budget(settings.apiban.rate_limit, clocks.monotonic)
         # With a store, the key's window is shared by its agents: check mode's /check requests
-        # spend it, mirror mode's puller records its requests in it (shared_budget.py).
+        # spend it, mirror mode's puller records its requests in it (store/budget.py).
         shared = (
             SharedBudget(
                 budget,

@@ -24,17 +24,17 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .addresses import NetworkSet, parse_ip
-from .apiban import ApibanClient, BadKey
+from .apiban.client import ApibanClient, BadKey
+from .apiban.lookups import LookupService, Verdict
 from .app import USER_AGENT, create_app, startup_summary
-from .config import ConfigError, Settings, http_url, load_settings, require_apiban_key, setting_warnings
-from .hep_worker import tune_gc
-from .httpserver import BACKLOG, CappedSite
-from .jsonutil import BodyTooLarge, read_capped
+from .core.addresses import NetworkSet, parse_ip
+from .core.config import ConfigError, Settings, http_url, load_settings, require_apiban_key, setting_warnings
+from .core.httpserver import BACKLOG, CappedSite
+from .core.jsonutil import BodyTooLarge, read_capped
+from .core.logs import FIRST_LINE, Redactor, StartupHold, safe_text, setup_logging
+from .core.ratelimit import Budget
+from .ingest.hep_worker import tune_gc
 from .keys import REFUSALS, SETTINGS
-from .logs import FIRST_LINE, Redactor, StartupHold, safe_text, setup_logging
-from .lookups import LookupService, Verdict
-from .ratelimit import Budget
 
 log = logging.getLogger("hepsub_apiban")
 _T = TypeVar("_T")
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "health":
             return _health(args.config)
         if args.command == "replay":
-            from .replay import main as replay_main
+            from .ingest.replay import main as replay_main
 
             setup_logging("warning", Redactor())
             return replay_main(args.files, args.to, args.rate, sys.stdout)

@@ -23,16 +23,16 @@ from typing import Any, TextIO
 from aiohttp import web
 
 from .app import create_app
-from .config import Settings, load_settings
-from .detection import rule_name
-from .detections import Detection
+from .core.config import Settings, load_settings
+from .core.logs import Redactor, setup_logging
+from .detection.book import Detection
+from .detection.detector import rule_name
 from .fakes.apiban import FakeApiban
 from .fakes.homer import FakeHomer
-from .hep import HepPacket, build_hep3
-from .homer_view import tab_lines
+from .formats.hep import HepPacket, build_hep3
+from .homer.view import tab_lines
+from .ingest.replay import send
 from .keys import AGENT_UUID, COLLECTOR, DETECTIONS, LOOKUPS, MIRROR_SYNC, SIGHTINGS
-from .logs import Redactor, setup_logging
-from .replay import send
 
 DEMO_KEY = "demo-apiban-key"
 DEMO_TOKEN = "demo-homer-token"

@@ -9,25 +9,25 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from .access import Refusals
-from .apiban import ApibanClient
-from .blocklist import Blocklist
-from .collector import HepCollector
-from .config import Settings
-from .detection import Detector
-from .detections import Detections
-from .evidence import Evidence
-from .logs import Redactor
-from .lookups import LookupService
+from .apiban.client import ApibanClient
+from .apiban.lookups import LookupService
+from .apiban.mirror import MirrorSync
+from .core.access import Refusals
+from .core.config import Settings
+from .core.logs import Redactor
+from .detection.book import Detections
+from .detection.detector import Detector
+from .homer.registration import Registrar
+from .ingest.collector import HepCollector
+from .ingest.evidence import Evidence
+from .ingest.sightings import Sightings
 from .metrics import Metrics
-from .mirror import MirrorSync
-from .registration import Registrar
-from .shared_budget import SharedBudget
-from .shared_detections import SharedDetections
-from .shared_mirror import StoreLink
-from .shared_sightings import SharedSightings
-from .sightings import Sightings
-from .site_api import SiteApi
+from .site.api import SiteApi
+from .site.blocklist import Blocklist
+from .store.budget import SharedBudget
+from .store.detections import SharedDetections
+from .store.mirror import StoreLink
+from .store.sightings import SharedSightings
 
 SETTINGS = web.AppKey("settings", Settings)
 REDACTOR = web.AppKey("redactor", Redactor)

@@ -17,20 +17,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .access import Refusals
-from .apiban import ApibanClient
-from .collector import HepCollector
-from .detection import Detector, rule_name
-from .detections import Detections
-from .lookups import LookupService
-from .mirror import MirrorSync
-from .registration import Registrar
-from .shared_budget import SharedBudget
-from .shared_detections import SharedDetections
-from .shared_mirror import StoreLink
-from .shared_sightings import SharedSightings
-from .sightings import Sightings
-from .workers import WorkerPool
+from .apiban.client import ApibanClient
+from .apiban.lookups import LookupService
+from .apiban.mirror import MirrorSync
+from .core.access import Refusals
+from .detection.book import Detections
+from .detection.detector import Detector, rule_name
+from .homer.registration import Registrar
+from .ingest.collector import HepCollector
+from .ingest.sightings import Sightings
+from .ingest.workers import WorkerPool
+from .store.budget import SharedBudget
+from .store.detections import SharedDetections
+from .store.mirror import StoreLink
+from .store.sightings import SharedSightings
 
 PREFIX = "hepsub_apiban"
 REGISTRATION_STATES = ("disabled", "starting", "registered", "failing", "unregistered")
@@ -411,7 +411,7 @@ class Metrics:
 
 
 def _shared_budget(shared: SharedBudget | None) -> Iterator[Metric]:
-    """Check mode with a store: the key's APIBAN budget shared by its agents (shared_budget.py)."""
+    """Check mode with a store: the key's APIBAN budget shared by its agents (store/budget.py)."""
     if shared is None:
         return
     yield GaugeMetricFamily(

@@ -20,16 +20,20 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import __version__
-from .access import SourceFilter
-from .addresses import parse_ip
-from .config import RULES
-from .decisions import DECISION_PATHS
-from .detection import rule_name
-from .detections import Detection
-from .enrichment import DOWNLOAD_IPS, BadEnrichmentRequest, Known, build_answer, parse_request
-from .evidence import Evidence
-from .httpserver import BodyError, read_body
-from .jsonutil import json_response, loads_object
+from .apiban.lookups import Verdict
+from .core.access import SourceFilter
+from .core.addresses import parse_ip
+from .core.config import RULES
+from .core.httpserver import BodyError, read_body
+from .core.jsonutil import json_response, loads_object
+from .core.logs import safe_text
+from .detection.book import Detection
+from .detection.detector import rule_name
+from .homer.enrichment import DOWNLOAD_IPS, BadEnrichmentRequest, Known, build_answer, parse_request
+from .ingest.evidence import Evidence
+from .ingest.pcap import pcap_file
+from .ingest.sightings import Sighting
+from .ingest.workers import WorkerPool
 from .keys import (
     AGENT_UUID,
     APIBAN,
@@ -49,12 +53,8 @@ from .keys import (
     STARTED_AT,
     STORE_LINK,
 )
-from .logs import safe_text
-from .lookups import Verdict
-from .pcap import pcap_file
-from .sightings import Sighting
-from .site_api import SITE_PATHS
-from .workers import WorkerPool
+from .site.api import SITE_PATHS
+from .site.decisions import DECISION_PATHS
 
 log = logging.getLogger(__name__)
 MAX_CHECK_IPS = 1000

@@ -1,4 +1,4 @@
-"""Print the configuration table of docs/configuration.md from ``hepsub_apiban.config.KEYS``.
+"""Print the configuration table of docs/configuration.md from ``hepsub_apiban.core.config.KEYS``.
 
 Usage: ``.venv/bin/python scripts/config_table.py``, then paste the output into
 docs/configuration.md (tests/test_docs.py checks it is there), so the table cannot drift from the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hepsub_apiban.config import KEYS, LEGACY_ENV, RULES, Settings
+from hepsub_apiban.core.config import KEYS, LEGACY_ENV, RULES, Settings
 
 # What an empty default means, or where it differs; shown after the value.
 DEFAULT_NOTES = {

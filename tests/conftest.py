@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from hepsub_apiban.app import Clocks, create_app
-from hepsub_apiban.config import Settings, load_settings
+from hepsub_apiban.core.config import Settings, load_settings
 from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.fakes.homer import FakeHomer
 

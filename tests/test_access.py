@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from hepsub_apiban.access import MAX_LINES_PER_INTERVAL, Refusals, SourceFilter
-from hepsub_apiban.addresses import parse_ip
-from hepsub_apiban.logs import safe_text
+from hepsub_apiban.core.access import MAX_LINES_PER_INTERVAL, Refusals, SourceFilter
+from hepsub_apiban.core.addresses import parse_ip
+from hepsub_apiban.core.logs import safe_text
 
 
 class Clock:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hepsub_apiban.addresses import NetworkSet, canonical, is_non_routable, parse_ip
+from hepsub_apiban.core.addresses import NetworkSet, canonical, is_non_routable, parse_ip
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from hepsub_apiban.apiban import (
+from hepsub_apiban.apiban.client import (
     ApibanClient,
     BadAnswer,
     BadKey,
@@ -20,9 +20,9 @@ from hepsub_apiban.apiban import (
     classify_banned,
     classify_check,
 )
-from hepsub_apiban.config import load_settings
-from hepsub_apiban.logs import Redactor
-from hepsub_apiban.ratelimit import Budget
+from hepsub_apiban.core.config import load_settings
+from hepsub_apiban.core.logs import Redactor
+from hepsub_apiban.core.ratelimit import Budget
 
 from .conftest import APIBAN_KEY, ApibanPeer, ManualClock
 

@@ -15,16 +15,16 @@ CITED = re.findall(r"`([^`\s]+)`", DOC)
 
 
 def modules() -> list[str]:
-    """The package's modules as paths without ``.py``: ``collector``, ``hep/decoder``, ``hep/__init__``.
+    """The package's modules as paths without ``.py``: ``app``, ``ingest/collector``, ``formats/hep/stream``.
 
     Subpackages count file by file; the fakes are outside the wings (ARCHITECTURE.md says why).
     """
-    nested = [f"{p.parent.name}/{p.stem}" for p in PACKAGE.glob("*/*.py") if p.parent.name != "fakes"]
-    return sorted([path.stem for path in PACKAGE.glob("*.py")] + nested)
+    paths = [p.relative_to(PACKAGE).with_suffix("") for p in PACKAGE.rglob("*.py")]
+    return sorted(path.as_posix() for path in paths if path.parts[0] != "fakes")
 
 
 def _module_of(parts: list[str]) -> str:
-    """The module a relative import names (a file, else a subpackage's ``__init__``), or ''."""
+    """The module a dotted import names (a file, else a subpackage's ``__init__``), or ''."""
     for end in range(len(parts), 0, -1):
         joined = "/".join(parts[:end])
         if (PACKAGE / f"{joined}.py").exists():
@@ -34,15 +34,34 @@ def _module_of(parts: list[str]) -> str:
     return ""
 
 
-def wings() -> list[tuple[str, list[str]]]:
-    """(wing, its modules) from the table after the ``wings`` marker, bottom wing first."""
+def wings() -> list[tuple[str, str, list[str]]]:
+    """(wing, its package or '' for the top level, the modules it lists) from the table after the
+    ``wings`` marker, bottom wing first."""
     table = DOC.split("<!-- wings", 1)[1].split("\n\n", 1)[0]
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
-    return [(row.split("|")[1].strip(), re.findall(r"`([\w/]+)\.py`", row.split("|")[2])) for row in rows]
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    return [
+        (row[1].strip(), "".join(re.findall(r"`(\w+)/`", row[2])), re.findall(r"`([\w/]+)\.py`", row[3]))
+        for row in rows
+    ]
+
+
+def wing_of(module: str) -> int:
+    """The row of ``module``'s wing: the wing of its package, or the top-level wing that lists it.
+
+    The package's own ``__init__`` (its version) sits with the top level.
+    """
+    head = module.split("/")[0] if "/" in module else ""
+    found = [
+        i
+        for i, (_, package, members) in enumerate(wings())
+        if package == head and (head or module in [*members, "__init__"])
+    ]
+    assert len(found) == 1, f"{module}.py: its package {head or '(top level)'} names no single wing"
+    return found[0]
 
 
 def imports(name: str) -> set[str]:
-    """The package's modules that ``name`` imports (relative imports, as the package writes them)."""
+    """The package's modules that ``name`` imports, relative (``from ..core.config``) or absolute."""
     tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
     here = name.split("/")[:-1]  # the subpackage ``name`` sits in; [] at the top
     found: set[str] = set()
@@ -53,17 +72,28 @@ def imports(name: str) -> set[str]:
                 found.add(_module_of([*base, *node.module.split(".")]))
             else:
                 found.update(_module_of([*base, alias.name]) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hepsub_apiban."):
+            found.add(_module_of((node.module or "").split(".")[1:]))
+        elif isinstance(node, ast.Import):
+            dotted = [a.name.split(".")[1:] for a in node.names if a.name.startswith("hepsub_apiban.")]
+            found.update(_module_of(parts) for parts in dotted)
     return found & set(modules())
 
 
 def test_every_module_is_in_exactly_one_wing() -> None:
-    placed = [module for _, members in wings() for module in members]
-    assert sorted(placed) == [m for m in modules() if m != "__init__"], "place each module in one wing"
+    """Each module's wing is its package's; each row lists exactly the modules of its package."""
+    rows = wings()
+    assert len({package for _, package, _ in rows}) == len(rows), "one package per wing"
+    for index, (wing, package, members) in enumerate(rows):
+        held = [
+            m for m in modules() if wing_of(m) == index and m != f"{package}/__init__" and m != "__init__"
+        ]
+        assert sorted(members) == held, f"the {wing} row lists its package's modules"
 
 
 def test_imports_point_from_higher_wings_to_lower_ones() -> None:
-    level = {module: index for index, (_, members) in enumerate(wings()) for module in members}
-    names = [wing for wing, _ in wings()]
+    names = [wing for wing, _, _ in wings()]
+    level = {module: wing_of(module) for module in modules()}
     wrong = [
         f"{module}.py ({names[level[module]]}) imports {target}.py ({names[level[target]]})"
         for module in level

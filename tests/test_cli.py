@@ -25,7 +25,7 @@ import pytest
 
 from hepsub_apiban import __version__
 from hepsub_apiban.demo import TAB_HEADING
-from hepsub_apiban.homer_view import SELF_REFERENCE
+from hepsub_apiban.homer.view import SELF_REFERENCE
 
 from .conftest import (
     APIBAN_KEY,

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from hepsub_apiban.hep import HepPacket, build_hep3
+from hepsub_apiban.formats.hep import HepPacket, build_hep3
 from hepsub_apiban.keys import COLLECTOR, SIGHTINGS
 
 from . import HEP_FIXTURES

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hepsub_apiban import config
-from hepsub_apiban.config import KEYS, Address, ConfigError, RateLimit, Settings, load_settings
+from hepsub_apiban.core import config
+from hepsub_apiban.core.config import KEYS, Address, ConfigError, RateLimit, Settings, load_settings
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "hepsub-apiban.toml"
 

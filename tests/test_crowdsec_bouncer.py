@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hepsub_apiban.hep import build_hep3
+from hepsub_apiban.formats.hep import build_hep3
 from hepsub_apiban.keys import COLLECTOR, DETECTIONS
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock

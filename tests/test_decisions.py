@@ -10,10 +10,10 @@ from typing import Any
 
 import aiohttp
 
+from hepsub_apiban.apiban.mirror import ACTIVE_FOR
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.decisions import MAX_FILTER_ITEMS, go_duration
 from hepsub_apiban.keys import BLOCKLIST, MIRROR_SYNC, REFUSALS
-from hepsub_apiban.mirror import ACTIVE_FOR
+from hepsub_apiban.site.decisions import MAX_FILTER_ITEMS, go_duration
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock
 from .test_site_api import SITE_KEY, Client, addresses, site_agent, write_list

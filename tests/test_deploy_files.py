@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from hepsub_apiban.cli import build_parser
-from hepsub_apiban.config import KEYS, LEGACY_ENV, Settings, load_settings
+from hepsub_apiban.core.config import KEYS, LEGACY_ENV, Settings, load_settings
 
 from .kamailio import (
     HOST,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from hepsub_apiban.config import DEFAULT_RULES, DetectSettings, RuleSettings, load_settings
-from hepsub_apiban.detection import Detector
-from hepsub_apiban.detections import MAX_DURATION, Detections
-from hepsub_apiban.sip import SipInfo, parse_sip
+from hepsub_apiban.core.config import DEFAULT_RULES, DetectSettings, RuleSettings, load_settings
+from hepsub_apiban.detection.book import MAX_DURATION, Detections
+from hepsub_apiban.detection.detector import Detector
+from hepsub_apiban.formats.sip import SipInfo, parse_sip
 
 ATTACKER = "5.6.7.8"
 OFFICE = "5.6.7.9"
@@ -381,7 +381,7 @@ def test_non_routable_allowed_and_own_addresses_are_never_detected(source: str, 
 
 
 def _networks(cidrs: tuple[object, ...]) -> object:
-    from hepsub_apiban.addresses import NetworkSet
+    from hepsub_apiban.core.addresses import NetworkSet
 
     return NetworkSet(cidrs)  # type: ignore[arg-type]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from hepsub_apiban.hep import build_hep3
+from hepsub_apiban.formats.hep import build_hep3
 from hepsub_apiban.keys import COLLECTOR, DETECTIONS, SIGHTINGS
 
 from .conftest import AgentFactory

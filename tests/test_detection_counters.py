@@ -12,9 +12,15 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.config import DetectSettings
-from hepsub_apiban.detection import MAX_SIGNATURE_ANSWERS, SCANNER_SIGNATURE, Detector, Distinct, Events
-from hepsub_apiban.sip import SipInfo
+from hepsub_apiban.core.config import DetectSettings
+from hepsub_apiban.detection.detector import (
+    MAX_SIGNATURE_ANSWERS,
+    SCANNER_SIGNATURE,
+    Detector,
+    Distinct,
+    Events,
+)
+from hepsub_apiban.formats.sip import SipInfo
 
 # Whole seconds and halves, so that events land exactly on a window's edge.
 DELTAS = st.integers(-4, 60).map(lambda halves: halves / 2)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hepsub_apiban.config import KEYS
+from hepsub_apiban.core.config import KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -1,7 +1,7 @@
 """Bounded work per enrichment request: the enrichment.* limits, linear parsing, the answer cap.
 
 The HTTP tests post through the real stack with private addresses (answered locally, so no
-APIBAN budget is involved); the unit tests drive enrichment.py directly, and count the work a
+APIBAN budget is involved); the unit tests drive homer/enrichment.py directly, and count the work a
 request costs instead of timing it.
 """
 
@@ -14,9 +14,11 @@ from typing import Any
 import orjson
 import pytest
 
-from hepsub_apiban.addresses import Addr
-from hepsub_apiban.config import EnrichmentSettings
-from hepsub_apiban.enrichment import (
+from hepsub_apiban.apiban.lookups import Verdict
+from hepsub_apiban.core.addresses import Addr
+from hepsub_apiban.core.config import EnrichmentSettings
+from hepsub_apiban.formats.sip import SipInfo
+from hepsub_apiban.homer.enrichment import (
     LEFT_OUT_ROOM,
     MAX_BRACKETS,
     MAX_CALL_ID_CHARS,
@@ -29,11 +31,9 @@ from hepsub_apiban.enrichment import (
     parse_request,
     request_from_json,
 )
+from hepsub_apiban.homer.wording import seen_details, seen_line, verdict_details, verdict_sentence
+from hepsub_apiban.ingest.sightings import SAMPLE_BYTES, Sighting
 from hepsub_apiban.keys import SIGHTINGS
-from hepsub_apiban.lookups import Verdict
-from hepsub_apiban.sightings import SAMPLE_BYTES, Sighting
-from hepsub_apiban.sip import SipInfo
-from hepsub_apiban.wording import seen_details, seen_line, verdict_details, verdict_sentence
 
 from .conftest import AgentFactory, ApibanPeer
 

@@ -16,11 +16,11 @@ from aiohttp.test_utils import unused_port
 from pytest_aiohttp import AiohttpClient
 
 from hepsub_apiban.app import create_app
-from hepsub_apiban.config import AgentSettings
-from hepsub_apiban.evidence import MAX_PACKET_BYTES, Evidence, EvidencePacket
-from hepsub_apiban.hep import HepPacket, build_hep3
+from hepsub_apiban.core.config import AgentSettings
+from hepsub_apiban.formats.hep import HepPacket, build_hep3
+from hepsub_apiban.ingest.evidence import MAX_PACKET_BYTES, Evidence, EvidencePacket
+from hepsub_apiban.ingest.pcap import HEADER, pcap_file
 from hepsub_apiban.keys import EVIDENCE, SIGHTINGS
-from hepsub_apiban.pcap import HEADER, pcap_file
 from hepsub_apiban.web import MAX_DOWNLOAD_IPS, download_ips
 
 from .conftest import HOMER_PASSWORD, HOMER_TOKEN, HOMER_USER, AgentFactory, ApibanPeer, HomerPeer

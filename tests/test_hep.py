@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.hep import (
+from hepsub_apiban.formats.hep import (
     MAX_INFLATED,
     MAX_PACKET,
     BadPacket,
@@ -28,7 +28,7 @@ from hepsub_apiban.hep import (
     decode,
     parse_with_construct,
 )
-from hepsub_apiban.hep.decoder import _decode_layout, _decode_v3
+from hepsub_apiban.formats.hep.decoder import _decode_layout, _decode_v3
 
 from . import HEP_FIXTURES
 

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from hepsub_apiban.collector import HepCollector, exposure_warning
-from hepsub_apiban.config import ConfigError, HepSettings
-from hepsub_apiban.hep import build_hep2, build_hep3
+from hepsub_apiban.core.config import ConfigError, HepSettings
+from hepsub_apiban.formats.hep import build_hep2, build_hep3
+from hepsub_apiban.ingest.collector import HepCollector, exposure_warning
 from hepsub_apiban.keys import COLLECTOR, REFUSALS
 
 from .conftest import AgentFactory

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hepsub_apiban.homer_view import SELF_REFERENCE, go_order, tab_lines
+from hepsub_apiban.homer.view import SELF_REFERENCE, go_order, tab_lines
 
 
 def test_keys_come_in_go_byte_order_not_python_or_locale_order() -> None:

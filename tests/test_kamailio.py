@@ -2,7 +2,7 @@
 
 The receiving side here is a plain asyncio datagram endpoint, and the packets are checked
 against docs/peers/hep.md#hepv3 and #hepv1-and-hepv2 with a few lines of test-local parsing.
-When ``hepsub_apiban.hep.decode`` exists, every packet also goes through it and the addresses it
+When ``hepsub_apiban.formats.hep.decode`` exists, every packet also goes through it and the addresses it
 reports are checked. The last tests
 configure siptrace's ``auth_key``: what it puts on the wire, and that the agent with
 ``hep.auth_key`` lets in Kamailio with the right key and nothing from one with a wrong or no key.
@@ -43,9 +43,9 @@ SCAN = [
 
 
 def _hep_decode() -> Callable[..., Any] | None:
-    """``hepsub_apiban.hep.decode`` once that module has landed, else None."""
+    """``hepsub_apiban.formats.hep.decode`` once that module has landed, else None."""
     try:
-        module = importlib.import_module("hepsub_apiban.hep")
+        module = importlib.import_module("hepsub_apiban.formats.hep")
     except ImportError:
         return None
     decode = getattr(module, "decode", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hepsub_apiban.logs import Redactor
+from hepsub_apiban.core.logs import Redactor
 
 GENERATED = "f3a9c01b7e2d4c55"  # a key as APIBAN hands them out
 WORDS = ("apiban", "mirror", "a")  # site keys an operator may well pick

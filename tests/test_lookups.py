@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from hepsub_apiban.addresses import Addr, NetworkSet, parse_ip
-from hepsub_apiban.apiban import ApibanClient
-from hepsub_apiban.config import load_settings
-from hepsub_apiban.logs import Redactor
-from hepsub_apiban.lookups import CachePolicy, LookupService
-from hepsub_apiban.ratelimit import Budget
+from hepsub_apiban.apiban.client import ApibanClient
+from hepsub_apiban.apiban.lookups import CachePolicy, LookupService
+from hepsub_apiban.core.addresses import Addr, NetworkSet, parse_ip
+from hepsub_apiban.core.config import load_settings
+from hepsub_apiban.core.logs import Redactor
+from hepsub_apiban.core.ratelimit import Budget
 
 from .conftest import APIBAN_KEY, ApibanPeer, ManualClock
 

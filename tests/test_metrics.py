@@ -7,7 +7,7 @@ import socket
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from hepsub_apiban.hep import HepPacket, build_hep3
+from hepsub_apiban.formats.hep import HepPacket, build_hep3
 from hepsub_apiban.keys import COLLECTOR
 from hepsub_apiban.metrics import LatencyHistogram
 

@@ -14,13 +14,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from hepsub_apiban.apiban import ApibanClient
-from hepsub_apiban.app import Clocks
-from hepsub_apiban.config import load_settings
-from hepsub_apiban.fakes.apiban import FakeApiban
-from hepsub_apiban.keys import MIRROR_SYNC
-from hepsub_apiban.logs import Redactor
-from hepsub_apiban.mirror import (
+from hepsub_apiban.apiban.client import ApibanClient
+from hepsub_apiban.apiban.mirror import (
     ACTIVE_FOR,
     START_ID,
     CurrentMirror,
@@ -30,8 +25,13 @@ from hepsub_apiban.mirror import (
     mirror_from_snapshot,
     snapshot_source,
 )
-from hepsub_apiban.ratelimit import Budget
-from hepsub_apiban.trouble import duration
+from hepsub_apiban.app import Clocks
+from hepsub_apiban.core.config import load_settings
+from hepsub_apiban.core.logs import Redactor
+from hepsub_apiban.core.ratelimit import Budget
+from hepsub_apiban.core.trouble import duration
+from hepsub_apiban.fakes.apiban import FakeApiban
+from hepsub_apiban.keys import MIRROR_SYNC
 
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock, drive_agent_sync
 

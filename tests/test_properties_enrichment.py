@@ -16,17 +16,17 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.addresses import Addr
-from hepsub_apiban.config import EnrichmentSettings
-from hepsub_apiban.enrichment import (
+from hepsub_apiban.apiban.lookups import Verdict
+from hepsub_apiban.core.addresses import Addr
+from hepsub_apiban.core.config import EnrichmentSettings
+from hepsub_apiban.homer.enrichment import (
     BadEnrichmentRequest,
     EnrichmentRequest,
     Known,
     build_answer,
     parse_request,
 )
-from hepsub_apiban.lookups import Verdict
-from hepsub_apiban.sightings import Sighting
+from hepsub_apiban.ingest.sightings import Sighting
 
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -24,7 +24,14 @@ import zlib
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.hep import MAX_PACKET, BadPacket, HepPacket, HepStream, decode, parse_with_construct
+from hepsub_apiban.formats.hep import (
+    MAX_PACKET,
+    BadPacket,
+    HepPacket,
+    HepStream,
+    decode,
+    parse_with_construct,
+)
 
 RECEIVED = 1_700_000_000.25
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=300)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hepsub_apiban.config import RateLimit
-from hepsub_apiban.ratelimit import Budget
+from hepsub_apiban.core.config import RateLimit
+from hepsub_apiban.core.ratelimit import Budget
 
 from .conftest import ManualClock
 

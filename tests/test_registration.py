@@ -11,10 +11,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.config import load_settings
+from hepsub_apiban.core.config import load_settings
+from hepsub_apiban.core.logs import Redactor
 from hepsub_apiban.fakes.homer import FakeHomer
-from hepsub_apiban.logs import Redactor
-from hepsub_apiban.registration import Registrar
+from hepsub_apiban.homer.registration import Registrar
 
 from .conftest import HOMER_PASSWORD, HOMER_TOKEN, HOMER_USER, AgentFactory, ManualClock
 

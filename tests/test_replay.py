@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.replay import ReplayError, main, parse_target, read_packets, send
+from hepsub_apiban.ingest.replay import ReplayError, main, parse_target, read_packets, send
 
 from . import HEP_FIXTURES
 
@@ -451,7 +451,7 @@ def test_tcp_gap_resynchronises_after_missing_segment(tmp_path: Path, hep: Hep) 
 
 
 def test_captured_packets_decode_with_the_hep_codec(tmp_path: Path, hep: Hep) -> None:
-    codec = pytest.importorskip("hepsub_apiban.hep", reason="the HEP codec module is not there yet")
+    codec = pytest.importorskip("hepsub_apiban.formats.hep", reason="the HEP codec module is not there yet")
     stream = hep.small + hep.big
     frames = [_tcp_frame(0, flags=0x02), _tcp_frame(1 + 50, stream[50:]), _tcp_frame(1, stream[:50])]
     packets = read_packets(write(tmp_path, "codec.pcap", pcap([*frames, eth_udp(hep.v1)])))

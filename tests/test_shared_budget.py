@@ -17,14 +17,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from hepsub_apiban import shared_budget
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.config import RateLimit, StoreSettings
+from hepsub_apiban.core.config import RateLimit, StoreSettings
+from hepsub_apiban.core.ratelimit import Budget
 from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.keys import APIBAN, STORE_LINK
-from hepsub_apiban.ratelimit import Budget
-from hepsub_apiban.shared_budget import SharedBudget
-from hepsub_apiban.store import Store
+from hepsub_apiban.store import budget as shared_budget
+from hepsub_apiban.store.budget import SharedBudget
+from hepsub_apiban.store.database import Store
 
 from . import test_shared_sightings
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock

@@ -21,17 +21,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from hepsub_apiban import shared_detections, shared_mirror
-from hepsub_apiban.addresses import NetworkSet
+from hepsub_apiban.apiban.mirror import CurrentMirror, Mirror
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.blocklist import Blocklist
-from hepsub_apiban.config import DetectSettings
-from hepsub_apiban.detection import PROOF_NONCE, PROOF_TCP, Finding
-from hepsub_apiban.detections import MAX_DURATION, Detection, Detections
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.core.config import DetectSettings
+from hepsub_apiban.detection.book import MAX_DURATION, Detection, Detections
+from hepsub_apiban.detection.detector import PROOF_NONCE, PROOF_TCP, Finding
 from hepsub_apiban.keys import DETECTIONS, MIRROR_SYNC, SHARED_DETECTIONS, STORE_LINK
-from hepsub_apiban.mirror import CurrentMirror, Mirror
-from hepsub_apiban.shared_detections import SharedDetections
-from hepsub_apiban.store import Store
+from hepsub_apiban.site.blocklist import Blocklist
+from hepsub_apiban.store import detections as shared_detections
+from hepsub_apiban.store import mirror as shared_mirror
+from hepsub_apiban.store.database import Store
+from hepsub_apiban.store.detections import SharedDetections
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock
 from .test_collector import decoded

@@ -17,14 +17,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from hepsub_apiban import shared_mirror
+from hepsub_apiban.apiban.mirror import Mirror
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.config import StoreSettings
+from hepsub_apiban.core.config import StoreSettings
 from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.keys import MIRROR_SYNC, STORE_LINK
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.shared_mirror import LeaseLost, MirrorStore, StoreLink
-from hepsub_apiban.store import Store
+from hepsub_apiban.store import mirror as shared_mirror
+from hepsub_apiban.store.database import Store
+from hepsub_apiban.store.mirror import LeaseLost, MirrorStore, StoreLink
 
 from .conftest import APIBAN_KEY, HOMER_BODY_1, AgentFactory, ApibanPeer, ManualClock
 from .postgres import PASSWORD, free_port
@@ -319,7 +319,7 @@ async def test_entries_numbered_before_a_detection_id_was_taken_are_written_abov
     await shared.save(puller, puller.changed, lease, now)
     written = dict(puller.serials)
     # The next page is numbered in memory; before it is written, another agent's detection takes
-    # an ID above those numbers (what shared_detections.py does under the counter's lock).
+    # an ID above those numbers (what store/detections.py does under the counter's lock).
     puller.changed = set()
     puller.add(["45.0.0.3", "45.0.0.4"], "1700000002", now)
     page = {ip: puller.serials[ip] for ip in ("45.0.0.3", "45.0.0.4")}

@@ -16,17 +16,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from hepsub_apiban import shared_sightings
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.config import StoreSettings
-from hepsub_apiban.hep import build_hep3
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.core.config import StoreSettings
+from hepsub_apiban.formats.hep import build_hep3
+from hepsub_apiban.formats.sip import SipInfo
+from hepsub_apiban.ingest.sightings import Sightings
 from hepsub_apiban.keys import SETTINGS, SHARED_SIGHTINGS, SIGHTINGS, STORE_LINK
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.shared_sightings import BACKOFF_MAX, READ_PAUSE, SharedSightings
-from hepsub_apiban.sightings import Sightings
-from hepsub_apiban.sip import SipInfo
-from hepsub_apiban.store import Store
+from hepsub_apiban.store import sightings as shared_sightings
+from hepsub_apiban.store.database import Store
+from hepsub_apiban.store.sightings import BACKOFF_MAX, READ_PAUSE, SharedSightings
 
 from .conftest import AgentFactory, ManualClock
 from .postgres import Cluster, free_port

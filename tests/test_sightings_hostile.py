@@ -8,17 +8,17 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from hepsub_apiban import sightings as sightings_module
-from hepsub_apiban.addresses import NetworkSet
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import ACTIVE_FOR, Mirror
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.config import RateLimit
-from hepsub_apiban.hep import build_hep3
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.core.config import RateLimit
+from hepsub_apiban.core.ratelimit import Budget
+from hepsub_apiban.formats.hep import build_hep3
+from hepsub_apiban.formats.sip import SipInfo
+from hepsub_apiban.ingest import sightings as sightings_module
+from hepsub_apiban.ingest.sightings import OTHER_METHOD, SIP_METHODS, STATUS_CODES, Sightings
 from hepsub_apiban.keys import APIBAN, LOOKUPS, SIGHTINGS
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import ACTIVE_FOR, Mirror
-from hepsub_apiban.ratelimit import Budget
-from hepsub_apiban.sightings import OTHER_METHOD, SIP_METHODS, STATUS_CODES, Sightings
-from hepsub_apiban.sip import SipInfo
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock
 from .test_collector import (

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from hepsub_apiban import shared_sightings
-from hepsub_apiban.hep import build_hep3
+from hepsub_apiban.formats.hep import build_hep3
 from hepsub_apiban.keys import SHARED_SIGHTINGS, STORE_LINK
-from hepsub_apiban.store import Store
+from hepsub_apiban.store import sightings as shared_sightings
+from hepsub_apiban.store.database import Store
 
 from .conftest import AgentFactory
 from .test_collector import decoded, hep_agent, sip_packet, udp_send, until

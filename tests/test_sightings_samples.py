@@ -6,11 +6,19 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.addresses import Addr, NetworkSet
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.mirror import Mirror
-from hepsub_apiban.sightings import CALL_ID_SAMPLE, CALLS, USER_SAMPLE, USERS, Sighting, Sightings, sampled
-from hepsub_apiban.sip import SipInfo
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.apiban.mirror import Mirror
+from hepsub_apiban.core.addresses import Addr, NetworkSet
+from hepsub_apiban.formats.sip import SipInfo
+from hepsub_apiban.ingest.sightings import (
+    CALL_ID_SAMPLE,
+    CALLS,
+    USER_SAMPLE,
+    USERS,
+    Sighting,
+    Sightings,
+    sampled,
+)
 
 SENDER, RECEIVER = "80.4.4.4", "80.2.2.2"
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hepsub_apiban.sip import MAX_FIELD, SipInfo, parse_sip
+from hepsub_apiban.formats.sip import MAX_FIELD, SipInfo, parse_sip
 
 from . import HEP_FIXTURES
 

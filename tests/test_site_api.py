@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from hepsub_apiban.apiban.mirror import Mirror, snapshot_source
 from hepsub_apiban.app import Clocks
 from hepsub_apiban.keys import METRICS, MIRROR_SYNC, REFUSALS
-from hepsub_apiban.mirror import Mirror, snapshot_source
 
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock
 
@@ -192,7 +192,7 @@ async def test_off_without_site_keys_and_503_until_the_list_is_in(agent: AgentFa
 
 @pytest.mark.parametrize("keys", ["v1", "a/b", "x y"])
 def test_site_keys_that_would_clash_with_routes_are_refused(keys: str) -> None:
-    from hepsub_apiban.config import ConfigError, load_settings
+    from hepsub_apiban.core.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError, match=r"site\.keys"):
         load_settings(None, {"HEPSUB_SITE_KEYS": keys})

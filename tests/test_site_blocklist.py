@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.detection import PROOF_TCP, Finding
-from hepsub_apiban.detections import Detection
+from hepsub_apiban.detection.book import Detection
+from hepsub_apiban.detection.detector import PROOF_TCP, Finding
 from hepsub_apiban.keys import BLOCKLIST, DETECTIONS, MIRROR_SYNC
 
 from .conftest import AgentFactory, ApibanPeer, ManualClock

@@ -28,13 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.addresses import is_non_routable, parse_ip
-from hepsub_apiban.apiban import ApibanClient, is_plain_id
-from hepsub_apiban.app import Clocks
-from hepsub_apiban.config import ConfigError, load_settings
-from hepsub_apiban.keys import MIRROR_SYNC
-from hepsub_apiban.logs import Redactor
-from hepsub_apiban.mirror import (
+from hepsub_apiban.apiban.client import ApibanClient, is_plain_id
+from hepsub_apiban.apiban.mirror import (
     MAX_SNAPSHOT_BYTES,
     STATE_CLOCK_SLACK,
     CurrentMirror,
@@ -43,8 +38,13 @@ from hepsub_apiban.mirror import (
     SnapshotError,
     mirror_from_snapshot,
 )
-from hepsub_apiban.ratelimit import Budget
-from hepsub_apiban.state import load_or_create_uuid
+from hepsub_apiban.app import Clocks
+from hepsub_apiban.core.addresses import is_non_routable, parse_ip
+from hepsub_apiban.core.config import ConfigError, load_settings
+from hepsub_apiban.core.logs import Redactor
+from hepsub_apiban.core.ratelimit import Budget
+from hepsub_apiban.core.state import load_or_create_uuid
+from hepsub_apiban.keys import MIRROR_SYNC
 
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock, agent_env, drive_agent_sync
 from .test_cli import Result, assert_one_line_error, child_env, free_port, get_json, run, running
@@ -331,7 +331,7 @@ NUL_CASES = ["nul in an address", "superscript cursor", "last_sync in the future
 
 def write_snapshot(tmp_path: Path, apiban: ApibanPeer, change: Callable[[dict[str, Any]], None]) -> Path:
     """A snapshot as a previous run left it (for the fixture's APIBAN URL and key), then damaged."""
-    from hepsub_apiban.mirror import snapshot_source
+    from hepsub_apiban.apiban.mirror import snapshot_source
 
     mirror = Mirror()
     now = NOW

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hepsub_apiban.config import ConfigError
-from hepsub_apiban.state import atomic_write, ensure_state_dir, load_or_create_uuid
+from hepsub_apiban.core.config import ConfigError
+from hepsub_apiban.core.state import atomic_write, ensure_state_dir, load_or_create_uuid
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(

@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from hepsub_apiban.config import ConfigError, Settings, StoreSettings, load_settings
-from hepsub_apiban.logs import Redactor
-from hepsub_apiban.store import LATEST, MIGRATIONS, Store, StoreError
+from hepsub_apiban.core.config import ConfigError, Settings, StoreSettings, load_settings
+from hepsub_apiban.core.logs import Redactor
+from hepsub_apiban.store.database import LATEST, MIGRATIONS, Store, StoreError
 
 from .conftest import assert_no_secret
 from .postgres import PASSWORD, Cluster, free_port

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from hepsub_apiban.trouble import STILL_FAILING_EVERY, FailureRun
+from hepsub_apiban.core.trouble import STILL_FAILING_EVERY, FailureRun
 
 
 def test_a_failure_run_logs_only_its_changes() -> None:

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hepsub_apiban.apiban import (
+from hepsub_apiban.apiban.client import (
     MAX_BODY_BYTES,
     PAGE_SIZE,
     ApibanClient,
@@ -29,13 +29,13 @@ from hepsub_apiban.apiban import (
     classify_check,
     is_plain_id,
 )
+from hepsub_apiban.apiban.mirror import START_ID, SnapshotError, mirror_from_snapshot
 from hepsub_apiban.app import Clocks
-from hepsub_apiban.config import RateLimit, load_settings
+from hepsub_apiban.core.config import RateLimit, load_settings
+from hepsub_apiban.core.logs import Redactor
+from hepsub_apiban.core.ratelimit import Budget
 from hepsub_apiban.fakes.apiban import POISONS, FakeApiban
 from hepsub_apiban.keys import MIRROR_SYNC, SETTINGS
-from hepsub_apiban.logs import Redactor
-from hepsub_apiban.mirror import START_ID, SnapshotError, mirror_from_snapshot
-from hepsub_apiban.ratelimit import Budget
 
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, ManualClock, drive_agent_sync
 from .test_mirror import DAY, Rig, ips

@@ -6,11 +6,11 @@ from collections import Counter
 
 import pytest
 
-from hepsub_apiban.addresses import Addr
-from hepsub_apiban.detections import Detection
-from hepsub_apiban.lookups import Verdict
-from hepsub_apiban.sightings import Sighting
-from hepsub_apiban.wording import seen_details, seen_line, utc_text, verdict_details, verdict_sentence
+from hepsub_apiban.apiban.lookups import Verdict
+from hepsub_apiban.core.addresses import Addr
+from hepsub_apiban.detection.book import Detection
+from hepsub_apiban.homer.wording import seen_details, seen_line, utc_text, verdict_details, verdict_sentence
+from hepsub_apiban.ingest.sightings import Sighting
 
 NOON = 1_795_953_600
 NOON_TEXT = "2026-11-29 12:00 UTC"

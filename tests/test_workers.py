@@ -20,17 +20,17 @@ from typing import Any
 import orjson
 import pytest
 
-from hepsub_apiban import hep_worker
-from hepsub_apiban.addresses import NetworkSet
-from hepsub_apiban.config import ConfigError, load_settings
-from hepsub_apiban.evidence import PER_ADDRESS
-from hepsub_apiban.hep import HepPacket, build_hep3
-from hepsub_apiban.hep_worker import FRAME, Worker, evidence_packets, read_report, report
+from hepsub_apiban.apiban.lookups import LookupService
+from hepsub_apiban.core.addresses import NetworkSet
+from hepsub_apiban.core.config import ConfigError, load_settings
+from hepsub_apiban.formats.hep import HepPacket, build_hep3
+from hepsub_apiban.formats.sip import parse_sip
+from hepsub_apiban.ingest import hep_worker
+from hepsub_apiban.ingest.evidence import PER_ADDRESS
+from hepsub_apiban.ingest.hep_worker import FRAME, Worker, evidence_packets, read_report, report
+from hepsub_apiban.ingest.sightings import Sightings
+from hepsub_apiban.ingest.workers import WorkerPool
 from hepsub_apiban.keys import COLLECTOR, DETECTIONS, EVIDENCE, SIGHTINGS
-from hepsub_apiban.lookups import LookupService
-from hepsub_apiban.sightings import Sightings
-from hepsub_apiban.sip import parse_sip
-from hepsub_apiban.workers import WorkerPool
 
 from .conftest import APIBAN_KEY, HOMER_TOKEN, AgentFactory, ApibanPeer, HomerPeer, agent_env
 from .test_cli import assert_one_line_error, free_port, get_json, run, running, serve_env

@@ -54,7 +54,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ..jsonutil import json_response, loads_object
+from ..core.jsonutil import json_response, loads_object
 
 __all__ = ["KINDS", "PAGE_SIZE", "POISONS", "FakeApiban", "RecordedRequest"]
 

@@ -1,0 +1,1 @@
+"""Settings and the small tools every wing uses."""

@@ -1,0 +1,1 @@
+"""The HOMER side: HEPSUB registration, the enrichment answer, the HOMER tab."""

@@ -1,0 +1,1 @@
+"""The site API: what the site's firewalls are told, behind one key gate."""

@@ -1,0 +1,1 @@
+"""The shared store (store.url): PostgreSQL and the objects several agents share."""
