@@ -94,7 +94,7 @@ web.run_app(
 HOLLOW_AGENT = """
 import sys
 from aiohttp import web
-import hepsub_apiban.web as agent_web
+import hepsub_apiban.web_enrichment as agent_web  # where enrich() looks it up
 from hepsub_apiban.cli import main
 ANSWER = open(sys.argv[1], "rb").read()
 async def answer_enrichment(app, raw):
