@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from hepsub_apiban.apiban import mirror as mirror_module
+from hepsub_apiban.apiban import held_list as mirror_module
 from hepsub_apiban.app import Clocks
 from hepsub_apiban.keys import MIRROR_SYNC
 
