@@ -31,10 +31,9 @@ from ..apiban.lookups import LookupService, Verdict
 from ..core.addresses import Addr, parse_ip
 from ..core.logs import safe_text
 from ..formats.sip import SipInfo
+from . import sighting as _sighting
 from .sighting import (
     _CALLS_FULL,
-    _METHOD_KEY,
-    _STATUS_KEY,
     _USERS_FULL,
     CALL_ID_SAMPLE,
     CALLS,
@@ -73,6 +72,11 @@ __all__ = [
 # Its name before the wings: operators' log filters use it.
 log = logging.getLogger("hepsub_apiban.sightings")
 MAX_BACKGROUND_CHECKS = 64  # check mode: upstream lookups in flight for new IPs
+# The packet path's keys, bound here by assignment rather than imported: CPython compiles
+# ``name.get(...)`` on an imported name as an attribute load (a bound method per packet), not
+# LOAD_METHOD. (bench/sightings.py: record 2-4% slower with them imported.)
+_METHOD_KEY = _sighting._METHOD_KEY
+_STATUS_KEY = _sighting._STATUS_KEY
 
 _order_of = attrgetter("order")
 
