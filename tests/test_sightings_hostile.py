@@ -16,7 +16,7 @@ from hepsub_apiban.core.config import RateLimit
 from hepsub_apiban.core.ratelimit import Budget
 from hepsub_apiban.formats.hep import build_hep3
 from hepsub_apiban.formats.sip import SipInfo
-from hepsub_apiban.ingest import sightings as sightings_module
+from hepsub_apiban.ingest import sighting as sightings_module
 from hepsub_apiban.ingest.sightings import OTHER_METHOD, SIP_METHODS, STATUS_CODES, Sightings
 from hepsub_apiban.keys import APIBAN, LOOKUPS, SIGHTINGS
 
