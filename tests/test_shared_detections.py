@@ -30,7 +30,7 @@ from hepsub_apiban.detection.detector import PROOF_NONCE, PROOF_TCP, Finding
 from hepsub_apiban.keys import DETECTIONS, MIRROR_SYNC, SHARED_DETECTIONS, STORE_LINK
 from hepsub_apiban.site.blocklist import Blocklist
 from hepsub_apiban.store import detections as shared_detections
-from hepsub_apiban.store import mirror as shared_mirror
+from hepsub_apiban.store import link as shared_mirror
 from hepsub_apiban.store.database import Store
 from hepsub_apiban.store.detections import SharedDetections
 

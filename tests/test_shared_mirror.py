@@ -22,7 +22,8 @@ from hepsub_apiban.app import Clocks
 from hepsub_apiban.core.config import StoreSettings
 from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.keys import MIRROR_SYNC, STORE_LINK
-from hepsub_apiban.store import mirror as shared_mirror
+from hepsub_apiban.store import link as shared_mirror
+from hepsub_apiban.store import shared_list
 from hepsub_apiban.store.database import Store
 from hepsub_apiban.store.mirror import LeaseLost, MirrorStore, StoreLink
 
@@ -266,7 +267,7 @@ async def test_a_follower_applies_additions_and_removals_and_keeps_tombstones(st
     assert [serial for _, serial in follower.after(0)] == [serial for _, serial in puller.after(0)]
 
     # A week on, the removed rows go (the mirror's own tombstones last as long); the live one stays.
-    week = later + shared_mirror.TOMBSTONE_SECONDS + 1
+    week = later + shared_list.TOMBSTONE_SECONDS + 1
     puller.add(["45.0.0.10"], "1700000010", week)
     await shared.save(puller, puller.changed, lease, week)
     rows = await store.pool.fetch("SELECT host(ip) AS ip, removed_at FROM hepsub.apiban_entries")

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 
 from hepsub_apiban.formats.hep import build_hep3
 from hepsub_apiban.keys import MIRROR_SYNC, SETTINGS, STORE_LINK
-from hepsub_apiban.store import mirror as shared_mirror
+from hepsub_apiban.store import link as shared_mirror
 
 from . import postgres
 from .conftest import APIBAN_KEY, AgentFactory, ApibanPeer, assert_no_secret

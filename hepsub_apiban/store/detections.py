@@ -1,25 +1,20 @@
-"""Served detections shared by agents through the store (``store.url``).
+"""Served detections shared by agents through the store (``store.url``): marked, written, followed.
 
 Each agent runs the rules on its own traffic; only what its book *serves* (which already needed
 proof, detection/book.py) is shared: a flagged-only detection stays local, so no agent can put an
 address on every agent's blocklist without proof. When the book serves a detection, extends or
 renumbers it, or ends it, the address is marked; about once a second the marked ones are written
 in one transaction (``BATCH_ROWS`` at most), off the ingest path. The transaction locks the
-store's counter row first, so writes are serialized; the address's row (one per address, whoever
-detected it) is merged with what the book holds: rules joined, the later end wins, and the row
-keeps its ID unless the end moved ``REANNOUNCE_AFTER`` past what clients were told (as the book
-renumbers, detection/book.py), or the row had ended (a new detection, a new ID). IDs come from the
-counter, above every APIBAN serial in the store (one sequence for the site API) and every ID
-handed out before. The book then adopts the row: until the first write (or while the store is
-down) a detection is served under a provisional ID of the agent's own, afterwards under the
-store's, which is what every agent serves.
-
-Every agent follows the table: every ``FOLLOW_EVERY`` seconds it reads the counter's ``change``
-(one row) and, when it moved, the rows changed since, and adopts them into its book: served by
-its site API, decision stream, /api/v1/detections and enrichment with the same ID and end, ended
-with the same end. A failing store is counted and retried with backoff; the marks are kept
-(bounded) and every served detection is marked again when the store comes back, so an outage
-loses nothing; the agent serves from its book meanwhile.
+store's counter row first, so writes are serialized; the address's row is merged with what the
+book holds and numbered from the counter (store/detection_rows.py). The book then adopts the row:
+until the first write (or while the store is down) a detection is served under a provisional ID
+of the agent's own, afterwards under the store's, which is what every agent serves. Every agent
+follows the table: every ``FOLLOW_EVERY`` seconds it reads the counter's ``change`` (one row) and,
+when it moved, the rows changed since, and adopts them into its book: served by its site API,
+decision stream, /api/v1/detections and enrichment with the same ID and end, ended with the same
+end. A failing store is counted and retried with backoff; the marks are kept (bounded) and every
+served detection is marked again when the store comes back, so an outage loses nothing; the agent
+serves from its book meanwhile.
 """
 
 from __future__ import annotations
@@ -27,20 +22,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import asyncpg
-import orjson
-
-from ..core.addresses import parse_ip
 from ..core.logs import safe_text
 from ..core.timing import Sleep, Waker
-from ..detection.book import REANNOUNCE_AFTER, Detection, Detections
+from ..detection.book import Detection, Detections
 from .database import SCHEMA, STORE_FAILURES, Store
+from .detection_rows import FAR_AHEAD_MS, Row, _columns, _Ids, _row, merge
+
+__all__ = ["DetectionSharingStats", "Row", "Serials", "SharedDetections", "merge"]
 
 # Its name before the wings: operators' log filters use it.
 log = logging.getLogger("hepsub_apiban.shared_detections")
@@ -51,9 +44,6 @@ WRITE_TIMEOUT = 10.0  # seconds one statement may take
 BATCH_ROWS = 500  # addresses per write transaction; more wait for the next flush
 READ_ROWS = 1000  # rows per read of the changes; a follower reads page after page
 MAX_PENDING = 10_000  # addresses marked for writing; more are counted as dropped
-MAX_AGENTS = 16  # agents named per row
-MAX_TEXT = 400  # characters of evidence or proof per rule, as in the state dir's snapshot
-FAR_AHEAD_MS = 86_400_000  # a provisional ID further ahead of the database's clock is not followed
 KEEP_ENDED = 86400.0  # seconds a row is kept after its end (then pruned by the writers)
 PRUNE_EVERY = 600.0
 
@@ -116,14 +106,6 @@ class DetectionSharingStats:
     adopted: int = 0  # rows applied to the book (this agent's and the others')
     dropped: int = 0  # marks not kept (over MAX_PENDING); the next reconnection marks them again
     up: bool | None = None  # did the last write or follow reach the store (None: none tried yet)
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """A row read from the store: the detection as every agent serves it, and when it ended."""
-
-    detection: Detection
-    ended_at: float | None
 
 
 class SharedDetections:
@@ -350,120 +332,3 @@ class SharedDetections:
             "dropped": stats.dropped,
             "change": self.held,
         }
-
-
-class _Ids:
-    """IDs handed out in one write: each above the last one, the database's clock in milliseconds
-    (apiban/mirror.py's scale) and every APIBAN serial in the store."""
-
-    def __init__(self, last: int, now_ms: int, listed_next: int) -> None:
-        self.last = last
-        self._now_ms = now_ms
-        self._listed_next = listed_next
-
-    @property
-    def now(self) -> float:
-        return self._now_ms / 1000.0
-
-    def take(self, provisional: int | None) -> int:
-        # The provisional ID the book served it under, when not absurdly ahead: the writer's own
-        # clients then see the store's ID as a renumbering upward, as for an extension.
-        ahead = min(provisional or 0, self._now_ms + FAR_AHEAD_MS)
-        self.last = max(self.last + 1, self._now_ms, self._listed_next, ahead)
-        return self.last
-
-
-def merge(
-    row: Row | None, mine: Detection, agent: str, now: float, take: Callable[[int | None], int]
-) -> Detection:
-    """What the store holds of an address once this agent's served ``mine`` joins its row: one
-    entry per address, rules joined, the later end, the row's ID unless it ended or the end moved
-    REANNOUNCE_AFTER past what clients were told."""
-    if row is None or row.ended_at is not None or row.detection.until <= now:
-        return Detection(
-            mine.ip,
-            mine.since,
-            mine.until,
-            dict(mine.rules),
-            mine.proof,
-            served=True,
-            serial=take(mine.serial),
-            repeats=mine.repeats,
-            announced_until=mine.until,
-            agents=(agent,),
-        )
-    held = row.detection
-    rules = dict(held.rules)
-    for rule, text in mine.rules.items():
-        rules.setdefault(rule, text)
-    until = max(held.until, mine.until)
-    renumber = until - held.announced_until >= REANNOUNCE_AFTER
-    return Detection(
-        mine.ip,
-        min(held.since, mine.since),
-        until,
-        rules,
-        held.proof or mine.proof,
-        served=True,
-        serial=take(mine.serial) if renumber else held.serial,
-        repeats=max(held.repeats, mine.repeats),
-        announced_until=until if renumber else held.announced_until,
-        agents=held.agents if agent in held.agents else (*held.agents, agent)[:MAX_AGENTS],
-    )
-
-
-def _row(record: asyncpg.Record) -> Row | None:
-    """A stored row as a detection; None if it is not one this agent can serve (checked as the
-    state dir's snapshot is: the store is shared, not blindly trusted)."""
-    address = parse_ip(record["ip"])
-    rules = _object(record["rules"])
-    agents = _list(record["agents"])
-    times = (record["since"], record["until"], record["announced_until"])
-    if address is None or rules is None or agents is None or not all(map(math.isfinite, times)):
-        return None
-    return Row(
-        Detection(
-            address.text,
-            record["since"],
-            record["until"],
-            {str(rule): _text(text) for rule, text in list(rules.items())[:32]},
-            None if record["proof"] is None else _text(record["proof"]),
-            served=True,
-            serial=record["serial"],
-            repeats=max(0, min(record["repeats"], 16)),
-            announced_until=record["announced_until"],
-            agents=tuple(str(agent)[:64] for agent in agents[:MAX_AGENTS]),
-        ),
-        record["ended_at"],
-    )
-
-
-def _object(raw: str) -> dict[str, Any] | None:
-    value = orjson.loads(raw)
-    return value if isinstance(value, dict) else None
-
-
-def _list(raw: str) -> list[Any] | None:
-    value = orjson.loads(raw)
-    return value if isinstance(value, list) else None
-
-
-def _text(value: object) -> str:
-    return value[:MAX_TEXT] if isinstance(value, str) else ""
-
-
-def _columns(detections: Iterable[Detection]) -> tuple[list[Any], ...]:
-    """The rows as one array per column, in UPSERT's order of parameters before the changes."""
-    rows = list(detections)
-    dumps = orjson.dumps
-    return (
-        [d.ip for d in rows],
-        [d.serial for d in rows],
-        [d.since for d in rows],
-        [d.until for d in rows],
-        [d.announced_until for d in rows],
-        [dumps({rule: _text(text) for rule, text in d.rules.items()}).decode() for d in rows],
-        [None if d.proof is None else _text(d.proof) for d in rows],
-        [d.repeats for d in rows],
-        [dumps(list(d.agents)).decode() for d in rows],
-    )
