@@ -46,7 +46,8 @@ from ..core.config import LEGACY_ENV, Address, ConfigError, Settings
 from ..detection.detector import Detector, Finding, Report
 from .collector import HepCollector, bind_listener, exposure_warning, rcvbuf_warning, udp_socket
 from .evidence import Evidence
-from .hep_worker import (
+from .sightings import Sightings
+from .worker_wire import (
     DETECTOR_COUNTERS,
     DROPPED,
     NO_FD,
@@ -56,7 +57,6 @@ from .hep_worker import (
     read_frame,
     read_report,
 )
-from .sightings import Sightings
 
 # Its name before the wings: operators' log filters use it.
 log = logging.getLogger("hepsub_apiban.workers")
