@@ -25,7 +25,7 @@ from hepsub_apiban.core.addresses import NetworkSet
 from hepsub_apiban.core.config import ConfigError, load_settings
 from hepsub_apiban.formats.hep import HepPacket, build_hep3
 from hepsub_apiban.formats.sip import parse_sip
-from hepsub_apiban.ingest import hep_worker
+from hepsub_apiban.ingest import worker_packets
 from hepsub_apiban.ingest.evidence import PER_ADDRESS
 from hepsub_apiban.ingest.hep_worker import FRAME, Worker, evidence_packets, read_report, report
 from hepsub_apiban.ingest.sightings import Sightings
@@ -192,7 +192,7 @@ def test_a_workers_batch_adds_up_to_what_one_process_records() -> None:
 async def test_a_worker_reads_its_udp_socket_in_bounded_bursts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every datagram waiting is handled, at most MAX_BURST in one turn of the event loop; the
     kernel's drop counter is read from the socket until the worker stops, which closes it."""
-    monkeypatch.setattr(hep_worker, "MAX_BURST", 8)
+    monkeypatch.setattr(worker_packets, "MAX_BURST", 8)
     worker = Worker(load_settings(None, {"HEPSUB_HEP_UDP": "", "HEPSUB_HEP_TCP": ""}), 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))

@@ -38,251 +38,76 @@ import logging
 import pickle
 import signal
 import socket
-import struct
 import sys
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
-
-import orjson
 
 from ..apiban.lookups import LookupService
 from ..apiban.mirror import Mirror
 from ..core.addresses import NetworkSet
 from ..core.config import Settings
 from ..core.logs import Redactor, setup_logging
-from ..detection.detector import Detector, Finding
-from ..formats.hep import HepPacket
-from .collector import HepCollector, _proc_udp_drops
-from .evidence import PER_ADDRESS
+from ..detection.detector import Finding
 from .sightings import Sightings
+from .worker_packets import MAX_BURST, BurstReader, EvidenceBatch, WorkerCollector, WorkerDetector
+from .worker_wire import (
+    DETECTOR_COUNTERS,
+    DROPPED,
+    EVIDENCE,
+    FRAME,
+    MAX_FRAME,
+    NO_FD,
+    TCP_COUNTERS,
+    Message,
+    evidence_packets,
+    evidence_record,
+    frame,
+    read_frame,
+    read_report,
+    report,
+)
+
+# What moved to worker_wire and worker_packets, still importable from here.
+__all__ = [
+    "DETECTOR_COUNTERS",
+    "DROPPED",
+    "EVIDENCE",
+    "FRAME",
+    "MAX_BURST",
+    "MAX_FRAME",
+    "NO_FD",
+    "TCP_COUNTERS",
+    "BurstReader",
+    "EvidenceBatch",
+    "Message",
+    "Worker",
+    "WorkerCollector",
+    "WorkerDetector",
+    "evidence_packets",
+    "evidence_record",
+    "frame",
+    "main",
+    "read_frame",
+    "read_report",
+    "report",
+    "serve",
+    "tune_gc",
+]
 
 # Its name before the wings: operators' log filters use it.
 log = logging.getLogger("hepsub_apiban.hep_worker")
-FRAME = struct.Struct("!I")
-MAX_FRAME = 512 << 20  # bytes; a longer length is a broken stream, not a batch
 FLUSH_EVERY = 0.5  # seconds between batches
 MAX_BUFFERED = 32 << 20  # bytes waiting for the main process before batches are dropped
 MAX_FINDINGS = 10_000  # per batch
-EVIDENCE_BYTES = 8 << 20  # payload bytes per batch
-MAX_NEW_SENDERS = 4096  # HEP senders reported per batch
 MAX_OWN_FINDINGS = 4096  # addresses this worker detected, whose packets it keeps at once
 LAST_BATCH_TIMEOUT = 4.0  # seconds the last batch may take to reach the main process
 UPKEEP_EVERY = 10.0  # seconds between forgetting idle detector counters
-NO_FD = -1
-MAX_BURST = 256  # datagrams read in one turn of the event loop (it is not held longer)
-FEW = 32  # a turn that found fewer waiting pauses the reading for PAUSE
-PAUSE = 0.002  # seconds: the next turn then finds a burst, and one wake-up serves it
-MAX_DATAGRAM = 65535
 # Container allocations (net) between two young-generation collections; Python's default is 700.
 # A batch's tally lives half a second, so at 700 it survives into the old generation and its
 # growth sets off full collections over the detector's heap (50-90 ms, every few seconds).
 GC_YOUNG = 20_000
-# What a worker counts as not handed over: addresses forgotten within a batch, findings and
-# evidence over a batch's bounds, and batches dropped whole while the main process lagged.
-DROPPED = ("sightings", "findings", "evidence", "batches")
-
-Message = dict[str, Any]
-
-
-# An evidence record: capture time (s, us), ports, IP protocol, the lengths of the source and
-# destination address texts and of the payload; then those three.
-EVIDENCE = struct.Struct("!IIHHBBBI")
-
-
-def frame(body: bytes) -> bytes:
-    return FRAME.pack(len(body)) + body
-
-
-def report(message: Message, evidence: bytes = b"") -> bytes:
-    """A frame from a worker: the JSON message, then the evidence records."""
-    body = orjson.dumps(message)
-    return frame(FRAME.pack(len(body)) + body + evidence)
-
-
-def read_report(body: bytes) -> tuple[Message, bytes]:
-    """The JSON message and the evidence records of a worker's frame."""
-    (length,) = FRAME.unpack_from(body)
-    message = orjson.loads(body[FRAME.size : FRAME.size + length])
-    if not isinstance(message, dict):
-        raise ValueError("a worker's message is not a JSON object")
-    return message, body[FRAME.size + length :]
-
-
-def evidence_record(packet: HepPacket) -> bytes:
-    src, dst, payload = packet.src_ip.encode(), packet.dst_ip.encode(), packet.payload
-    head = EVIDENCE.pack(
-        packet.ts_sec, packet.ts_usec, packet.src_port, packet.dst_port, packet.ip_proto,
-        len(src), len(dst), len(payload),
-    )  # fmt: skip
-    return head + src + dst + payload
-
-
-def evidence_packets(records: bytes) -> Iterator[HepPacket]:
-    """The packets of a frame's evidence records (what ``Evidence.keep`` needs of them)."""
-    offset, end, unpack, size = 0, len(records), EVIDENCE.unpack_from, EVIDENCE.size
-    while offset < end:
-        ts_sec, ts_usec, sport, dport, proto, src_len, dst_len, length = unpack(records, offset)
-        offset += size
-        src = records[offset : offset + src_len].decode()
-        offset += src_len
-        dst = records[offset : offset + dst_len].decode()
-        offset += dst_len
-        payload = records[offset : offset + length]
-        offset += length
-        family = socket.AF_INET6 if ":" in src else socket.AF_INET
-        yield HepPacket(3, family, proto, src, dst, sport, dport, ts_sec, ts_usec, 1, 0, payload)
-
-
-async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
-    """The next frame's body; None at a clean end of the stream."""
-    try:
-        head = await reader.readexactly(FRAME.size)
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise ValueError("the control stream ended inside a frame") from None
-        return None
-    (length,) = FRAME.unpack(head)
-    if length > MAX_FRAME:
-        raise ValueError(f"a frame of {length} bytes")
-    try:
-        return await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise ValueError("the control stream ended inside a frame") from None
-
-
-class EvidenceBatch:
-    """The packets of protected addresses since the last batch: the last ``PER_ADDRESS`` of each,
-    at most ``EVIDENCE_BYTES`` of payload (the main process keeps them in its ``Evidence``). A packet
-    that leaves a full ring gives its bytes back, so one flooding address keeps its latest packets
-    without starving the others; a packet between two protected addresses counts in both."""
-
-    def __init__(self, protected: set[str]) -> None:
-        self.protected = protected  # replaced whenever the main process sends a new set
-        self.rings: dict[str, deque[tuple[bytes, int]]] = {}  # (record, payload bytes)
-        self.bytes = 0
-        self.dropped = 0
-
-    def keep(self, packet: HepPacket) -> None:
-        protected = self.protected
-        src, dst = packet.src_ip, packet.dst_ip
-        targets = [ip for ip in (src, dst) if ip in protected]
-        if len(targets) == 2 and src == dst:
-            del targets[1]
-        size = len(packet.payload)
-        if not targets:
-            return
-        if self.bytes + size * len(targets) > EVIDENCE_BYTES:
-            self.dropped += 1
-            return
-        try:
-            kept = evidence_record(packet)
-        except struct.error:  # a field past its HEP width: the decoder gives none, but never raise here
-            self.dropped += 1
-            return
-        for ip in targets:
-            ring = self.rings.get(ip)
-            if ring is None:
-                ring = self.rings[ip] = deque()
-            elif len(ring) >= PER_ADDRESS:
-                self.bytes -= ring.popleft()[1]
-            ring.append((kept, size))
-            self.bytes += size
-
-    def take(self) -> list[bytes]:
-        """Each packet's record once (one between two protected addresses is in both rings)."""
-        packets = {id(kept): kept for ring in self.rings.values() for kept, _ in ring}
-        self.rings, self.bytes = {}, 0
-        return list(packets.values())
-
-
-class WorkerDetector(Detector):
-    """The detector, noting the HEP senders it learns so the other workers learn them too."""
-
-    new_senders: list[str]
-
-    def hep_sender(self, ip: str) -> None:
-        # Called for every packet: a sender met before costs one probe, no further call.
-        if ip in self._local:
-            return
-        if len(self.new_senders) < MAX_NEW_SENDERS:
-            self.new_senders.append(ip)
-        super().hep_sender(ip)
-
-    def learn_senders(self, ips: Sequence[str]) -> None:
-        """Senders another worker met: local here too, not reported back."""
-        for ip in ips:
-            super().hep_sender(ip)
-
-
-class BurstReader:
-    """A worker's UDP socket read in bursts. Each worker gets half the packets, so the event loop
-    woke for a handful at a time and the wake-ups cost a worker 2-4 us a packet more than the
-    single process at twice the rate: after a turn that found fewer than ``FEW`` datagrams waiting,
-    the reading pauses for ``PAUSE`` (the kernel buffers them meanwhile). A turn reads at most
-    ``MAX_BURST``. Each datagram goes to the collector's datagram handler, checks included."""
-
-    def __init__(self, sock: socket.socket, protocol: asyncio.DatagramProtocol) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self._received = protocol.datagram_received
-        self._loop = asyncio.get_running_loop()
-        self._fd = sock.fileno()
-        self._timer: asyncio.TimerHandle | None = None
-        self.closed = False
-        self._loop.add_reader(self._fd, self._readable)
-
-    def _readable(self) -> None:
-        recv, received = self.sock.recvfrom, self._received
-        n = 0
-        try:
-            while n < MAX_BURST:
-                data, addr = recv(MAX_DATAGRAM)
-                n += 1
-                received(data, addr)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            log.debug("HEP UDP socket error: %s", exc)
-        if n < FEW and not self.closed:
-            self._loop.remove_reader(self._fd)
-            self._timer = self._loop.call_later(PAUSE, self._resume)
-
-    def _resume(self) -> None:
-        self._timer = None
-        if not self.closed:
-            self._loop.add_reader(self._fd, self._readable)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._loop.remove_reader(self._fd)
-        self.sock.close()
-
-
-class WorkerCollector(HepCollector):
-    """The collector of a worker: its UDP socket is read by a ``BurstReader``."""
-
-    _reader: BurstReader | None = None
-
-    async def _start_udp(self, sock: socket.socket, announce: bool = True) -> None:
-        self.stats.rcvbuf_granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        self._reader = BurstReader(sock, self.udp_protocol())
-
-    def kernel_drops(self) -> int | None:
-        reader = self._reader
-        if reader is None or reader.closed:
-            return None
-        return _proc_udp_drops(reader.sock.fileno(), reader.sock.family)
-
-    async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-        await super().stop()
 
 
 class Worker:
@@ -395,17 +220,6 @@ class Worker:
             "tracked": self.detector.tracked() if self.detector is not None else 0,
             "kernel_drops": self.kernel_drops,
         }
-
-
-TCP_COUNTERS = (
-    "tcp_accepted",
-    "tcp_refused",
-    "tcp_closed_bad",
-    "tcp_idle_closed",
-    "tcp_packet_timeouts",
-    "tcp_evicted",
-)
-DETECTOR_COUNTERS = ("packets", "tracked_evicted", "idle_forgotten", "retransmissions", "exempted")
 
 
 async def serve(control: socket.socket, udp: socket.socket | None, tcp: socket.socket | None) -> int:

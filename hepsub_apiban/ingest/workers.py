@@ -8,11 +8,12 @@ work. For each worker the pool binds one UDP and one TCP socket on the HEP ports
 process, and the kernel spreads the packets by HEP sender (address and port: all of one sender's
 packets go to one worker).
 
-About twice a second each worker sends a batch; the pool merges it: per address the counts are
-added to the sightings (which judge them against the list and flag them, as for a packet), the
-findings go to the detections book, the packets of protected addresses to the evidence, and the
-counters into the collector's own stats and the refusals, so /api/v1/status and /metrics show the
-totals of all workers. A big batch is merged in slices, so enrichment keeps its deadline.
+About twice a second each worker sends a batch; the pool merges it (``worker_merge``): per
+address the counts are added to the sightings (which judge them against the list and flag them,
+as for a packet), the findings go to the detections book, the packets of protected addresses to
+the evidence, and the counters into the collector's own stats and the refusals, so /api/v1/status
+and /metrics show the totals of all workers. A big batch is merged in slices, so enrichment keeps
+its deadline.
 
 Back to the workers, once a second when it changed: the protected addresses (listed or detected,
 at most ``MAX_PROTECTED_PUSHED``, most recent first), whose packets the workers then keep, and the
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import pickle
 import socket
 import struct
@@ -38,25 +38,39 @@ import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.access import Refusals
-from ..core.config import LEGACY_ENV, Address, ConfigError, Settings
-from ..detection.detector import Detector, Finding, Report
-from .collector import HepCollector, bind_listener, exposure_warning, rcvbuf_warning, udp_socket
+from ..core.config import Address, ConfigError, Settings
+from ..detection.detector import Detector, Report
+from .collector import bind_listener, exposure_warning, rcvbuf_warning, udp_socket
 from .evidence import Evidence
-from .hep_worker import (
-    DETECTOR_COUNTERS,
+from .sightings import Sightings
+from .worker_merge import MAX_SENDERS, MERGE_SLICE, PoolMerge
+from .worker_slots import MAX_BEHIND, Key, Slot, WorkerFailed, _probe, _tell, _words, _worker_environment
+
+# What moved to worker_merge and worker_slots, still importable from here.
+__all__ = [
+    "MAX_BEHIND",
+    "MAX_SENDERS",
+    "MERGE_SLICE",
+    "Key",
+    "PoolMerge",
+    "Slot",
+    "WorkerFailed",
+    "WorkerPool",
+    "_probe",
+    "_tell",
+    "_words",
+    "_worker_environment",
+]
+from .worker_wire import (
     DROPPED,
     NO_FD,
-    TCP_COUNTERS,
-    evidence_packets,
     frame,
     read_frame,
     read_report,
 )
-from .sightings import Sightings
 
 # Its name before the wings: operators' log filters use it.
 log = logging.getLogger("hepsub_apiban.workers")
@@ -67,48 +81,9 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # seconds before a dead worker is started 
 HEALTHY_AFTER = 60.0  # seconds a worker must have run for its next restart to wait BACKOFF_MIN
 PUSH_EVERY = 1.0  # seconds between updates of the protected addresses and HEP senders
 MAX_PROTECTED_PUSHED = 100_000
-MAX_SENDERS = 4096  # HEP senders remembered (as the detector's own bound)
-MERGE_SLICE = 2000  # addresses merged between two yields to the event loop
-MAX_BEHIND = 8 << 20  # bytes a worker may have unread before pushes to it wait
-
-Key = tuple[Any, ...]
 
 
-class WorkerFailed(Exception):
-    pass
-
-
-@dataclass(slots=True)
-class Slot:
-    """One of the hep.workers places, and the process in it now."""
-
-    index: int
-    process: asyncio.subprocess.Process | None = None
-    writer: asyncio.StreamWriter | None = None
-    reader: asyncio.StreamReader | None = None
-    up: bool = False
-    started: float = 0.0  # time.monotonic() at the current process' start
-    restarts: int = 0
-    counts: dict[Key, int] = field(default_factory=dict)  # the current process' counters so far
-    gauges: dict[str, Any] = field(default_factory=dict)
-    packets: int = 0  # HEP packets decoded by this place's processes
-    batches: int = 0  # batches merged from them
-
-    def to_json(self) -> dict[str, Any]:
-        alive = self.up and self.process is not None
-        return {
-            "index": self.index,
-            "up": self.up,
-            "pid": self.process.pid if alive and self.process is not None else None,
-            "uptime": round(time.monotonic() - self.started, 3) if alive else None,
-            "restarts": self.restarts,
-            "packets": self.packets,
-            "batches": self.batches,
-            "tcp_connections": self.gauges.get("tcp_open", 0) if alive else 0,
-        }
-
-
-class WorkerPool(HepCollector):
+class WorkerPool(PoolMerge):
     """The HEP collector of an agent with ``hep.workers`` > 1: the packets are handled in worker processes.
 
     Owns the worker processes (``slots``), their sockets on the HEP ports and the merge of their batches
@@ -371,75 +346,6 @@ class WorkerPool(HepCollector):
             slot.writer.close()
             slot.writer = None
 
-    # ---------------------------------------------------------------- merging
-
-    async def _merge(self, slot: Slot, batch: dict[str, Any], evidence: bytes) -> None:
-        self.batches += 1
-        slot.batches += 1
-        self._count(slot, batch["counts"])
-        slot.gauges = batch["gauges"]
-        self._gauges()
-        add = self.sightings.add
-        rows = batch.get("rows", ())
-        for start in range(0, len(rows), MERGE_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            for row in rows[start : start + MERGE_SLICE]:
-                add(*row)
-        report = self._report
-        if report is not None:
-            for ip, rule, words, proof, at in batch.get("findings", ()):
-                report(Finding(ip, rule, words, proof, at))
-        store = self._evidence_store
-        if store is not None:
-            for packet in evidence_packets(evidence):
-                store.keep(packet)
-        self._learn_senders(batch["senders"])
-        if "authenticated" in batch and self._detector is not None:
-            self._detector.restore_authenticated(batch["authenticated"], self._clock())
-
-    def _count(self, slot: Slot, counts: list[list[Any]]) -> None:
-        """The worker's counters so far: what grew since its last batch goes to the totals."""
-        stats, refusals = self.stats, self.refusals
-        detector = self._detector
-        for item in counts:
-            key, value = tuple(item[:-1]), int(item[-1])
-            grown = value - slot.counts.get(key, 0)
-            slot.counts[key] = value
-            if grown <= 0:
-                continue
-            kind = key[0]
-            if kind == "packets":
-                stats.packets[key[1]] += grown
-                slot.packets += grown
-            elif kind == "version":
-                stats.by_version[(key[1], key[2])] += grown
-            elif kind == "bad":
-                stats.bad[key[1]] += grown
-            elif kind == "non_sip":
-                stats.non_sip[int(key[1])] += grown
-            elif kind == "unparsable_sip":
-                stats.unparsable_sip += grown
-            elif kind == "tcp" and key[1] in TCP_COUNTERS:
-                setattr(stats, key[1], getattr(stats, key[1]) + grown)
-            elif kind == "refused":
-                refusals.counts[(key[1], key[2])] += grown
-            elif kind == "detector" and detector is not None and key[1] in DETECTOR_COUNTERS:
-                setattr(detector.stats, key[1], getattr(detector.stats, key[1]) + grown)
-            elif kind == "dropped":
-                self.dropped[key[1]] += grown
-
-    def _gauges(self) -> None:
-        self.stats.tcp_open = sum(int(slot.gauges.get("tcp_open", 0)) for slot in self.slots if slot.up)
-
-    def _learn_senders(self, ips: list[str]) -> None:
-        for ip in ips:
-            if ip not in self.senders:
-                self.senders[ip] = None
-                self._senders_version += 1
-                if len(self.senders) > MAX_SENDERS:
-                    self.senders.popitem(last=False)
-
     # ---------------------------------------------------------------- to the workers
 
     async def _push(self) -> None:
@@ -463,39 +369,3 @@ class WorkerPool(HepCollector):
         if behind:
             # A worker that was not told is told everything again at the next push.
             self.pushed, self._pushed_senders = frozenset(), -1
-
-
-def _tell(slot: Slot, message: dict[str, Any], urgent: bool = False) -> bool:
-    """Send ``message`` to the worker; False when, not ``urgent``, it was not sent because the
-    worker is still behind with earlier ones (a worker not running is told all when it starts)."""
-    writer = slot.writer
-    if not slot.up or writer is None or writer.is_closing():
-        return True
-    if not urgent and writer.transport.get_write_buffer_size() > MAX_BEHIND:
-        return False
-    writer.write(frame(pickle.dumps(message)))
-    return True
-
-
-def _worker_environment() -> dict[str, str]:
-    """The agent's environment without its settings: a worker gets what it uses in its first
-    message, and so neither a secret set in the environment (HEPSUB_APIBAN_KEY, HOMER_TOKEN...)."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("HEPSUB_", "HOMER_")) and name not in LEGACY_ENV
-    }
-
-
-def _words(exc: BaseException) -> str:
-    return str(exc.strerror) if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-
-
-def _probe(address: Address, kind: int, setting: str) -> Address:
-    """``address`` with its real port, checked free for this agent alone."""
-    sock = bind_listener(address, kind, setting, listen=False)
-    try:
-        port: int = sock.getsockname()[1]
-    finally:
-        sock.close()
-    return Address(address.host, port)
