@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from ..core.logs import safe_text
 from ..core.timing import Sleep, Waker
+from ..core.trouble import FailureRun
 from ..detection.book import Detection, Detections
 from .database import SCHEMA, STORE_FAILURES, Store
 from .detection_rows import FAR_AHEAD_MS, Row, _columns, _Ids, _row, merge
@@ -144,6 +145,7 @@ class SharedDetections:
         self._followed_at: float | None = None
         self._pruned_at: float | None = None
         self.stats = DetectionSharingStats()
+        self._trouble = FailureRun("sharing detections with the store", log)
         book.share_with(self.mark)
 
     def attach(self, store: Store) -> None:
@@ -194,18 +196,14 @@ class SharedDetections:
 
     def _failed(self, exc: BaseException) -> None:
         self.stats.failures += 1
-        if self.stats.up is not False and self._store is not None:
-            log.warning(
-                "store %s: detections not shared, %d kept for the next try: %s",
-                self._store.shown,
-                len(self._pending),
-                safe_text(str(exc) or type(exc).__name__, 300),
-            )
         self.stats.up = False
+        if self._store is not None:
+            reason = f"store {self._store.shown}: {safe_text(str(exc) or type(exc).__name__, 300)}"
+            self._trouble.failed(reason, f"{len(self._pending)} kept for the next try")
 
     def _reached(self) -> None:
-        if self.stats.up is False and self._store is not None:
-            log.info("store %s: sharing detections again", self._store.shown)
+        if self._store is not None:
+            self._trouble.succeeded()
         self.stats.up = True
 
     # ---------------------------------------------------------------- writing

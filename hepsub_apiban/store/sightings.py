@@ -33,6 +33,7 @@ import orjson
 from ..core.addresses import Addr, parse_ip
 from ..core.logs import safe_text
 from ..core.timing import Sleep, Waker
+from ..core.trouble import FailureRun
 from ..ingest.sightings import CALL_ID_SAMPLE, USER_AGENT_SAMPLE, USER_SAMPLE, Sighting, Sightings, sampled
 from .database import SCHEMA, STORE_FAILURES, Store
 
@@ -145,6 +146,7 @@ class SharedSightings:
         self._read_paused_until = 0.0
         self._pruned_at: float | None = None
         self.stats = SharingStats()
+        self._trouble = FailureRun("sharing sightings with the store", log)
         if sightings.touched is None:
             sightings.touched = set()
 
@@ -215,17 +217,11 @@ class SharedSightings:
         except STORE_FAILURES as exc:
             self._keep(touched)
             self.stats.failures += 1
-            if self.stats.up is not False:
-                log.warning(
-                    "store %s: sightings not shared, %d addresses kept for the next try: %s",
-                    store.shown,
-                    len(touched),
-                    _words(exc),
-                )
             self.stats.up = False
+            reason = f"store {store.shown}: {_words(exc)}"
+            self._trouble.failed(reason, f"{len(touched)} addresses kept for the next try")
             return False
-        if self.stats.up is False:
-            log.info("store %s: sharing sightings again", store.shown)
+        self._trouble.succeeded()
         self.stats.up = True
         self.stats.flushes += 1
         self.stats.rows_written += len(rows)
