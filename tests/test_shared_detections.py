@@ -237,6 +237,11 @@ async def test_a_detection_served_by_a_is_served_by_bs_site_api_and_decision_str
         tmp_path, "a", aiohttp_client, apiban, clock_a, listed,
         HEPSUB_STORE_LEASE_TTL=QUICK_LEASE, HEPSUB_STORE_URL=store_url, HEPSUB_AGENT_UUID=UUID_A,
     )  # fmt: skip
+    # A pulls, B follows. Were B (whose list is numbered a few milliseconds after A's) to pull, the
+    # entries of its list numbered at or below A's last ID would be renumbered above it when first
+    # published (store/shared_list.py), and B's site API would list them last: right, but not the
+    # order this test pins.
+    await until(lambda: a.app[STORE_LINK].status.role == "puller", "A pulls the list")
     b = await mirror_agent(
         tmp_path, "b", aiohttp_client, apiban, clock_b, listed,
         HEPSUB_STORE_LEASE_TTL=QUICK_LEASE, HEPSUB_STORE_URL=store_url, HEPSUB_AGENT_UUID=UUID_B,

@@ -24,7 +24,7 @@ from hepsub_apiban.fakes.apiban import FakeApiban
 from hepsub_apiban.keys import MIRROR_SYNC, STORE_LINK
 from hepsub_apiban.store import link as shared_mirror
 from hepsub_apiban.store import shared_list
-from hepsub_apiban.store.database import Store
+from hepsub_apiban.store.database import SCHEMA, Store
 from hepsub_apiban.store.mirror import LeaseLost, MirrorStore, StoreLink
 
 from .conftest import APIBAN_KEY, HOMER_BODY_1, AgentFactory, ApibanPeer, ManualClock
@@ -238,6 +238,37 @@ async def test_a_write_under_a_lease_that_changed_hands_is_refused_and_changes_n
     follower = Mirror()
     assert await shared.apply_changes(follower, 0) == 1
     assert set(follower.entries) == {"45.0.0.1", "45.0.0.2"}
+
+
+async def test_a_first_publish_renumbers_entries_at_or_below_an_id_already_handed_out(store: Store) -> None:
+    # Another agent told the store its own list's last ID (store/detections.py does so when it joins);
+    # its site clients may have paged to there. This puller's list, numbered a moment later in
+    # memory, overlaps that range: the overlapping entries move above it, keeping their order, so a
+    # client resuming from that ID still sees them; the rest keep their serials.
+    shared = MirrorStore(store, "source-4")
+    await shared.ensure_source()
+    lease = await store.try_acquire("apiban-puller:source-4", "agent-b", 30.0)
+    assert lease is not None
+    puller = Mirror()
+    puller.changed = set()
+    now = 1_700_000_000.0
+    listed = [f"45.0.1.{i}" for i in range(1, 11)]
+    puller.add(listed, "1700000001", now)
+    before = dict(puller.serials)
+    handed_out = before[listed[3]]  # the other agent's last ID falls on the fourth entry
+    await store.pool.execute(f"UPDATE {SCHEMA}.detection_counter SET serial = $1", handed_out)
+    await shared.save(puller, puller.changed, lease, now)
+
+    assert [puller.serials[ip] for ip in listed[4:]] == [before[ip] for ip in listed[4:]]
+    moved = [puller.serials[ip] for ip in listed[:4]]
+    assert moved == sorted(moved)
+    assert min(moved) > max(before.values()) > handed_out
+    order = [ip for _, ip in puller.after(0)]
+    assert order == [*listed[4:], *listed[:4]]
+    follower = Mirror()
+    await shared.apply_changes(follower, 0)
+    assert follower.serials == puller.serials
+    assert follower.next_serial > max(moved)
 
 
 async def test_a_follower_applies_additions_and_removals_and_keeps_tombstones(store: Store) -> None:
