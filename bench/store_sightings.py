@@ -35,7 +35,8 @@ from hepsub_apiban.core.config import StoreSettings
 from hepsub_apiban.formats.sip import SipInfo
 from hepsub_apiban.ingest.sightings import Sightings
 from hepsub_apiban.store.database import SCHEMA, Store
-from hepsub_apiban.store.sightings import BATCH_ROWS, SharedSightings, _columns
+from hepsub_apiban.store.sighting_rows import _columns
+from hepsub_apiban.store.sightings import BATCH_ROWS, SharedSightings
 from tests.postgres import remove_cluster, start_cluster
 
 SBC = "80.2.2.2"

@@ -12,30 +12,26 @@ first write after the store is back carries the totals of then.
 Reading: enrichment asks for the call's addresses with ``ip = ANY($1)`` under a short timeout and
 adds up every writer's rows, this agent's own current row replaced by its fresher memory. On a
 timeout or an error the answer is what this agent holds, and the store is left alone for a
-moment so that a dead store costs enrichment one timeout, not one per request.
+moment so that a dead store costs enrichment one timeout, not one per request. How the rows are
+added up and laid out for the write: store/sighting_rows.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-import orjson
-
-from ..core.addresses import Addr, parse_ip
 from ..core.logs import safe_text
 from ..core.timing import Sleep, Waker
 from ..core.trouble import FailureRun
-from ..ingest.sightings import CALL_ID_SAMPLE, USER_AGENT_SAMPLE, USER_SAMPLE, Sighting, Sightings, sampled
+from ..ingest.sightings import Sighting, Sightings
 from .database import SCHEMA, STORE_FAILURES, Store
+from .sighting_rows import _address, _columns, merge
 
 # Its name before the wings: operators' log filters use it.
 log = logging.getLogger("hepsub_apiban.shared_sightings")
@@ -325,85 +321,6 @@ class SharedSightings:
         ips = list(dict.fromkeys([*mine, *found]))
         local = {ip: sighting for ip in ips if (sighting := self._sightings.get(ip)) is not None}
         return merge(ips, local, rows, self.writer)
-
-
-def merge(
-    ips: Sequence[str], local: Mapping[str, Sighting], rows: Iterable[asyncpg.Record], writer: uuid.UUID
-) -> dict[str, Sighting]:
-    """Every writer's rows added up per address, this writer's current life taken from memory."""
-    wanted = {address.text: ip for ip in ips if (address := parse_ip(ip)) is not None}
-    merged = {ip: _copy(sighting) for ip, sighting in local.items()}
-    for row in rows:
-        address = _address(row["ip"])
-        ip = None if address is None else wanted.get(address.text)
-        if address is None or ip is None:
-            continue
-        mine = local.get(ip)
-        if mine is not None and row["writer"] == writer and row["first_seen"] == mine.first_seen:
-            continue  # the memory is at least as fresh as what this agent last wrote
-        _add(merged, ip, address, row)
-    return merged
-
-
-def _address(value: object) -> Addr | None:
-    # asyncpg gives an inet with a full prefix as an address, any other as an interface.
-    if isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
-        value = value.ip
-    return parse_ip(str(value))
-
-
-def _copy(sighting: Sighting) -> Sighting:
-    """A sighting for one answer: adding other agents' counts must not touch the memory."""
-    return Sighting(
-        sighting.ip,
-        sighting.address,
-        sighting.first_seen,
-        sighting.last_seen,
-        sighting.packets,
-        Counter(sighting.methods),
-        sighting.user_agents,
-        sighting.call_ids,
-        sighting.users,
-        sighting.verdict,
-    )
-
-
-def _add(merged: dict[str, Sighting], ip: str, address: Addr, row: asyncpg.Record) -> None:
-    sighting = merged.get(ip)
-    if sighting is None:
-        sighting = merged[ip] = Sighting(ip, address, row["first_seen"], row["last_seen"])
-    else:
-        sighting.first_seen = min(sighting.first_seen, row["first_seen"])
-        sighting.last_seen = max(sighting.last_seen, row["last_seen"])
-    sighting.packets += row["packets"]
-    sighting.count(orjson.loads(row["methods"]))
-    sighting.user_agents = _union(sighting.user_agents, row["user_agents"], USER_AGENT_SAMPLE)
-    sighting.users = _union(sighting.users, row["users"], USER_SAMPLE)
-    sighting.call_ids = _union(sighting.call_ids, row["call_ids"], CALL_ID_SAMPLE)
-
-
-def _union(items: tuple[str, ...], stored: str, limit: int) -> tuple[str, ...]:
-    for value in orjson.loads(stored):
-        if len(items) >= limit:
-            break
-        if isinstance(value, str):
-            items = sampled(items, value, limit)
-    return items
-
-
-def _columns(sightings: Sequence[Sighting]) -> tuple[list[Any], ...]:
-    """The batch as one array per column, in UPSERT's order of parameters after $2."""
-    dumps = orjson.dumps
-    return (
-        [s.ip for s in sightings],
-        [s.first_seen for s in sightings],
-        [s.last_seen for s in sightings],
-        [s.packets for s in sightings],
-        [dumps(s.methods).decode() for s in sightings],
-        [dumps(s.user_agents).decode() for s in sightings],
-        [dumps(s.users).decode() for s in sightings],
-        [dumps(s.call_ids).decode() for s in sightings],
-    )
 
 
 def _words(exc: BaseException) -> str:
