@@ -70,10 +70,11 @@ from hepsub_apiban.core.addresses import NetworkSet
 from hepsub_apiban.core.config import DetectSettings, HepSettings
 from hepsub_apiban.detection.book import Detections
 from hepsub_apiban.detection.detector import Detector
-from hepsub_apiban.formats import sip as sip_module
+from hepsub_apiban.formats import sip_reference
 from hepsub_apiban.formats.hep import BadPacket, HepPacket, build_hep3, decode
 from hepsub_apiban.formats.hep.decoder import _decode_v2, _decode_v3
-from hepsub_apiban.formats.sip import SipInfo, parse_sip, parse_sip_general
+from hepsub_apiban.formats.sip import SipInfo, parse_sip
+from hepsub_apiban.formats.sip_reference import parse_sip_general
 from hepsub_apiban.ingest import collector as collector_module
 from hepsub_apiban.ingest.collector import HepCollector
 from hepsub_apiban.ingest.evidence import Evidence
@@ -373,13 +374,13 @@ def decode_chunk_loop(data: bytes, received_at: float) -> HepPacket | BadPacket:
 
 
 class SearchedUser:
-    """``sip._USER`` as it was before (the stage table's "before"): the leftmost match of a
+    """``sip_reference._USER`` as it was before (the stage table's "before"): the leftmost match of a
     backtracking search, which the linear pattern now finds without its worst case."""
 
     match = staticmethod(re.compile(rb"sips?:([^@;>\s]+)@|tel:([^;>\s]+)", re.IGNORECASE).search)
 
 
-USERS = {"before": SearchedUser, "after": sip_module._USER}
+USERS = {"before": SearchedUser, "after": sip_reference._USER}
 Parse = Callable[[bytes], SipInfo | None]
 Decode = Callable[[bytes, float], HepPacket | BadPacket]
 VERSIONS: dict[str, tuple[Decode, Parse]] = {
@@ -456,7 +457,7 @@ def stages(traffic: list[bytes], listed: list[str], rounds: int = 5) -> dict[str
             for name, (decode_fn, parse_fn) in VERSIONS.items():
                 # the collector calls whatever these module names hold when a datagram arrives
                 collector_module.decode, collector_module.parse_sip = decode_fn, parse_fn  # type: ignore[assignment]
-                sip_module._USER = USERS[name]  # type: ignore[assignment]
+                sip_reference._USER = USERS[name]  # type: ignore[assignment]
                 for stage, run in work[name].items():
                     start = time.perf_counter()
                     run()
@@ -464,7 +465,7 @@ def stages(traffic: list[bytes], listed: list[str], rounds: int = 5) -> dict[str
                         costs[name].setdefault(stage, []).append(time.perf_counter() - start)
     finally:
         collector_module.decode, collector_module.parse_sip = decode, parse_sip
-        sip_module._USER = USERS["after"]
+        sip_reference._USER = USERS["after"]
         logging.disable(logging.NOTSET)
         os.sched_setaffinity(0, affinity)
     return {

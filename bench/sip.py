@@ -21,7 +21,8 @@ from common import machine, public_ips, table
 from ingest import PHONES, SCANNERS, site_traffic
 
 from hepsub_apiban.formats.hep import HepPacket, decode
-from hepsub_apiban.formats.sip import SipInfo, parse_sip, parse_sip_general
+from hepsub_apiban.formats.sip import SipInfo, parse_sip
+from hepsub_apiban.formats.sip_reference import parse_sip_general
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hep"
 

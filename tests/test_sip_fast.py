@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hepsub_apiban.formats.hep import HepPacket, decode
-from hepsub_apiban.formats.sip import _USER, parse_sip, parse_sip_general
+from hepsub_apiban.formats.sip import parse_sip
+from hepsub_apiban.formats.sip_reference import _USER, parse_sip_general
 
 from .test_collector import sip_packet
 from .test_detection import make_site

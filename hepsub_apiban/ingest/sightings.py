@@ -10,7 +10,7 @@ Anyone who can reach the HEP port can forge packets, so the store is built to su
   re-exported here with ``__all__`` for the importers of the old path).
 - In check mode a new address costs one ``/check`` in the background, never on the packet path,
   and those lookups may spend only ``sightings.check_share`` of the APIBAN budget, so the HOMER
-  lookups keep the rest whatever the capture shows.
+  lookups keep the rest whatever the capture shows (``ingest/sighting_checks.py``).
 
 Every packet re-reads the verdict, which in mirror mode is a dict probe: an address listed after
 it was first seen is flagged (and protected) on its next packet.
@@ -18,7 +18,6 @@ it was first seen is flagged (and protected) on its next packet.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import time
@@ -50,11 +49,11 @@ from .sighting import (
     agents_sampled,
     sampled,
 )
+from .sighting_checks import BackgroundChecks
 
 __all__ = [
     "CALLS",
     "CALL_ID_SAMPLE",
-    "MAX_BACKGROUND_CHECKS",
     "OTHER_METHOD",
     "SAMPLE_BYTES",
     "SIP_METHODS",
@@ -71,7 +70,6 @@ __all__ = [
 
 # Its name before the wings: operators' log filters use it.
 log = logging.getLogger("hepsub_apiban.sightings")
-MAX_BACKGROUND_CHECKS = 64  # check mode: upstream lookups in flight for new IPs
 # The packet path's keys, bound here by assignment rather than imported: CPython compiles
 # ``name.get(...)`` on an imported name as an attribute load (a bound method per packet), not
 # LOAD_METHOD. (bench/sightings.py: record 2-4% slower with them imported.)
@@ -85,9 +83,10 @@ class Sightings:
     """Every address seen in the captured SIP traffic, what it did and its verdict: bounded, protected.
 
     Owns the sighting of each address (``sightings.max`` at most, least recently seen unprotected ones
-    forgotten first) and the background /check tasks of check mode. Fed by the collector (``record``,
-    once per packet) and by ``WorkerPool`` batches; read by enrichment, the HOMER tab, the evidence
-    (``protected_addresses``), ``SharedSightings`` and the metrics. Asks the ``LookupService`` for verdicts.
+    forgotten first) and, through ``BackgroundChecks``, the background /check tasks of check mode. Fed by
+    the collector (``record``, once per packet) and by ``WorkerPool`` batches; read by enrichment, the
+    HOMER tab, the evidence (``protected_addresses``), ``SharedSightings`` and the metrics. Asks the
+    ``LookupService`` for verdicts.
 
     ``record`` runs once per packet on the event loop: it never awaits, never makes an upstream request
     (a check is a background task limited to ``sightings.check_share`` of the budget), keeps every
@@ -106,7 +105,6 @@ class Sightings:
     ) -> None:
         self._lookups = lookups
         self.capacity = capacity
-        self._check_share = check_share
         self._log_every = log_every
         self._clock = clock
         # Least recently seen first in each; a sighting is in exactly one of them.
@@ -119,8 +117,7 @@ class Sightings:
         # The parsed address of the sighting created last, until its first verdict.
         self._fresh: Addr | None = None
         self._listed = 0
-        self._checks: set[asyncio.Task[None]] = set()
-        self._starting = 0  # check tasks created that have not asked the lookup service yet
+        self._checks = BackgroundChecks(lookups, check_share, self._checked)
         self.evicted = 0
         self.evicted_protected = 0  # only when the whole store is protected
         self.listed_packets = 0
@@ -329,7 +326,7 @@ class Sightings:
             # next packet); an answer that cannot have changed comes back as the same object, cheaply.
             verdict = self._lookups.answer_again(sighting.ip, before)
         if verdict is None:
-            self._check_later(sighting)
+            self._checks.later(sighting)
             return
         if verdict is not before:
             self._take_verdict(sighting, verdict)
@@ -360,25 +357,8 @@ class Sightings:
     def _stored(self, sighting: Sighting) -> bool:
         return self.get(sighting.ip) is sighting
 
-    def _check_later(self, sighting: Sighting) -> None:
-        # In mirror mode the list is on its way (the packet path re-reads it); per-IP checks of
-        # captured addresses would take the budget the list pull and enrichment need.
-        if self._lookups.mirror is not None or sighting.checked or len(self._checks) >= MAX_BACKGROUND_CHECKS:
-            return
-        if not self._lookups.may_look_up(self._check_share, self._starting):
-            return  # the capture's share of the budget is spent: a later packet tries again
-        sighting.checked = True
-        self._starting += 1
-        task = asyncio.get_running_loop().create_task(self._check(sighting))
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
-
-    async def _check(self, sighting: Sighting) -> None:
-        self._starting -= 1  # the lookup below queues its request before it first waits
-        verdict = await self._lookups.lookup(sighting.address, deadline=30.0, share=self._check_share)
-        if verdict.listed is None:
-            sighting.checked = False  # nothing learnt (share spent, APIBAN failing): try again later
-            return
+    def _checked(self, sighting: Sighting, verdict: Verdict) -> None:
+        """A verdict a background check learnt (``BackgroundChecks``)."""
         if not self._stored(sighting):
             return  # forgotten meanwhile; the verdict is in the lookup cache for its next packet
         self._take_verdict(sighting, verdict)
@@ -405,9 +385,7 @@ class Sightings:
 
     async def settle(self) -> None:
         """Wait for the check-mode lookups under way (their verdicts land in the sightings)."""
-        await asyncio.gather(*self._checks, return_exceptions=True)
+        await self._checks.settle()
 
     async def close(self) -> None:
-        for task in list(self._checks):
-            task.cancel()
-        await asyncio.gather(*self._checks, return_exceptions=True)
+        await self._checks.close()
