@@ -144,3 +144,17 @@ def test_every_function_and_class_cited_exists() -> None:
     classes = [n for n in CITED if re.fullmatch(r"\w+\.[A-Z]\w*", n) and n.split(".")[0] in package]
     assert len(calls) > 30
     assert [name for name in calls + classes if not _resolves(name, package)] == []
+
+
+# "About 400": a module past this holds more than one concern; split it by concern, as ARCHITECTURE.md's
+# wings were. The HOMER fake is the one exception: it is one peer's whole contract, quirks included.
+MAX_MODULE_LINES = 420
+LARGE_BY_DESIGN = {"fakes/homer.py"}
+
+
+def test_no_module_is_over_about_400_lines() -> None:
+    files = PACKAGE.rglob("*.py")
+    sizes = {path.relative_to(PACKAGE).as_posix(): len(path.read_text().splitlines()) for path in files}
+    assert len(sizes) > 80  # the whole package was read
+    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES and name not in LARGE_BY_DESIGN}
+    assert over == {}
