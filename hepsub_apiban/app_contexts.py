@@ -60,7 +60,7 @@ from .metrics import Metrics, Sources
 from .store.budget import SharedBudget
 from .store.database import STORE_FAILURES
 from .store.detections import SharedDetections
-from .store.mirror import StoreLink, process_holder
+from .store.link import StoreLink, process_holder
 from .store.sightings import SharedSightings
 
 USER_AGENT = f"hepsub-apiban/{__version__}"

@@ -26,7 +26,7 @@ from .site.api import SiteApi
 from .site.blocklist import Blocklist
 from .store.budget import SharedBudget
 from .store.detections import SharedDetections
-from .store.mirror import StoreLink
+from .store.link import StoreLink
 from .store.sightings import SharedSightings
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -40,7 +40,7 @@ from .metrics_families import (
     store_families,
 )
 from .store.detections import SharedDetections
-from .store.mirror import StoreLink
+from .store.link import StoreLink
 from .store.sightings import SharedSightings
 
 

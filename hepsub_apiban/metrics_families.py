@@ -25,7 +25,7 @@ from .ingest.sightings import Sightings
 from .ingest.workers import WorkerPool
 from .store.budget import SharedBudget
 from .store.detections import SharedDetections
-from .store.mirror import StoreLink
+from .store.link import StoreLink
 from .store.sightings import SharedSightings
 
 PREFIX = "hepsub_apiban"

@@ -25,7 +25,8 @@ from hepsub_apiban.keys import MIRROR_SYNC, STORE_LINK
 from hepsub_apiban.store import link as shared_mirror
 from hepsub_apiban.store import shared_list
 from hepsub_apiban.store.database import SCHEMA, Store
-from hepsub_apiban.store.mirror import LeaseLost, MirrorStore, StoreLink
+from hepsub_apiban.store.link import StoreLink
+from hepsub_apiban.store.shared_list import LeaseLost, MirrorStore
 
 from .conftest import APIBAN_KEY, HOMER_BODY_1, AgentFactory, ApibanPeer, ManualClock
 from .postgres import PASSWORD, free_port

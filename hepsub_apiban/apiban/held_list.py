@@ -59,7 +59,7 @@ class Mirror:
         # (when, entry, serial) of entries dropped by the sweep or by expiry, newest last: what
         # CrowdSec bouncers are told to delete. Not saved: a restart forgets every bouncer too.
         self.removed: deque[tuple[float, Verdict, int]] = deque(maxlen=MAX_TOMBSTONES)
-        # Addresses added or removed since the store last took them (store/mirror.py); None:
+        # Addresses added or removed since the store last took them (store/shared_list.py); None:
         # not tracked (no store, or this agent does not pull).
         self.changed: set[str] | None = None
 
@@ -190,7 +190,7 @@ class Mirror:
 class CurrentMirror:
     """The mirror the agent answers from, read through by everyone who answers from it.
 
-    A loaded snapshot, or the store's copy after a pull ends (store/mirror.py), replaces the
+    A loaded snapshot, or the store's copy after a pull ends (store/link.py), replaces the
     mirror whole while the agent runs. The lookups, the site API's blocklist and the detection
     book's numbering are built once, before any load, and keep this object: each reads ``mirror``
     on every use, so a replacement reaches them all at once, with no state copied into an object

@@ -93,5 +93,5 @@ class Budget:
 
     def shut_for(self, seconds: float) -> None:
         """Send nothing for ``seconds`` from now, replacing any earlier block, even a longer one:
-        another agent holds the key's budget (store/mirror.py) until this one is told otherwise."""
+        another agent holds the key's budget (store/link.py) until this one is told otherwise."""
         self._blocked_until = self._clock() + seconds

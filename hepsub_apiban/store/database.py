@@ -243,7 +243,7 @@ class Store:
 
     @property
     def pool(self) -> asyncpg.Pool:
-        """For the modules that keep their own tables and statements (store/mirror.py,
+        """For the modules that keep their own tables and statements (store/shared_list.py,
         store/sightings.py, store/detections.py)."""
         return self._pool
 
